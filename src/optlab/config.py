@@ -1,0 +1,279 @@
+"""Typed run configuration and params.yaml resolution.
+
+A run is described by a :class:`RunConfig`. ``params.yaml`` holds every knob; the values
+for one run are resolved in three layers, later wins:
+
+1. the dataclass defaults below,
+2. the profile selected by ``scale`` (``profiles.quick`` or ``profiles.full``),
+3. explicit top-level keys that are not ``null`` (``optimizer``, ``depth``, ...).
+
+``lr: null`` means "the optimizer's default from ``default_lr``", so
+``dvc exp run -S optimizer=adam`` trains the headline configuration with Adam at its own
+learning rate. Every bad key or value raises :class:`ConfigError` with one line naming the
+key and what is allowed, before anything is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "adamw", "sgd_sn")
+ARCHS = ("mlp",)
+DATASETS = ("digits", "mnist", "fashion_mnist")
+ACTIVATIONS = ("tanh", "relu", "gelu")
+INITS = ("orthogonal", "kaiming")
+SCALES = ("quick", "full")
+PHASES = ("debug", "pilot", "frozen")
+SN_MODES = ("clip", "normalize")
+SN_SIGMAS = ("power", "exact")
+DEVICES = ("auto", "cpu", "cuda")
+AMP = ("none", "bf16")
+
+
+class ConfigError(ValueError):
+    """A bad key or value in the run configuration (one line, names key and allowed values)."""
+
+
+@dataclass(frozen=True)
+class SNConfig:
+    """Spectral normalization applied after every optimizer step (``sgd_sn``)."""
+
+    mode: str = "clip"  # clip: W / max(1, sigma); normalize: W / sigma
+    sigma: str = "exact"  # exact: batched eigensolver (strict); power: persistent power iteration
+    power_iters: int = 1  # power iterations per step
+    check_every: int = 25  # exact sigma_max of every layer logged every K steps
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs. Validated by :meth:`validate`."""
+
+    optimizer: str = "sgd_sn"
+    lr: float = 0.1
+    arch: str = "mlp"
+    dataset: str = "digits"
+    depth: int = 16
+    width: int = 64
+    activation: str = "tanh"
+    init: str = "orthogonal"
+    epochs: int = 10
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    compile: bool = False
+    sn: SNConfig = field(default_factory=SNConfig)
+    log_every: int = 10  # steps between host syncs (loss check, metric batch)
+    diverge_loss: float = 100.0  # a training loss above this ends the run as diverged
+    prepared_dir: str = "data/prepared"
+    study: str = "adhoc"
+    scale: str = "quick"
+    phase: str = "debug"
+    frozen_commit: str | None = None
+    run_id: str = "run"
+
+    def validate(self) -> "RunConfig":
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("arch", self.arch, ARCHS)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("init", self.init, INITS)
+        _choice("scale", self.scale, SCALES)
+        _choice("phase", self.phase, PHASES)
+        _choice("device", self.device, DEVICES)
+        _choice("amp", self.amp, AMP)
+        _choice("sn.mode", self.sn.mode, SN_MODES)
+        _choice("sn.sigma", self.sn.sigma, SN_SIGMAS)
+        _positive("lr", self.lr)
+        _positive("diverge_loss", self.diverge_loss)
+        _int_at_least("depth", self.depth, 1)
+        _int_at_least("width", self.width, 1)
+        _int_at_least("epochs", self.epochs, 1)
+        _int_at_least("batch_size", self.batch_size, 1)
+        _int_at_least("seed", self.seed, 0)
+        _int_at_least("log_every", self.log_every, 1)
+        _int_at_least("sn.power_iters", self.sn.power_iters, 1)
+        _int_at_least("sn.check_every", self.sn.check_every, 1)
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile: expected true or false, got {self.compile!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as one flat mapping (``sn.mode`` becomes ``sn_mode``), for records."""
+        out: dict[str, Any] = {}
+        for k, v in self.to_dict().items():
+            if isinstance(v, dict):
+                out.update({f"{k}_{kk}": vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        hint = difflib.get_close_matches(str(value), allowed, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key}: unknown value {value!r}{extra}; allowed: {', '.join(allowed)}")
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _positive(key: str, value: Any) -> None:
+    v = _number(key, value)
+    if not (v > 0 and math.isfinite(v)):
+        raise ConfigError(f"{key}: must be a finite number > 0, got {value!r}")
+
+
+def _int_at_least(key: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer >= {low}, got {value!r}")
+    if value < low:
+        raise ConfigError(f"{key}: must be an integer >= {low}, got {value!r}")
+
+
+# ---------------------------------------------------------------- params.yaml
+
+# Top-level keys of params.yaml and the profile keys that may override run fields.
+RUN_KEYS = tuple(f.name for f in fields(RunConfig) if f.name not in ("sn", "run_id", "prepared_dir"))
+PARAMS_KEYS = RUN_KEYS + ("sn", "data", "tracking", "default_lr", "profiles", "sweep")
+SN_KEYS = tuple(f.name for f in fields(SNConfig))
+DATA_KEYS = ("mirror", "val_fraction", "test_fraction", "prepared_dir")
+TRACKING_KEYS = ("experiment",)
+PROFILE_KEYS = RUN_KEYS + ("datasets", "sweep", "sn")
+SWEEP_KEYS = ("datasets", "optimizers", "depths", "lrs", "seeds")
+
+
+def _check_keys(where: str, mapping: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(mapping).__name__}")
+    for key in mapping:
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), allowed, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            name = f"{where}.{key}" if where != "params" else str(key)
+            raise ConfigError(f"{name}: unknown key{extra}; allowed: {', '.join(allowed)}")
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read and structurally validate params.yaml (unknown keys are errors)."""
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"params file not found: {p}")
+    params = yaml.safe_load(p.read_text()) or {}
+    validate_params(params)
+    return params
+
+
+def validate_params(params: dict[str, Any]) -> None:
+    _check_keys("params", params, PARAMS_KEYS)
+    _check_keys("sn", params.get("sn") or {}, SN_KEYS)
+    _check_keys("data", params.get("data") or {}, DATA_KEYS)
+    _check_keys("tracking", params.get("tracking") or {}, TRACKING_KEYS)
+    _check_keys("default_lr", params.get("default_lr") or {}, OPTIMIZERS)
+    profiles = params.get("profiles") or {}
+    _check_keys("profiles", profiles, SCALES)
+    for name, prof in profiles.items():
+        _check_keys(f"profiles.{name}", prof or {}, PROFILE_KEYS)
+        _check_keys(f"profiles.{name}.sweep", (prof or {}).get("sweep") or {}, SWEEP_KEYS)
+        _check_keys(f"profiles.{name}.sn", (prof or {}).get("sn") or {}, SN_KEYS)
+    _check_keys("sweep", params.get("sweep") or {}, SWEEP_KEYS)
+    scale = params.get("scale", "quick")
+    _choice("scale", scale, SCALES)
+    for opt, lr in (params.get("default_lr") or {}).items():
+        _positive(f"default_lr.{opt}", lr)
+    sweep = resolve_sweep(params)
+    for opt in sweep["optimizers"]:
+        _choice("sweep.optimizers", opt, OPTIMIZERS)
+    for ds in sweep["datasets"]:
+        _choice("sweep.datasets", ds, DATASETS)
+    for d in sweep["depths"]:
+        _int_at_least("sweep.depths", d, 1)
+    for lr in sweep["lrs"]:
+        _positive("sweep.lrs", lr)
+    for s in sweep["seeds"]:
+        _int_at_least("sweep.seeds", s, 0)
+
+
+def profile(params: dict[str, Any]) -> dict[str, Any]:
+    """The profile selected by ``scale``."""
+    scale = params.get("scale", "quick")
+    return dict((params.get("profiles") or {}).get(scale) or {})
+
+
+def resolve_sweep(params: dict[str, Any]) -> dict[str, list]:
+    """Sweep grid: profile's ``sweep`` overridden by the top-level ``sweep`` mapping."""
+    prof = profile(params)
+    grid = {k: list(v) for k, v in (prof.get("sweep") or {}).items()}
+    for k, v in (params.get("sweep") or {}).items():
+        if v is not None:
+            grid[k] = list(v)
+    grid.setdefault("datasets", [prof.get("dataset", RunConfig.dataset)])
+    grid.setdefault("optimizers", list(OPTIMIZERS[:3]) + ["sgd_sn"])
+    grid.setdefault("depths", [prof.get("depth", RunConfig.depth)])
+    grid.setdefault("lrs", [])
+    grid.setdefault("seeds", [0])
+    return grid
+
+
+def prepared_datasets(params: dict[str, Any]) -> list[str]:
+    """Datasets the prepare stage builds: the profile's ``datasets`` plus every dataset used."""
+    prof = profile(params)
+    names = list(prof.get("datasets") or [])
+    for ds in resolve_sweep(params)["datasets"] + [params.get("dataset") or prof.get("dataset")]:
+        if ds and ds not in names:
+            names.append(ds)
+    for ds in names:
+        _choice("datasets", ds, DATASETS)
+    return names
+
+
+def resolve_run(params: dict[str, Any], **overrides: Any) -> RunConfig:
+    """Build the validated RunConfig for one run: defaults <- profile <- top-level <- overrides."""
+    validate_params(params)
+    prof = profile(params)
+    values: dict[str, Any] = {}
+    sn: dict[str, Any] = {}
+    for key, val in prof.items():
+        if key in RUN_KEYS:
+            values[key] = val
+    sn.update(prof.get("sn") or {})
+    for key in RUN_KEYS:
+        if params.get(key) is not None:
+            values[key] = params[key]
+    sn.update({k: v for k, v in (params.get("sn") or {}).items() if v is not None})
+    data = params.get("data") or {}
+    if data.get("prepared_dir"):
+        values["prepared_dir"] = data["prepared_dir"]
+    for key, val in overrides.items():
+        if key == "sn":
+            sn.update(val)
+        elif val is not None:
+            values[key] = val
+    if values.get("lr") is None:
+        opt = values.get("optimizer", RunConfig.optimizer)
+        default_lr = params.get("default_lr") or {}
+        if opt not in default_lr:
+            raise ConfigError(f"lr: null needs default_lr.{opt}; set lr or default_lr.{opt}")
+        values["lr"] = default_lr[opt]
+    values = {k: v for k, v in values.items() if k in RunConfig.__dataclass_fields__}
+    return RunConfig(**values, sn=SNConfig(**sn)).validate()
+
+
+def with_overrides(cfg: RunConfig, **kw: Any) -> RunConfig:
+    return replace(cfg, **kw).validate()

@@ -1,0 +1,55 @@
+"""Models. ``build(arch, **cfg)`` returns an ``nn.Module`` with ``param_roles()``.
+
+Roles: ``input``, ``hidden``, ``output`` (weight matrices, or stacks of them) and
+``bias_norm`` (biases and normalization parameters). Optimizers, constraints and
+per-layer metrics select parameters by role, never by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from .mlp import DeepMLP
+
+ROLES = ("input", "hidden", "output", "bias_norm")
+WEIGHT_ROLES = ("input", "hidden", "output")
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {"mlp": DeepMLP}
+
+
+def arch_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def build(arch: str, **cfg: Any) -> nn.Module:
+    """Build a model by name; unknown names raise ValueError naming the allowed ones."""
+    if arch not in _REGISTRY:
+        raise ValueError(f"arch: unknown {arch!r}; allowed: {', '.join(_REGISTRY)}")
+    model = _REGISTRY[arch](**cfg)
+    check_roles(model)
+    return model
+
+
+def check_roles(model: nn.Module) -> None:
+    """Every parameter has exactly one valid role."""
+    roles = model.param_roles()  # type: ignore[operator]
+    names = {n for n, _ in model.named_parameters()}
+    missing = names - set(roles)
+    unknown = set(roles) - names
+    bad = {n: r for n, r in roles.items() if r not in ROLES}
+    if missing or unknown or bad:
+        raise ValueError(f"param_roles mismatch: missing={sorted(missing)} unknown={sorted(unknown)} bad={bad}")
+
+
+def params_by_role(model: nn.Module, roles: tuple[str, ...] | list[str]) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs whose role is in ``roles``, in module order."""
+    role_of = model.param_roles()  # type: ignore[operator]
+    return [(n, p) for n, p in model.named_parameters() if role_of[n] in roles]
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+    """(name, role, param) for weight matrices and stacks; a 3-D stack holds several layers."""
+    role_of = model.param_roles()  # type: ignore[operator]
+    return [(n, role_of[n], p) for n, p in model.named_parameters() if role_of[n] in WEIGHT_ROLES and p.dim() >= 2]

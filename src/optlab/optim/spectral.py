@@ -1,0 +1,127 @@
+"""Spectral norms and the post-step spectral projection.
+
+``SpectralProjection`` keeps every chosen weight matrix at spectral norm <= 1 (``clip``:
+W <- W / max(1, sigma)) or exactly 1 (``normalize``: W <- W / sigma). Matrices of the same
+shape are handled as one batch: a ``(depth, w, w)`` stack of hidden layers, or several
+same-shape parameters concatenated, costs one batched power iteration or one batched SVD.
+
+sigma comes from power iteration with persistent vectors (one per matrix, carried across
+steps, warmed up to convergence on first use) or from an exact SVD. Power iteration gives a
+lower bound on sigma. When the top of the spectrum is clustered (which clipping itself
+produces: after many steps several singular values sit near 1), a persistent vector can lag
+behind a direction that grew, and a layer can end slightly above 1 (measured here: up to
+0.8% at width 64 with 1-3 iterations). ``exact`` is therefore the strict choice; the engine
+checks the exact sigma every K steps and counts violations, so the claim "every layer ends
+at sigma <= 1" is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+
+
+def spectral_norm_exact(w: torch.Tensor) -> torch.Tensor:
+    """Largest singular value of each matrix in ``w`` (``(m, n)`` or ``(..., m, n)``).
+
+    Computed as sqrt(lambda_max) of the smaller Gram matrix with a batched symmetric
+    eigensolver (about 2x faster than an SVD here, same answer to float32 precision).
+    """
+    wf = w.float()
+    gram = wf @ wf.transpose(-2, -1) if wf.shape[-2] <= wf.shape[-1] else wf.transpose(-2, -1) @ wf
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+
+
+def power_iteration(
+    w: torch.Tensor, u: torch.Tensor, iters: int, eps: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched power iteration on ``w`` ``(b, m, n)`` from left vectors ``u`` ``(b, m)``.
+
+    Returns (sigma ``(b,)``, updated u). sigma = ||W v|| with v = W^T u / ||W^T u||, a lower
+    bound on the largest singular value that converges to it.
+    """
+    wf = w.float()
+    for _ in range(iters):
+        v = torch.nn.functional.normalize((wf.transpose(-2, -1) @ u.unsqueeze(-1)).squeeze(-1), dim=-1, eps=eps)
+        wv = (wf @ v.unsqueeze(-1)).squeeze(-1)
+        sigma = wv.norm(dim=-1)
+        u = wv / sigma.clamp_min(eps).unsqueeze(-1)
+    return sigma, u
+
+
+class SpectralProjection:
+    """Post-step projection of weight matrices onto {sigma <= 1} (clip) or {sigma = 1} (normalize)."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        mode: str = "clip",
+        sigma: str = "power",
+        power_iters: int = 1,
+        warmup_iters: int = 50,
+        seed: int = 0,
+    ) -> None:
+        if mode not in ("clip", "normalize"):
+            raise ValueError(f"sn.mode: unknown {mode!r}; allowed: clip, normalize")
+        if sigma not in ("power", "exact"):
+            raise ValueError(f"sn.sigma: unknown {sigma!r}; allowed: power, exact")
+        if power_iters < 1:
+            raise ValueError(f"sn.power_iters: must be >= 1, got {power_iters}")
+        self.mode, self.sigma_source = mode, sigma
+        self.power_iters, self.warmup_iters, self.seed = power_iters, warmup_iters, seed
+        groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            if p.dim() < 2:
+                raise ValueError(f"spectral projection needs matrices, got a tensor of shape {tuple(p.shape)}")
+            groups[(tuple(p.shape[-2:]), p.device, p.dtype)].append(p)
+        self.groups = list(groups.values())
+        self.u: list[torch.Tensor | None] = [None] * len(self.groups)
+        self.last_sigma: list[torch.Tensor | None] = [None] * len(self.groups)
+
+    @staticmethod
+    def _batch(group: list[torch.Tensor]) -> torch.Tensor:
+        mats = [p.detach().reshape(-1, *p.shape[-2:]) for p in group]
+        return mats[0] if len(mats) == 1 else torch.cat(mats)
+
+    def _sigma(self, gi: int, w: torch.Tensor) -> torch.Tensor:
+        if self.sigma_source == "exact":
+            return spectral_norm_exact(w)
+        u = self.u[gi]
+        iters = self.power_iters
+        if u is None:
+            g = torch.Generator(device=w.device).manual_seed(self.seed + gi)
+            u = torch.randn(w.shape[0], w.shape[1], generator=g, device=w.device, dtype=torch.float32)
+            u = torch.nn.functional.normalize(u, dim=-1)
+            iters = max(iters, self.warmup_iters)
+        sigma, u = power_iteration(w, u, iters)
+        self.u[gi] = u
+        return sigma
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Rescale every matrix in place; no host sync."""
+        for gi, group in enumerate(self.groups):
+            w = self._batch(group)
+            sigma = self._sigma(gi, w)
+            self.last_sigma[gi] = sigma
+            if self.mode == "clip":
+                scale = 1.0 / sigma.clamp_min(1.0)
+            else:
+                scale = 1.0 / sigma.clamp_min(1e-12)
+            offset = 0
+            for p in group:
+                view = p.view(-1, *p.shape[-2:])
+                n = view.shape[0]
+                view.mul_(scale[offset : offset + n].to(p.dtype).view(n, 1, 1))
+                offset += n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"u": [None if u is None else u.clone() for u in self.u]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        us = state["u"]
+        if len(us) != len(self.groups):
+            raise ValueError(f"spectral projection state has {len(us)} groups, expected {len(self.groups)}")
+        self.u = [None if u is None else u.to(self.groups[i][0].device) for i, u in enumerate(us)]

@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+
+from optlab import models
+from optlab.metrics.layers import LayerIndex, layer_grad_norms, layer_sigma_max
+
+
+def test_roles_cover_every_parameter():
+    m = models.build("mlp", input_dim=5, n_classes=3, depth=4, width=8)
+    roles = m.param_roles()
+    assert set(roles) == {n for n, _ in m.named_parameters()}
+    assert roles["hidden.weight"] == "hidden" and roles["input.weight"] == "input" and roles["head.weight"] == "output"
+
+
+def test_hidden_stack_is_batched_and_orthogonal_init_is_orthogonal():
+    m = models.build("mlp", input_dim=5, n_classes=3, depth=7, width=8, init="orthogonal")
+    assert m.hidden.weight.shape == (7, 8, 8)
+    eye = torch.eye(8).expand(7, 8, 8)
+    assert torch.allclose(m.hidden.weight @ m.hidden.weight.transpose(1, 2), eye, atol=1e-5)
+    # rectangular input projection (8x5): orthonormal columns
+    w = m.input.weight
+    assert torch.allclose(w.T @ w, torch.eye(5), atol=1e-5)
+
+
+def test_forward_matches_explicit_layer_loop():
+    torch.manual_seed(0)
+    m = models.build("mlp", input_dim=5, n_classes=3, depth=3, width=6, activation="relu", init="kaiming")
+    x = torch.randn(4, 5)
+    h = torch.relu(x @ m.input.weight.T + m.input.bias)
+    for i in range(3):
+        h = torch.relu(h @ m.hidden.weight[i].T + m.hidden.bias[i])
+    assert torch.allclose(m(x), h @ m.head.weight.T + m.head.bias, atol=1e-6)
+
+
+def test_kaiming_std():
+    torch.manual_seed(0)
+    m = models.build("mlp", input_dim=5, n_classes=3, depth=20, width=128, activation="relu", init="kaiming")
+    assert m.hidden.weight.std().item() == pytest.approx(math.sqrt(2 / 128), rel=0.02)
+
+
+def test_layer_metrics_match_per_layer_reference():
+    torch.manual_seed(0)
+    m = models.build("mlp", input_dim=5, n_classes=3, depth=4, width=6, init="kaiming")
+    torch.nn.functional.cross_entropy(m(torch.randn(8, 5)), torch.randint(0, 3, (8,))).backward()
+    idx = LayerIndex.of(m)
+    assert len(idx) == 6 and idx.roles == ["input"] + ["hidden"] * 4 + ["output"]
+    mats = [m.input.weight] + list(m.hidden.weight) + [m.head.weight]
+    grads = [m.input.weight.grad] + list(m.hidden.weight.grad) + [m.head.weight.grad]
+    ref_g = torch.tensor([g.norm().item() for g in grads])
+    ref_s = torch.tensor([torch.linalg.svdvals(w.detach())[0].item() for w in mats])
+    assert torch.allclose(layer_grad_norms(idx), ref_g, rtol=1e-5)
+    assert torch.allclose(layer_sigma_max(idx), ref_s, rtol=1e-5)
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match="arch: unknown 'resnet'; allowed: mlp"):
+        models.build("resnet")

@@ -1,0 +1,138 @@
+"""Spectral projection and power iteration, checked against exact SVD."""
+
+import pytest
+import torch
+
+from optlab import models, optim
+from optlab.optim.spectral import SpectralProjection, power_iteration, spectral_norm_exact
+
+
+def _svd_max(w: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(w.double().reshape(-1, *w.shape[-2:]))[..., 0]
+
+
+def test_exact_norm_matches_svd_batched():
+    w = torch.randn(5, 7, 3)
+    assert torch.allclose(spectral_norm_exact(w).double(), _svd_max(w), rtol=1e-5)
+
+
+def test_power_iteration_converges_to_svd():
+    torch.manual_seed(0)
+    w = torch.randn(4, 20, 12)
+    u = torch.nn.functional.normalize(torch.randn(4, 20), dim=-1)
+    sigma, _ = power_iteration(w, u, iters=200)
+    assert torch.allclose(sigma.double(), _svd_max(w), rtol=1e-4)
+    # a lower bound at every iteration count
+    sigma1, _ = power_iteration(w, u, iters=1)
+    assert torch.all(sigma1.double() <= _svd_max(w) * (1 + 1e-6))
+
+
+def _deep_model(init="kaiming", depth=6, width=16, seed=0):
+    torch.manual_seed(seed)
+    return models.build("mlp", input_dim=10, n_classes=4, depth=depth, width=width, activation="tanh", init=init)
+
+
+def _all_sigmas(model) -> torch.Tensor:
+    mats = [p.detach() for _, _, p in models.weight_layers(model)]
+    return torch.cat([_svd_max(m) for m in mats])
+
+
+@pytest.mark.parametrize("sigma,width,lr", [("exact", 16, 0.5), ("exact", 64, 1.0), ("power", 16, 0.1)])
+def test_clip_keeps_every_layer_at_or_below_one_after_each_step(sigma, width, lr):
+    """Strict for exact sigma; power iteration (1 iteration) holds where the spectrum top is separated."""
+    model = _deep_model(init="kaiming", width=width)  # Kaiming init starts well above sigma 1
+    assert _all_sigmas(model).max() > 1.5
+    opt = optim.build("sgd_sn", model, lr=lr, sn_mode="clip", sn_sigma=sigma, sn_power_iters=1)
+    assert _all_sigmas(model).max() <= 1 + 1e-4  # projected at construction
+    g = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        x = torch.randn(32, 10, generator=g)
+        y = torch.randint(0, 4, (32,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        s = _all_sigmas(model)
+        assert s.max() <= 1 + 1e-4, f"a layer ended at sigma {s.max().item()}"
+    # clip does not inflate: some layer sits at 1 (the step pushed it up) -> not trivially tiny
+    assert s.max() > 0.9
+
+
+def test_clip_leaves_small_matrices_alone():
+    w = torch.nn.Parameter(torch.randn(3, 8, 8))
+    with torch.no_grad():
+        w.mul_(0.5 / spectral_norm_exact(w).view(3, 1, 1))  # all at sigma 0.5
+    before = w.detach().clone()
+    SpectralProjection([w], mode="clip", sigma="exact").project()
+    assert torch.equal(w.detach(), before)
+
+
+@pytest.mark.parametrize("sigma,tol", [("exact", 1e-5), ("power", 1e-3)])
+def test_normalize_sets_every_layer_to_one(sigma, tol):
+    model = _deep_model(init="kaiming")
+    opt = optim.build("sgd_sn", model, lr=0.1, sn_mode="normalize", sn_sigma=sigma, sn_power_iters=2)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        x = torch.randn(16, 10, generator=g)
+        y = torch.randint(0, 4, (16,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        s = _all_sigmas(model)
+        assert torch.allclose(s, torch.ones_like(s), atol=tol), s
+
+
+def test_projection_batches_same_shape_params_and_rescales_each():
+    a = torch.nn.Parameter(torch.randn(6, 5) * 3)
+    b = torch.nn.Parameter(torch.randn(6, 5) * 0.1)
+    c = torch.nn.Parameter(torch.randn(2, 4, 4) * 5)
+    proj = SpectralProjection([a, b, c], mode="clip", sigma="exact")
+    assert len(proj.groups) == 2  # (6,5) pair batched together, (4,4) stack alone
+    b0 = b.detach().clone()
+    proj.project()
+    assert _svd_max(a.detach()).item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(b.detach(), b0)
+    assert torch.allclose(_svd_max(c.detach()), torch.ones(2, dtype=torch.float64), atol=1e-5)
+
+
+def test_sgd_sn_is_vanilla_sgd_before_projection():
+    """One sgd_sn step equals one plain SGD step followed by the exact rescale."""
+    m1 = _deep_model(init="orthogonal")
+    m2 = _deep_model(init="orthogonal")
+    o1 = optim.build("sgd_sn", m1, lr=0.3, sn_sigma="exact")
+    o2 = optim.build("sgd", m2, lr=0.3)
+    x, y = torch.randn(8, 10), torch.randint(0, 4, (8,))
+    for m, o in ((m1, o1), (m2, o2)):
+        o.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+    for (n, _, p1), (_, _, p2) in zip(models.weight_layers(m1), models.weight_layers(m2)):
+        mats = p2.detach().reshape(-1, *p2.shape[-2:])
+        expect = mats / _svd_max(mats).clamp_min(1).float().view(-1, 1, 1)
+        assert torch.allclose(p1.detach().reshape_as(expect), expect, atol=1e-6), n
+    assert torch.allclose(m1.hidden.bias, m2.hidden.bias, atol=1e-6)
+
+
+def test_state_dict_round_trip_carries_power_vectors():
+    model = _deep_model()
+    opt = optim.build("sgd_sn", model, lr=0.1)
+    sd = opt.state_dict()
+    assert sd["projections"][0]["u"][0] is not None
+    model2 = _deep_model()
+    opt2 = optim.build("sgd_sn", model2, lr=0.1)
+    opt2.load_state_dict(sd)
+    for u1, u2 in zip(opt.projections[0].u, opt2.projections[0].u):
+        assert torch.equal(u1, u2)
+
+
+def test_build_rejects_unknown_optimizer():
+    with pytest.raises(ValueError, match="allowed: sgd, sgd_momentum, adam"):
+        optim.build("sdg", _deep_model(), lr=0.1)
+
+
+def test_optimizer_defaults():
+    m = _deep_model()
+    assert optim.build("sgd", m, lr=0.1).param_groups[0]["momentum"] == 0.0
+    assert optim.build("sgd_momentum", m, lr=0.1).param_groups[0]["momentum"] == 0.9
+    adam = optim.build("adam", m)
+    assert adam.param_groups[0]["lr"] == 1e-3 and adam.param_groups[0]["betas"] == (0.9, 0.999)
