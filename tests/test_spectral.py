@@ -115,11 +115,11 @@ def test_sgd_sn_is_vanilla_sgd_before_projection():
 
 def test_state_dict_round_trip_carries_power_vectors():
     model = _deep_model()
-    opt = optim.build("sgd_sn", model, lr=0.1)
+    opt = optim.build("sgd_sn", model, lr=0.1, sn_sigma="power")
     sd = opt.state_dict()
     assert sd["projections"][0]["u"][0] is not None
     model2 = _deep_model()
-    opt2 = optim.build("sgd_sn", model2, lr=0.1)
+    opt2 = optim.build("sgd_sn", model2, lr=0.1, sn_sigma="power")
     opt2.load_state_dict(sd)
     for u1, u2 in zip(opt.projections[0].u, opt2.projections[0].u):
         assert torch.equal(u1, u2)

@@ -267,6 +267,7 @@ def resolve_run(params: dict[str, Any], **overrides: Any) -> RunConfig:
             values[key] = val
     if values.get("lr") is None:
         opt = values.get("optimizer", RunConfig.optimizer)
+        _choice("optimizer", opt, OPTIMIZERS)
         default_lr = params.get("default_lr") or {}
         if opt not in default_lr:
             raise ConfigError(f"lr: null needs default_lr.{opt}; set lr or default_lr.{opt}")

@@ -373,7 +373,7 @@ def _finish(result: RunResult, rec: _Recorder, sinks: list[Sink], run_dir: str |
         summary["diverged_step"] = float(result.diverged_step)
     for s in sinks:
         if run_dir is not None:
-            for name in ("metrics.json", "curves.csv", "layers.csv"):
+            for name in ("metrics.json", "curves.csv", "layers.csv", "epochs.csv"):
                 s.log_artifact(Path(run_dir) / name)
         s.finish(result.status, summary)
 
@@ -384,6 +384,19 @@ def write_run(result: RunResult, run_dir: Path) -> None:
     _atomic_text(run_dir / "metrics.json", json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
     _atomic_csv(run_dir / "curves.csv", ("step", "epoch", "metric", "value"), result.curves)
     _atomic_csv(run_dir / "layers.csv", ("step", "epoch", "layer", "role", "grad_norm", "sigma_max"), result.layers)
+    _atomic_csv(run_dir / "epochs.csv", ("epoch", "step") + EPOCH_METRICS, epoch_table(result.curves))
+
+
+EPOCH_METRICS = ("epoch_train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def epoch_table(curves: list[tuple[int, int, str, float]]) -> list[tuple]:
+    """One row per completed epoch (wide), for ``dvc plots``."""
+    rows: dict[int, dict[str, Any]] = {}
+    for step, epoch, key, value in curves:
+        if key in EPOCH_METRICS:
+            rows.setdefault(epoch, {"step": step})[key] = value
+    return [(e, r["step"], *(r.get(k, math.nan) for k in EPOCH_METRICS)) for e, r in sorted(rows.items())]
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -1,0 +1,43 @@
+# optlab: two commands on a fresh machine.
+#   make repro   create .venv from requirements.lock, then `dvc repro` (scale: quick, offline, CPU)
+#   make test    create .venv, then run the tests
+#   make bench   performance comparisons in benchmarks/ (ratios against a peer measured in the same run)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.optlab-installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: venv repro test test-fast bench lock mlflow-ui clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+repro: venv
+	dvc repro
+
+test: venv
+	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: venv
+	$(BIN)/python -m benchmarks
+
+# The MLflow UI on loopback only.
+mlflow-ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
+
+lock: venv
+	(echo "# Exact pins for optlab's environment (Python 3.11, x86_64). Regenerate: make lock"; \
+	 $(BIN)/pip freeze --exclude-editable | grep -vi '^optlab') > requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache

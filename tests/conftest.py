@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny prepared datasets made in memory (never the mirror)."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from optlab.data import Splits
+
+
+def make_splits(n_train: int = 256, n_val: int = 64, n_test: int = 64, dim: int = 12, n_classes: int = 4, seed: int = 0) -> Splits:
+    """A linearly separable-ish Gaussian mixture with the Splits layout of a prepared dataset."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_classes, dim, generator=g) * 2.0
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, n_classes, (n,), generator=g)
+        x = centers[y] + torch.randn(n, dim, generator=g)
+        return x, y
+
+    tx, ty = draw(n_train)
+    vx, vy = draw(n_val)
+    sx, sy = draw(n_test)
+    meta = {"name": "toy", "n_classes": n_classes, "input_dim": dim, "n_train": n_train, "n_val": n_val, "n_test": n_test}
+    return Splits(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx, test_y=sy, meta=meta)
+
+
+@pytest.fixture
+def toy_splits() -> Splits:
+    return make_splits()

@@ -1,0 +1,130 @@
+"""Engine behaviour: determinism, divergence as a result, records, autograd-exact steps."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from optlab import engine
+from optlab.config import RunConfig, SNConfig
+from tests.conftest import make_splits
+
+
+def _cfg(**kw) -> RunConfig:
+    base = dict(optimizer="sgd", lr=0.1, depth=3, width=16, epochs=2, batch_size=32, log_every=3, device="cpu")
+    base.update(kw)
+    return RunConfig(sn=SNConfig(check_every=4), **base)
+
+
+def _metrics(res: engine.RunResult) -> list[tuple]:
+    return [(s, e, k, v) for (s, e, k, v) in res.curves]
+
+
+def test_same_seed_same_metrics_different_seed_differs(toy_splits):
+    a = engine.train(_cfg(seed=3), data=toy_splits, progress=False)
+    b = engine.train(_cfg(seed=3), data=toy_splits, progress=False)
+    c = engine.train(_cfg(seed=4), data=toy_splits, progress=False)
+    assert _metrics(a) == _metrics(b)
+    assert a.layers == b.layers
+    assert _metrics(a) != _metrics(c)
+
+
+def test_completed_run_writes_outputs(tmp_path, toy_splits):
+    res = engine.train(_cfg(optimizer="sgd_sn", lr=0.2, epochs=3), data=toy_splits, run_dir=tmp_path / "r", progress=False)
+    assert res.status == "completed"
+    doc = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert doc["status"] == "completed" and doc["config"]["optimizer"] == "sgd_sn"
+    steps_per_epoch = math.ceil(256 / 32)
+    assert doc["final"]["steps"] == 3 * steps_per_epoch
+    assert doc["final"]["sn_violations"] == 0 and doc["final"]["sigma_max_max"] <= 1 + 1e-4
+    assert 0.0 <= doc["final"]["test_acc"] <= 1.0
+    header = (tmp_path / "r" / "layers.csv").read_text().splitlines()[0]
+    assert header == "step,epoch,layer,role,grad_norm,sigma_max"
+    epochs = (tmp_path / "r" / "epochs.csv").read_text().splitlines()
+    assert len(epochs) == 1 + 3
+
+
+def test_layer_sigma_records_are_exact(toy_splits):
+    """The recorded sigma_max at the last check equals an SVD of the final weights."""
+    torch.manual_seed(0)
+    res = engine.train(_cfg(optimizer="sgd", lr=0.3, epochs=1, batch_size=256), data=toy_splits, progress=False)
+    # one step per epoch, check_every=4 > 1 step: the final check is taken at the end
+    last_step = max(r[0] for r in res.layers)
+    rows = [r for r in res.layers if r[0] == last_step]
+    assert [r[3] for r in rows] == ["input", "hidden", "hidden", "hidden", "output"]
+
+
+def test_divergence_is_recorded_with_its_step(tmp_path, toy_splits):
+    res = engine.train(_cfg(optimizer="sgd", lr=1e4, epochs=3), data=toy_splits, run_dir=tmp_path / "d", progress=False)
+    assert res.status == "diverged"
+    assert res.diverge_reason in ("nonfinite", "exploding")
+    assert res.diverged_step is not None and 1 <= res.diverged_step <= res.final["steps"]
+    doc = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert doc["status"] == "diverged" and doc["diverged_step"] == res.diverged_step
+    assert doc["final"]["test_acc"] is None  # no number invented for a diverged run
+
+
+def test_divergence_step_is_the_first_bad_step(toy_splits):
+    """The recorded step is the first whose loss was bad, even inside a log interval."""
+    cfg = _cfg(optimizer="sgd", lr=1e4, epochs=3, log_every=1)
+    fine = engine.train(cfg, data=toy_splits, progress=False)
+    coarse = engine.train(_cfg(optimizer="sgd", lr=1e4, epochs=3, log_every=7), data=toy_splits, progress=False)
+    assert fine.diverged_step == coarse.diverged_step
+
+
+def test_engine_step_equals_manual_autograd_sgd(toy_splits):
+    """One engine epoch with full-batch SGD equals the closed loop written by hand."""
+    from optlab import models
+
+    cfg = _cfg(optimizer="sgd", lr=0.05, epochs=1, batch_size=256, seed=7)
+    res = engine.train(cfg, data=toy_splits, progress=False)
+    torch.manual_seed(7)
+    m = models.build("mlp", input_dim=12, n_classes=4, depth=3, width=16, activation="tanh", init="orthogonal")
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(7))
+    x, y = toy_splits.train_x[perm], toy_splits.train_y[perm]
+    loss = torch.nn.functional.cross_entropy(m(x), y)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    with torch.no_grad():
+        for p, g in zip(m.parameters(), grads):
+            p -= 0.05 * g
+        vl = torch.nn.functional.cross_entropy(m(toy_splits.val_x), toy_splits.val_y).item()
+    got = [v for (_, _, k, v) in res.curves if k == "val_loss"][0]
+    assert got == pytest.approx(vl, rel=1e-5)
+    first = [v for (_, _, k, v) in res.curves if k == "train_loss"][0]
+    assert first == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_failed_run_is_recorded_then_raised(tmp_path):
+    bad = make_splits()
+    bad.meta["input_dim"] = 999  # wrong input size: a bug, not a divergence
+    with pytest.raises(RuntimeError):
+        engine.train(_cfg(), data=bad, run_dir=tmp_path / "f", progress=False)
+    doc = json.loads((tmp_path / "f" / "metrics.json").read_text())
+    assert doc["status"] == "failed" and "RuntimeError" in doc["error"]
+
+
+def test_sinks_receive_batches_and_status(toy_splits):
+    class Rec:
+        def __init__(self):
+            self.batches, self.started, self.status = [], None, None
+
+        def start(self, params, tags):
+            self.started = (params, tags)
+
+        def log_metrics(self, batch):
+            self.batches.append(list(batch))
+
+        def log_artifact(self, path):
+            pass
+
+        def finish(self, status, summary):
+            self.status, self.summary = status, summary
+
+    sink = Rec()
+    res = engine.train(_cfg(log_every=4), data=toy_splits, sinks=[sink], progress=False)
+    assert sink.status == "completed" and sink.started[1]["seed"] == "0"
+    n_points = sum(len(b) for b in sink.batches)
+    assert n_points == sum(1 for c in res.curves if math.isfinite(c[3]))
+    assert all(len(b) > 1 for b in sink.batches)  # batched, not one call per metric
+    assert sink.summary["test_acc"] == res.final["test_acc"]
