@@ -1,0 +1,38 @@
+"""Small file helpers: MD5 and temp files for atomic replacement."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 1 << 20
+
+
+def md5sum(path: str | os.PathLike[str]) -> str:
+    """Hex MD5 of a file, read in chunks."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_temp(final: Path) -> tuple[Path, BinaryIO]:
+    """Create a new hidden temp file next to ``final`` (same filesystem, so os.replace is atomic).
+
+    Created with mode 0o666 filtered by the umask, like a normal file.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    return tmp, os.fdopen(fd, "wb")
+
+
+def unlink_quiet(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
