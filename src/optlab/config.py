@@ -68,6 +68,7 @@ class RunConfig:
     compile: bool = False
     sn: SNConfig = field(default_factory=SNConfig)
     log_every: int = 10  # steps between host syncs (loss check, metric batch)
+    checkpoint_every: int = 0  # steps between checkpoints (0: off)
     diverge_loss: float = 100.0  # a training loss above this ends the run as diverged
     prepared_dir: str = "data/prepared"
     study: str = "adhoc"
@@ -96,6 +97,7 @@ class RunConfig:
         _int_at_least("batch_size", self.batch_size, 1)
         _int_at_least("seed", self.seed, 0)
         _int_at_least("log_every", self.log_every, 1)
+        _int_at_least("checkpoint_every", self.checkpoint_every, 0)
         _int_at_least("sn.power_iters", self.sn.power_iters, 1)
         _int_at_least("sn.check_every", self.sn.check_every, 1)
         if not isinstance(self.compile, bool):

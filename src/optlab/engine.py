@@ -16,13 +16,16 @@ Outputs in ``run_dir``: ``metrics.json``, ``curves.csv`` (step, epoch, metric, v
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 from . import models, optim
 from .config import RunConfig
+from .data.loading import batch_indices
 from .metrics.layers import LayerIndex, layer_grad_norms, layer_sigma_max
 
 SN_TOL = 1e-4  # a projected layer above 1 + SN_TOL counts as a violation
@@ -158,9 +162,16 @@ def train(
     data: Any = None,
     tags: dict[str, str] | None = None,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
 ) -> RunResult:
-    """Train one configuration. See the module docstring for the outcome and outputs."""
-    from .data import batch_indices, load
+    """Train one configuration. See the module docstring for the outcome and outputs.
+
+    With ``checkpoint_dir`` and ``cfg.checkpoint_every > 0`` the run saves its whole state
+    (model, optimizer, RNG and data-order state, records so far) every N steps and, when
+    started again with the same config, resumes from the newest readable checkpoint; the
+    final metrics on CPU are identical to an uninterrupted run.
+    """
+    from .data import load
 
     cfg.validate()
     sinks = list(sinks)
@@ -178,6 +189,10 @@ def train(
         "run_id": cfg.run_id,
     }
     base_tags.update(tags or {})
+    ckpt = Checkpointer(Path(checkpoint_dir), cfg) if checkpoint_dir is not None and cfg.checkpoint_every > 0 else None
+    resume = ckpt.latest() if ckpt is not None else None
+    if resume is not None:
+        base_tags["resumed_from_step"] = str(resume["step"])
     for s in sinks:
         s.start(cfg.flat(), base_tags)
 
@@ -185,163 +200,281 @@ def train(
     result.provenance = {
         "git_commit": base_tags.get("git_commit"),
         "git_dirty": base_tags.get("git_dirty") == "true" if "git_dirty" in base_tags else None,
-        "frozen": cfg.phase == "frozen",
+        "frozen": base_tags.get("frozen", str(cfg.phase == "frozen").lower()) == "true",
     }
     try:
         if data is None:
             data = load(Path(cfg.prepared_dir) / f"{cfg.dataset}.pt", device=device)
-        _run(cfg, data, device, rec, result, progress, batch_indices)
+        _Loop(cfg, data, device, rec, result, progress, ckpt).run(resume)
     except Exception as exc:  # a bug: record it, then re-raise
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {exc}"
         _finish(result, rec, sinks, run_dir)
         raise
     _finish(result, rec, sinks, run_dir)
+    if ckpt is not None:
+        ckpt.clear()
     return result
 
 
-def _run(cfg: RunConfig, data: Any, device: torch.device, rec: _Recorder, result: RunResult, progress: bool, batch_indices) -> None:
-    meta = data.meta
-    x_tr, y_tr = data.train_x.to(device), data.train_y.to(device)
-    model = models.build(
-        cfg.arch,
-        input_dim=int(meta["input_dim"]),
-        n_classes=int(meta["n_classes"]),
-        depth=cfg.depth,
-        width=cfg.width,
-        activation=cfg.activation,
-        init=cfg.init,
-    ).to(device)
-    opt = optim.build(
-        cfg.optimizer,
-        model,
-        lr=cfg.lr,
-        **(
-            {"sn_mode": cfg.sn.mode, "sn_sigma": cfg.sn.sigma, "sn_power_iters": cfg.sn.power_iters, "seed": cfg.seed}
-            if cfg.optimizer == "sgd_sn"
-            else {}
-        ),
-    )
-    projected = cfg.optimizer == "sgd_sn"
-    index = LayerIndex.of(model)
-    fwd = torch.compile(model) if cfg.compile else model
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    n = x_tr.shape[0]
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    bar = _progress(total, f"{cfg.run_id}", progress)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+class Checkpointer:
+    """Atomic checkpoints of one run under ``<dir>/<run_id>-<config hash>/``, newest two kept.
 
-    step = 0
-    best_val = -math.inf
-    violations = 0
-    sigma_max_max = math.nan
-    loss_buf: list[torch.Tensor] = []
-    correct = torch.zeros((), device=device)
-    seen = 0
-    epoch_loss = torch.zeros((), device=device)
-    diverged = False
-    pending_grad: torch.Tensor | None = None
-    t0 = time.perf_counter()
-    epoch = 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        correct.zero_()
-        epoch_loss.zero_()
-        seen = 0
-        for idx in batch_indices(n, cfg.batch_size, gen, device):
-            xb, yb = x_tr[idx], y_tr[idx]
-            with amp:
-                logits = fwd(xb)
-            loss = F.cross_entropy(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            check = (step + 1) % cfg.sn.check_every == 0
-            if check:
-                pending_grad = layer_grad_norms(index)
-            opt.step()
-            step += 1
-            det = loss.detach()
-            loss_buf.append(det)
-            epoch_loss += det * yb.shape[0]
-            correct += (logits.detach().argmax(-1) == yb).sum()
-            seen += yb.shape[0]
-            if check and pending_grad is not None:
-                sig = layer_sigma_max(index)
-                g_list, s_list = pending_grad.tolist(), sig.tolist()
-                rec.layer_rows(step, epoch, index.roles, g_list, s_list)
-                sigma_max_max = max(s_list)
-                rec.metric(step, epoch, "sigma_max", sigma_max_max)
-                if projected and sigma_max_max > 1.0 + SN_TOL:
-                    violations += 1
-            if step % cfg.log_every == 0 or step == total:
-                bad = _flush_losses(loss_buf, step, epoch, cfg, rec, result)
-                loss_buf = []
-                if bar is not None:
-                    bar.update(step - bar.n)
-                if bad:
-                    diverged = True
-                    break
-        if diverged:
-            break
-        if loss_buf:
-            if _flush_losses(loss_buf, step, epoch, cfg, rec, result):
-                diverged = True
+    Checkpoints live outside the DVC outs (which DVC deletes before re-running a stage), and
+    the directory name carries a hash of the full config so a changed config never resumes
+    from an incompatible state. Loading uses ``torch.load(weights_only=True)``.
+    """
+
+    keep = 2
+
+    def __init__(self, root: Path, cfg: RunConfig) -> None:
+        digest = hashlib.sha256(json.dumps(cfg.flat(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.dir = root / f"{cfg.run_id}-{digest}"
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, newest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(self.dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step-{step:09d}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        for old in self.paths()[self.keep :]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def latest(self) -> dict[str, Any] | None:
+        """The newest readable checkpoint; unreadable ones are reported and skipped."""
+        for path in self.paths():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+                    raise ValueError("not an optlab checkpoint")
+                return state
+            except Exception as exc:  # truncated, corrupt, foreign
+                warnings.warn(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); falling back to the previous one")
+        return None
+
+    def clear(self) -> None:
+        for p in self.dir.glob("step-*.pt*") if self.dir.is_dir() else []:
+            p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
+
+
+CHECKPOINT_FORMAT = 1
+
+
+class _Loop:
+    """The training loop for one run, with its state kept on the object so it can checkpoint."""
+
+    def __init__(self, cfg: RunConfig, data: Any, device: torch.device, rec: _Recorder, result: RunResult, progress: bool, ckpt: Checkpointer | None) -> None:
+        self.cfg, self.data, self.device, self.rec, self.result, self.ckpt = cfg, data, device, rec, result, ckpt
+        meta = data.meta
+        self.x_tr, self.y_tr = data.train_x.to(device), data.train_y.to(device)
+        self.model = models.build(
+            cfg.arch,
+            input_dim=int(meta["input_dim"]),
+            n_classes=int(meta["n_classes"]),
+            depth=cfg.depth,
+            width=cfg.width,
+            activation=cfg.activation,
+            init=cfg.init,
+        ).to(device)
+        sn = {"sn_mode": cfg.sn.mode, "sn_sigma": cfg.sn.sigma, "sn_power_iters": cfg.sn.power_iters, "seed": cfg.seed}
+        self.opt = optim.build(cfg.optimizer, self.model, lr=cfg.lr, **(sn if cfg.optimizer == "sgd_sn" else {}))
+        self.projected = cfg.optimizer == "sgd_sn"
+        self.index = LayerIndex.of(self.model)
+        self.fwd = torch.compile(self.model) if cfg.compile else self.model
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.n = self.x_tr.shape[0]
+        self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
+        self.total = self.steps_per_epoch * cfg.epochs
+        self.progress = progress
+        # loop state (everything a checkpoint must carry)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.epoch_gen_state = self.gen.get_state()
+        self.best_val = -math.inf
+        self.violations = 0
+        self.sigma_max_max = math.nan
+        self.loss_buf: list[torch.Tensor] = []
+        self.epoch_loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.seen = 0
+        self.wall_before = 0.0
+        self.diverged = False
+
+    # -- checkpoint state
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_gen_state": self.epoch_gen_state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "best_val": self.best_val,
+            "violations": self.violations,
+            "sigma_max_max": self.sigma_max_max,
+            "loss_buf": [t.cpu() for t in self.loss_buf],
+            "epoch_loss": self.epoch_loss.cpu(),
+            "correct": self.correct.cpu(),
+            "seen": self.seen,
+            "wall": self.wall_before + (time.perf_counter() - self.t0),
+            "curves": [list(c) for c in self.rec.curves],
+            "layers": [list(r) for r in self.rec.layers],
+        }
+
+    def restore(self, st: dict[str, Any]) -> None:
+        self.step, self.epoch, self.batch_in_epoch = int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"])
+        self.epoch_gen_state = st["epoch_gen_state"]
+        torch.set_rng_state(st["torch_rng"])
+        if self.device.type == "cuda" and st["cuda_rng"]:
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.best_val, self.violations, self.sigma_max_max = st["best_val"], int(st["violations"]), st["sigma_max_max"]
+        self.loss_buf = [t.to(self.device) for t in st["loss_buf"]]
+        self.epoch_loss = st["epoch_loss"].to(self.device)
+        self.correct = st["correct"].to(self.device)
+        self.seen = int(st["seen"])
+        self.wall_before = float(st["wall"])
+        # the records so far: re-sent to the sinks in one batch, so the resumed run is complete
+        for s, e, k, v in st["curves"]:
+            self.rec.metric(int(s), int(e), str(k), float(v))
+        self.rec.layers = [(int(a), int(b), int(c), str(d), float(f), float(g)) for a, b, c, d, f, g in st["layers"]]
+        self.rec.flush()
+
+    # -- the loop
+    def run(self, resume: dict[str, Any] | None) -> None:
+        cfg, rec = self.cfg, self.rec
+        self.t0 = time.perf_counter()
+        if resume is not None:
+            self.restore(resume)
+        bar = _progress(self.total, cfg.run_id, self.progress)
+        if bar is not None and self.step:
+            bar.update(self.step)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+        pending_grad: torch.Tensor | None = None
+        start_epoch = self.epoch
+        for epoch in range(start_epoch, cfg.epochs):
+            self.epoch = epoch
+            if not (epoch == start_epoch and resume is not None):
+                self.epoch_gen_state = self.gen.get_state()
+                self.batch_in_epoch = 0
+                self.correct.zero_()
+                self.epoch_loss.zero_()
+                self.seen = 0
+            self.gen.set_state(self.epoch_gen_state)
+            batches = list(batch_indices(self.n, cfg.batch_size, self.gen, self.device))
+            self.model.train()
+            for idx in batches[self.batch_in_epoch :]:
+                xb, yb = self.x_tr[idx], self.y_tr[idx]
+                with amp:
+                    logits = self.fwd(xb)
+                loss = F.cross_entropy(logits.float(), yb)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                check = (self.step + 1) % cfg.sn.check_every == 0
+                if check:
+                    pending_grad = layer_grad_norms(self.index)
+                self.opt.step()
+                self.step += 1
+                self.batch_in_epoch += 1
+                det = loss.detach()
+                self.loss_buf.append(det)
+                self.epoch_loss += det * yb.shape[0]
+                self.correct += (logits.detach().argmax(-1) == yb).sum()
+                self.seen += yb.shape[0]
+                if check and pending_grad is not None:
+                    self._layer_check(pending_grad)
+                if self.step % cfg.log_every == 0 or self.step == self.total:
+                    bad = _flush_losses(self.loss_buf, self.step, epoch, cfg, rec, self.result)
+                    self.loss_buf = []
+                    if bar is not None:
+                        bar.update(self.step - bar.n)
+                    if bad:
+                        self.diverged = True
+                        break
+                if self.ckpt is not None and self.step % cfg.checkpoint_every == 0 and self.step < self.total:
+                    self.ckpt.save(self.state(), self.step)
+            if self.diverged:
                 break
-            loss_buf = []
-        # epoch end: evaluation (one sync each)
-        tr = torch.stack([epoch_loss / max(1, seen), correct / max(1, seen)]).tolist()
-        val_loss, val_acc = evaluate(model, data.val_x.to(device), data.val_y.to(device))
-        best_val = max(best_val, val_acc)
-        for key, val in (("epoch_train_loss", tr[0]), ("train_acc", tr[1]), ("val_loss", val_loss), ("val_acc", val_acc), ("lr", cfg.lr)):
-            rec.metric(step, epoch, key, float(val))
-        rec.flush()
+            if self.loss_buf:
+                if _flush_losses(self.loss_buf, self.step, epoch, cfg, rec, self.result):
+                    self.diverged = True
+                    break
+                self.loss_buf = []
+            self._end_epoch(epoch)
+            if bar is not None:
+                bar.set_postfix(val_acc=f"{self.last_val_acc:.3f}")
+        wall = self.wall_before + (time.perf_counter() - self.t0)
         if bar is not None:
-            bar.set_postfix(val_acc=f"{val_acc:.3f}", loss=f"{tr[0]:.3f}")
-    wall = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
+            bar.close()
+        if self.step % cfg.sn.check_every != 0 and self.step > 0:
+            self._layer_check(layer_grad_norms(self.index))
+        rec.flush()
+        self._final(wall)
 
-    # final exact sigma and gradient norms (last step's gradients)
-    if step % cfg.sn.check_every != 0 and step > 0:
-        sig = layer_sigma_max(index)
+    def _layer_check(self, grad: torch.Tensor) -> None:
+        sig = layer_sigma_max(self.index)
         s_list = sig.tolist()
-        g_list = layer_grad_norms(index).tolist()
-        rec.layer_rows(step, epoch, index.roles, g_list, s_list)
-        sigma_max_max = max(s_list)
-        rec.metric(step, epoch, "sigma_max", sigma_max_max)
-        if projected and math.isfinite(sigma_max_max) and sigma_max_max > 1.0 + SN_TOL:
-            violations += 1
-    rec.flush()
+        self.rec.layer_rows(self.step, self.epoch, self.index.roles, grad.tolist(), s_list)
+        self.sigma_max_max = max(s_list)
+        self.rec.metric(self.step, self.epoch, "sigma_max", self.sigma_max_max)
+        if self.projected and not self.sigma_max_max <= 1.0 + SN_TOL:
+            self.violations += 1
 
-    final: dict[str, Any] = {
-        "steps": step,
-        "epochs_completed": epoch + (0 if diverged else 1),
-        "wall_time_s": wall,
-        "peak_mem_mb": peak_memory_mb(device),
-        "best_val_acc": best_val if best_val > -math.inf else math.nan,
-        "sigma_max_max": sigma_max_max,
-        "sn_violations": violations if projected else None,
-    }
-    if diverged:
-        result.status = "diverged"
-        final.update(train_loss=math.nan, val_loss=math.nan, val_acc=math.nan, test_loss=math.nan, test_acc=math.nan)
-    else:
-        result.status = "completed"
-        last = {k: v for (_, _, k, v) in rec.curves}
-        test_loss, test_acc = evaluate(model, data.test_x.to(device), data.test_y.to(device))
-        final.update(
-            train_loss=last.get("epoch_train_loss", math.nan),
-            train_acc=last.get("train_acc", math.nan),
-            val_loss=last.get("val_loss", math.nan),
-            val_acc=last.get("val_acc", math.nan),
-            test_loss=test_loss,
-            test_acc=test_acc,
-        )
-    result.final = final
-    result.curves, result.layers = rec.curves, rec.layers
+    def _end_epoch(self, epoch: int) -> None:
+        """Epoch-end records: train loss/accuracy and validation (one sync each)."""
+        tr = torch.stack([self.epoch_loss / max(1, self.seen), self.correct / max(1, self.seen)]).tolist()
+        val_loss, val_acc = evaluate(self.model, self.data.val_x.to(self.device), self.data.val_y.to(self.device))
+        self.best_val = max(self.best_val, val_acc)
+        self.last_val_acc = val_acc
+        for key, val in (("epoch_train_loss", tr[0]), ("train_acc", tr[1]), ("val_loss", val_loss), ("val_acc", val_acc), ("lr", self.cfg.lr)):
+            self.rec.metric(self.step, epoch, key, float(val))
+        self.rec.flush()
+
+    def _final(self, wall: float) -> None:
+        final: dict[str, Any] = {
+            "steps": self.step,
+            "epochs_completed": self.epoch + (0 if self.diverged else 1),
+            "wall_time_s": wall,
+            "peak_mem_mb": peak_memory_mb(self.device),
+            "best_val_acc": self.best_val if self.best_val > -math.inf else math.nan,
+            "sigma_max_max": self.sigma_max_max,
+            "sn_violations": self.violations if self.projected else None,
+        }
+        if self.diverged:
+            self.result.status = "diverged"
+            final.update(train_loss=math.nan, val_loss=math.nan, val_acc=math.nan, test_loss=math.nan, test_acc=math.nan)
+        else:
+            self.result.status = "completed"
+            last = {k: v for (_, _, k, v) in self.rec.curves}
+            test_loss, test_acc = evaluate(self.model, self.data.test_x.to(self.device), self.data.test_y.to(self.device))
+            final.update(
+                train_loss=last.get("epoch_train_loss", math.nan),
+                train_acc=last.get("train_acc", math.nan),
+                val_loss=last.get("val_loss", math.nan),
+                val_acc=last.get("val_acc", math.nan),
+                test_loss=test_loss,
+                test_acc=test_acc,
+            )
+        self.result.final = final
 
 
 def _flush_losses(buf: list[torch.Tensor], step: int, epoch: int, cfg: RunConfig, rec: _Recorder, result: RunResult) -> bool:

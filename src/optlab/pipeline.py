@@ -29,9 +29,9 @@ def _tracking_enabled() -> bool:
 def _provenance(cfg: RunConfig, seeds_per_config: int, stage: str) -> tuple[dict[str, str], dict[str, Any]]:
     """Phase check (raises PhaseError before anything is written) and the run tags."""
     from .tracking.policy import check_phase
-    from .tracking.provenance import dvc_stage, find_repo_root, git_info
+    from .tracking.provenance import dvc_stage, find_work_tree, git_info
 
-    root = find_repo_root()
+    root = find_work_tree(Path.cwd())  # the tree being run (a DVC temp workspace is its own checkout)
     prov = check_phase(cfg.phase, frozen_commit=cfg.frozen_commit, seeds_per_config=seeds_per_config, root=root)
     info = git_info(root) if root is not None else {"git_commit": None, "git_dirty": None, "diff": None}
     tags = {
@@ -45,6 +45,14 @@ def _provenance(cfg: RunConfig, seeds_per_config: int, stage: str) -> tuple[dict
     if info.get("git_dirty") and info.get("diff"):
         tags["_diff"] = info["diff"]
     return tags, prov
+
+
+def _checkpoint_dir() -> Path:
+    """Checkpoints live outside the DVC outs, at the (original) repository root."""
+    from .tracking.provenance import find_repo_root
+
+    root = find_repo_root() or Path.cwd()
+    return Path(os.environ.get("OPTLAB_CHECKPOINT_DIR", root / ".optlab" / "checkpoints"))
 
 
 def _sink(params: dict[str, Any], run_name: str, parent_run_id: str | None = None) -> list[Any]:
@@ -109,7 +117,7 @@ def train_headline(params_path: str = "params.yaml", out_dir: str = "runs/train"
     # the single-seed headline is exempt from the frozen seed rule and never counts as frozen
     tags, prov = _provenance(cfg, seeds_per_config=3, stage="train")
     tags["frozen"] = "false"
-    result = engine.train(cfg, sinks=_sink(params, "train"), run_dir=out_dir, tags=tags)
+    result = engine.train(cfg, sinks=_sink(params, "train"), run_dir=out_dir, tags=tags, checkpoint_dir=_checkpoint_dir())
     print(_summary_line(result))
     return result
 
@@ -148,6 +156,7 @@ def sweep(optimizer: str, params_path: str = "params.yaml", out_root: str = "run
                     data=cache[dataset],
                     tags=tags,
                     progress=sys.stderr.isatty(),
+                    checkpoint_dir=_checkpoint_dir() / "sweep",
                 )
                 results.append(res)
             except Exception as exc:  # recorded as failed by the engine; the slice goes on

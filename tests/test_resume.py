@@ -1,0 +1,139 @@
+"""Checkpoint and resume: a run killed with SIGKILL mid-epoch resumes to identical metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from optlab import engine
+from optlab.config import RunConfig, SNConfig
+from tests.conftest import make_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("wall_time_s", "peak_mem_mb")
+
+
+def _cfg(**kw) -> RunConfig:
+    base = dict(optimizer="sgd_sn", lr=0.2, depth=3, width=16, epochs=4, batch_size=32, log_every=3,
+                checkpoint_every=5, device="cpu", run_id="r")
+    base.update(kw)
+    return RunConfig(sn=SNConfig(check_every=4, sigma="power"), **base)
+
+
+def _comparable(res: engine.RunResult) -> tuple:
+    final = {k: v for k, v in res.final.items() if k not in TIMING}
+    return res.status, final, res.curves, res.layers
+
+
+class _KillAt:
+    """A sink that raises at a given step, standing in for a crash inside the process."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def start(self, params, tags):
+        pass
+
+    def log_metrics(self, batch):
+        if any(s >= self.step for _, _, s in batch):
+            raise KeyboardInterrupt("simulated kill")
+
+    def log_artifact(self, path):
+        pass
+
+    def finish(self, status, summary):
+        pass
+
+
+def test_resume_in_process_matches_uninterrupted(tmp_path):
+    data = make_splits()
+    ref = engine.train(_cfg(checkpoint_every=0), data=data, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(_cfg(), data=data, sinks=[_KillAt(13)], checkpoint_dir=tmp_path, progress=False)
+    ckpts = sorted((tmp_path).glob("r-*/step-*.pt"))
+    assert ckpts, "a checkpoint was written before the kill"
+    resumed = engine.train(_cfg(), data=data, checkpoint_dir=tmp_path, progress=False)
+    assert _comparable(resumed) == _comparable(ref)
+    assert not list(tmp_path.glob("r-*/step-*.pt")), "checkpoints are removed once the run completes"
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(tmp_path):
+    data = make_splits()
+    ref = engine.train(_cfg(checkpoint_every=0), data=data, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(_cfg(), data=data, sinks=[_KillAt(25)], checkpoint_dir=tmp_path, progress=False)
+    ckpts = sorted(tmp_path.glob("r-*/step-*.pt"))
+    assert len(ckpts) == 2
+    newest = ckpts[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])  # truncated
+    with pytest.warns(UserWarning, match=r"unreadable.*falling back to the previous one"):
+        resumed = engine.train(_cfg(), data=data, checkpoint_dir=tmp_path, progress=False)
+    assert _comparable(resumed) == _comparable(ref)
+
+
+def test_changed_config_does_not_resume(tmp_path):
+    data = make_splits()
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(_cfg(), data=data, sinks=[_KillAt(13)], checkpoint_dir=tmp_path, progress=False)
+    other = engine.train(_cfg(lr=0.1), data=data, checkpoint_dir=tmp_path, progress=False)
+    ref = engine.train(_cfg(lr=0.1, checkpoint_every=0), data=data, progress=False)
+    assert _comparable(other) == _comparable(ref)
+
+
+def test_checkpoint_loads_weights_only(tmp_path):
+    """A file that needs arbitrary unpickling is refused, not executed."""
+    ck = engine.Checkpointer(tmp_path, _cfg())
+    ck.dir.mkdir(parents=True)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"format": 1, "x": Evil()}, ck.dir / "step-000000005.pt")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert ck.latest() is None
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_the_stage_resumes(tmp_path):
+    """The real thing: `python -m optlab.pipeline train` killed with SIGKILL, then run again."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["profiles"]["quick"].update(depth=4, width=32, epochs=12, batch_size=16)
+    params.update(checkpoint_every=40, log_every=10, optimizer="sgd_sn")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTLAB_", "DVC_"))}
+    env.update(OPTLAB_TRACKING="0", PYTHONPATH=str(ROOT / "src"))
+
+    def workdir(name: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "params.yaml").write_text(yaml.safe_dump(params))
+        subprocess.run([sys.executable, "-m", "optlab.pipeline", "prepare"], cwd=d, env=env, check=True, capture_output=True)
+        return d
+
+    ref_dir, run_dir = workdir("ref"), workdir("killed")
+    subprocess.run([sys.executable, "-m", "optlab.pipeline", "train"], cwd=ref_dir, env={**env, "OPTLAB_CHECKPOINT_DIR": str(ref_dir / "ck")}, check=True, capture_output=True)
+    env_k = {**env, "OPTLAB_CHECKPOINT_DIR": str(run_dir / "ck")}
+    proc = subprocess.Popen([sys.executable, "-m", "optlab.pipeline", "train"], cwd=run_dir, env=env_k, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((run_dir / "ck").glob("*/step-*.pt"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "runs/train/metrics.json").exists(), "killed before the end"
+    subprocess.run([sys.executable, "-m", "optlab.pipeline", "train"], cwd=run_dir, env=env_k, check=True, capture_output=True)
+    a = json.loads((ref_dir / "runs/train/metrics.json").read_text())
+    b = json.loads((run_dir / "runs/train/metrics.json").read_text())
+    for k in TIMING:
+        a["final"].pop(k), b["final"].pop(k)
+    assert a["final"] == b["final"] and a["status"] == b["status"] == "completed"
+    assert (ref_dir / "runs/train/curves.csv").read_text() == (run_dir / "runs/train/curves.csv").read_text()
