@@ -29,11 +29,13 @@ def _tracking_enabled() -> bool:
 def _provenance(cfg: RunConfig, seeds_per_config: int, stage: str) -> tuple[dict[str, str], dict[str, Any]]:
     """Phase check (raises PhaseError before anything is written) and the run tags."""
     from .tracking.policy import check_phase
+    from .tracking.policy import WATCHED
     from .tracking.provenance import dvc_stage, find_work_tree, git_info
 
     root = find_work_tree(Path.cwd())  # the tree being run (a DVC temp workspace is its own checkout)
     prov = check_phase(cfg.phase, frozen_commit=cfg.frozen_commit, seeds_per_config=seeds_per_config, root=root)
-    info = git_info(root) if root is not None else {"git_commit": None, "git_dirty": None, "diff": None}
+    # dirty means code or params changed; dvc.lock and outs change during every repro
+    info = git_info(root, WATCHED) if root is not None else {"git_commit": None, "git_dirty": None, "diff": None}
     tags = {
         "phase": cfg.phase,
         "git_commit": str(info.get("git_commit") or "unknown"),

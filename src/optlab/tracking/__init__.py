@@ -1,0 +1,49 @@
+"""Tracking: provenance, phase policy, the Sink interface and its MLflow implementation.
+
+Importing this package does not import mlflow; the MLflow names below load on first use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optlab.tracking.flatten import flatten_params
+from optlab.tracking.policy import PHASES, WATCHED, PhaseError, check_phase
+from optlab.tracking.provenance import (
+    dvc_exp_name,
+    dvc_stage,
+    find_repo_root,
+    find_work_tree,
+    git_info,
+)
+from optlab.tracking.sink import REQUIRED_TAGS, MemorySink, NullSink, Sink
+from optlab.tracking.store import default_artifact_location, default_tracking_uri
+
+_LAZY = {"MlflowSink", "ParentRun", "parent_run", "end_run"}
+
+__all__ = [
+    "PHASES",
+    "REQUIRED_TAGS",
+    "WATCHED",
+    "MemorySink",
+    "NullSink",
+    "PhaseError",
+    "Sink",
+    "check_phase",
+    "default_artifact_location",
+    "default_tracking_uri",
+    "dvc_exp_name",
+    "dvc_stage",
+    "find_repo_root",
+    "find_work_tree",
+    "flatten_params",
+    "git_info",
+    *sorted(_LAZY),
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from optlab.tracking import mlflow_sink
+
+        return getattr(mlflow_sink, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
