@@ -19,7 +19,7 @@ from optlab.config import RunConfig, SNConfig
 from tests.conftest import make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("wall_time_s", "peak_mem_mb")
+TIMING = ("wall_time_s", "peak_mem_mb", "peak_rss_mb")
 
 
 def _cfg(**kw) -> RunConfig:

@@ -89,11 +89,42 @@ def resolve_device(name: str) -> torch.device:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch, or the process's peak RSS on CPU (MB)."""
+    """Peak GPU memory allocated by torch during the run (MB); NaN on CPU.
+
+    On CPU there is no per-run allocator peak: the process's peak RSS only grows across the
+    runs of a sweep slice, so it is recorded separately as ``peak_rss_mb`` and never compared.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    return math.nan
+
+
+def peak_rss_mb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def state_memory_mb(model: torch.nn.Module, opt: Any) -> float:
+    """Exact size of the training state: parameters, gradients and optimizer state (MB)."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for p in model.parameters():
+        add(p)
+        add(p.grad)
+    for st in opt.state.values():
+        for v in st.values():
+            add(v)
+    for proj in getattr(opt, "projections", []):
+        for u in getattr(proj, "u", []):
+            add(u)
+    return total / 2**20
 
 
 @torch.no_grad()
@@ -455,6 +486,8 @@ class _Loop:
             "epochs_completed": self.epoch + (0 if self.diverged else 1),
             "wall_time_s": wall,
             "peak_mem_mb": peak_memory_mb(self.device),
+            "peak_rss_mb": peak_rss_mb(),
+            "state_mem_mb": state_memory_mb(self.model, self.opt),
             "best_val_acc": self.best_val if self.best_val > -math.inf else math.nan,
             "sigma_max_max": self.sigma_max_max,
             "sn_violations": self.violations if self.projected else None,

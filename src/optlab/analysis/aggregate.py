@@ -28,7 +28,7 @@ TOP_KEYS = ("run_id", "run_dir", "kind", "status", "diverged_step", "diverge_rea
 
 FINAL_NUMERIC = (
     "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "test_loss", "test_acc",
-    "wall_time_s", "peak_mem_mb", "steps", "epochs_completed", "sigma_max_max", "sn_violations",
+    "wall_time_s", "peak_mem_mb", "state_mem_mb", "steps", "epochs_completed", "sigma_max_max", "sn_violations",
 )
 
 HEADLINE_DIR = "train"
@@ -205,7 +205,7 @@ def best_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
     cols = [
         *GROUP_KEYS, "lr", "n_seeds", "n_completed", "n_diverged", "n_failed", "val_score",
         "val_acc_mean", "test_acc_mean", "test_acc_std", "test_acc_min", "test_acc_max",
-        "wall_time_s_mean", "peak_mem_mb_mean", "frozen", "seeds",
+        "wall_time_s_mean", "peak_mem_mb_mean", "state_mem_mb_mean", "frozen", "seeds",
     ]
     sw = sweep_runs(runs)
     sw = sw[sw["lr"].notna()]
@@ -247,6 +247,7 @@ def _lr_stats(g: pd.DataFrame) -> dict[str, Any]:
         "test_acc_max": float(test.max()) if test.notna().any() else math.nan,
         "wall_time_s_mean": mean("wall_time_s"),
         "peak_mem_mb_mean": mean("peak_mem_mb"),
+        "state_mem_mb_mean": mean("state_mem_mb"),
         "frozen": bool(g["frozen"].all()),
         "seeds": " ".join(str(s) for s in seeds),
     }
@@ -286,7 +287,7 @@ def verdict_table(runs: pd.DataFrame, best: pd.DataFrame | None = None,
         "study", "dataset", "depth", f"{m}_lr", f"{r}_lr", f"{m}_test_acc", f"{r}_test_acc",
         "ratio_of_means", "ratio_median", "ratio_q25", "ratio_q75", "n_pairs",
         f"{m}_n_diverged", f"{r}_n_diverged", f"{m}_wall_time_s", f"{r}_wall_time_s", "time_lower",
-        f"{m}_peak_mem_mb", f"{r}_peak_mem_mb", "mem_lower",
+        f"{m}_peak_mem_mb", f"{r}_peak_mem_mb", f"{m}_state_mem_mb", f"{r}_state_mem_mb", "mem_lower",
     ]
     best = best_lr_table(runs) if best is None else best
     chosen = best_runs(runs, best)
@@ -315,12 +316,21 @@ def verdict_table(runs: pd.DataFrame, best: pd.DataFrame | None = None,
             f"{m}_wall_time_s": a["wall_time_s_mean"], f"{r}_wall_time_s": b["wall_time_s_mean"],
             "time_lower": _lower(a["wall_time_s_mean"], b["wall_time_s_mean"], m, r),
             f"{m}_peak_mem_mb": a["peak_mem_mb_mean"], f"{r}_peak_mem_mb": b["peak_mem_mb_mean"],
-            "mem_lower": _lower(a["peak_mem_mb_mean"], b["peak_mem_mb_mean"], m, r),
+            f"{m}_state_mem_mb": a.get("state_mem_mb_mean", math.nan), f"{r}_state_mem_mb": b.get("state_mem_mb_mean", math.nan),
+            # peak allocated memory where measured (CUDA), else the exact training-state size
+            "mem_lower": _lower(*_mem_pair(a, b), m, r),
         })
         out.append(row)
     df = pd.DataFrame(out, columns=cols)
     df["depth"] = _maybe_int(df["depth"])
     return df
+
+
+def _mem_pair(a: pd.Series, b: pd.Series) -> tuple[float, float]:
+    pa, pb = a.get("peak_mem_mb_mean", math.nan), b.get("peak_mem_mb_mean", math.nan)
+    if pd.notna(pa) and pd.notna(pb):
+        return float(pa), float(pb)
+    return float(a.get("state_mem_mb_mean", math.nan)), float(b.get("state_mem_mb_mean", math.nan))
 
 
 def _runs_of(chosen: pd.DataFrame, key: tuple, optimizer: str) -> pd.DataFrame:

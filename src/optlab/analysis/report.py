@@ -29,7 +29,7 @@ FIGURE_CAPTIONS = {
 
 BEST_COLS = ["dataset", "optimizer", "depth", "lr", "n_seeds", "n_diverged", "n_failed", "val_acc_mean",
              "test_acc_mean", "test_acc_std", "test_acc_min", "test_acc_max", "wall_time_s_mean",
-             "peak_mem_mb_mean", "frozen"]
+             "peak_mem_mb_mean", "state_mem_mb_mean", "frozen"]
 VERDICT_COLS = ["dataset", "depth", "sgd_sn_lr", "adam_lr", "sgd_sn_test_acc", "adam_test_acc", "ratio_of_means",
                 "ratio_median", "ratio_q25", "ratio_q75", "n_pairs", "time_lower", "mem_lower"]
 TOLERANCE_COLS = ["dataset", "optimizer", "deepest_trainable", "test_acc_at_deepest", "depths_trained",
@@ -211,7 +211,10 @@ def _findings(t: dict[str, pd.DataFrame], sweep: pd.DataFrame) -> list[str]:
                   f"(IQR {_pct(r['ratio_q25'])}–{_pct(r['ratio_q75'])}, {int(r['n_pairs'])} seeds)")
         s += ". "
         s += _cost("wall time", r["time_lower"], r.get("sgd_sn_wall_time_s"), r.get("adam_wall_time_s"), "s") + " "
-        s += _cost("peak memory", r["mem_lower"], r.get("sgd_sn_peak_mem_mb"), r.get("adam_peak_mem_mb"), "MB")
+        if pd.notna(r.get("sgd_sn_peak_mem_mb")) and pd.notna(r.get("adam_peak_mem_mb")):
+            s += _cost("peak memory", r["mem_lower"], r.get("sgd_sn_peak_mem_mb"), r.get("adam_peak_mem_mb"), "MB")
+        else:
+            s += _cost("training-state memory", r["mem_lower"], r.get("sgd_sn_state_mem_mb"), r.get("adam_state_mem_mb"), "MB")
         nd = [f"{o} {int(r[f'{o}_n_diverged'])}" for o in ("sgd_sn", "adam")
               if f"{o}_n_diverged" in r and pd.notna(r[f"{o}_n_diverged"]) and int(r[f"{o}_n_diverged"]) > 0]
         if nd:
@@ -260,8 +263,8 @@ def _cost(what: str, lower: Any, a: Any, b: Any, unit: str) -> str:
 def _verdict_note() -> str:
     return ("Each at its own best LR. `ratio_of_means` = sgd_sn mean test accuracy / Adam's; the per-seed ratio "
             "pairs seeds that completed under both (median and quartiles over seeds). `time_lower`/`mem_lower` "
-            "name the optimizer with the lower mean wall time / peak memory (peak memory is CUDA peak allocated "
-            "on a GPU, peak process RSS on CPU).")
+            "name the optimizer with the lower mean wall time / memory: CUDA peak allocated memory on a GPU; on CPU, "
+            "where no per-run peak exists, the exact size of parameters + gradients + optimizer state.")
 
 
 def _tolerance_note() -> str:
