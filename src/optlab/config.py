@@ -177,12 +177,19 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"params file not found: {p}")
-    params = yaml.safe_load(p.read_text()) or {}
+    try:
+        params = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     validate_params(params)
     return params
 
 
 def validate_params(params: dict[str, Any]) -> None:
+    if not isinstance(params, dict):
+        raise ConfigError(f"params: expected a mapping of keys to values, got {type(params).__name__}")
     _check_keys("params", params, PARAMS_KEYS)
     _check_keys("sn", params.get("sn") or {}, SN_KEYS)
     _check_keys("data", params.get("data") or {}, DATA_KEYS)

@@ -220,6 +220,8 @@ def train(
         "run_id": cfg.run_id,
     }
     base_tags.update(tags or {})
+    if data is None:  # bad input (a missing file) fails here, before any record is written
+        data = load(Path(cfg.prepared_dir) / f"{cfg.dataset}.pt", device=device)
     ckpt = Checkpointer(Path(checkpoint_dir), cfg) if checkpoint_dir is not None and cfg.checkpoint_every > 0 else None
     resume = ckpt.latest() if ckpt is not None else None
     if resume is not None:
@@ -234,8 +236,6 @@ def train(
         "frozen": base_tags.get("frozen", str(cfg.phase == "frozen").lower()) == "true",
     }
     try:
-        if data is None:
-            data = load(Path(cfg.prepared_dir) / f"{cfg.dataset}.pt", device=device)
         _Loop(cfg, data, device, rec, result, progress, ckpt).run(resume)
     except Exception as exc:  # a bug: record it, then re-raise
         result.status = "failed"

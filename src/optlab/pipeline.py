@@ -95,6 +95,7 @@ def prepare(params_path: str = "params.yaml", raw_dir: str = "data/raw", out_dir
     data = params.get("data") or {}
     out = Path(out_dir or data.get("prepared_dir") or "data/prepared")
     mirror = resolve_mirror(data.get("mirror"))
+    offline = os.environ.get("OPTLAB_OFFLINE", "0").lower() in ("1", "true", "yes")
     written = []
     for name in prepared_datasets(params):
         path = out / f"{name}.pt"
@@ -106,6 +107,7 @@ def prepare(params_path: str = "params.yaml", raw_dir: str = "data/raw", out_dir
             val_fraction=float(data.get("val_fraction", 0.1)),
             test_fraction=float(data.get("test_fraction", 0.2)),
             seed=0,
+            download=not offline,
         )
         written.append(path)
         print(f"prepared {name} -> {path}")
@@ -138,18 +140,17 @@ def sweep(optimizer: str, params_path: str = "params.yaml", out_root: str = "run
     first = resolve_run(params, optimizer=optimizer, lr=grid["lrs"][0], run_id=f"sweep@{optimizer}")
     tags, prov = _provenance(first, seeds_per_config=len(grid["seeds"]), stage=f"sweep@{optimizer}")
     tags["frozen"] = str(bool(prov.get("frozen"))).lower()
+    device = engine.resolve_device(first.device)
+    cache = {ds: load(Path(first.prepared_dir) / f"{ds}.pt", device=device) for ds in grid["datasets"]}
     out = Path(out_root) / optimizer
     out.mkdir(parents=True, exist_ok=True)
     results: list[engine.RunResult] = []
     failures: list[str] = []
-    cache: dict[str, Any] = {}
     bar = _outer_bar(len(combos), f"sweep@{optimizer}")
     with _parent(params, f"sweep@{optimizer}", {**tags, "seed": ",".join(map(str, grid["seeds"]))}) as parent:
         for dataset, depth, lr, seed in combos:
             run_id = f"{optimizer}-{dataset}-d{depth}-lr{lr:g}-s{seed}"
             cfg = resolve_run(params, optimizer=optimizer, dataset=dataset, depth=depth, lr=lr, seed=seed, run_id=run_id)
-            if dataset not in cache:
-                cache[dataset] = load(Path(cfg.prepared_dir) / f"{dataset}.pt", device=engine.resolve_device(cfg.device))
             try:
                 res = engine.train(
                     cfg,
