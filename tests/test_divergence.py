@@ -1,0 +1,62 @@
+"""Divergence at scale: a sweep with learning rates up to 10 on a deep MLP completes, and
+every diverged run has its record (status, step) in the tables and in MLflow."""
+
+from __future__ import annotations
+
+import copy
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from optlab import pipeline
+from tests.conftest import make_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_sweep_with_huge_lrs_completes_and_records_divergence(tmp_path, monkeypatch):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = copy.deepcopy(params)
+    q = params["profiles"]["quick"]
+    q.update(width=32, epochs=2, batch_size=64)
+    q["sweep"] = {"datasets": ["digits"], "depths": [24], "lrs": [10.0, 3.0, 0.01], "seeds": [0, 1]}
+    params["sweep"]["optimizers"] = ["sgd", "sgd_sn"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prep = tmp_path / "data" / "prepared"
+    prep.mkdir(parents=True)
+    s = make_splits(n_train=512, dim=64, n_classes=10)
+    torch.save({k: getattr(s, k) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")} | {"meta": s.meta}, prep / "digits.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    results = pipeline.sweep("sgd") + pipeline.sweep("sgd_sn")
+    assert len(results) == 12
+    diverged = [r for r in results if r.status == "diverged"]
+    assert diverged, "plain SGD at lr 10 on a 24-layer MLP should diverge"
+    assert all(r.config["optimizer"] == "sgd" for r in diverged)
+    assert all(r.diverged_step is not None for r in diverged)
+    # sgd_sn keeps every layer at sigma <= 1: no divergence at any of these LRs
+    assert all(r.status == "completed" for r in results if r.config["optimizer"] == "sgd_sn")
+
+    pipeline.aggregate("runs", "reports/tables")
+    div = pd.read_csv(tmp_path / "reports/tables/divergence.csv")
+    got = {(row.run_id, int(row.diverged_step)) for row in div.itertuples() if row.status == "diverged"}
+    assert got == {(r.run_id, r.diverged_step) for r in diverged}
+
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    rows = con.execute(
+        "SELECT t1.value, r.status FROM runs r JOIN tags t1 ON t1.run_uuid=r.run_uuid AND t1.key='run_id' "
+        "JOIN tags t2 ON t2.run_uuid=r.run_uuid AND t2.key='status' WHERE t2.value='diverged'"
+    ).fetchall()
+    assert {name for name, _ in rows} == {r.run_id for r in diverged}
+    assert {status for _, status in rows} == {"FINISHED"}  # a divergence is a result, not a failure
+    steps = dict(con.execute(
+        "SELECT t.value, m.value FROM metrics m JOIN tags t ON t.run_uuid=m.run_uuid AND t.key='run_id' "
+        "WHERE m.key='final.diverged_step'"
+    ).fetchall())
+    assert {k: int(v) for k, v in steps.items()} == {r.run_id: r.diverged_step for r in diverged}
