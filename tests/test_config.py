@@ -42,7 +42,7 @@ def test_lr_null_takes_optimizer_default(params):
     "patch,match",
     [
         ({"optimizer": "adamm"}, r"optimizer: unknown value 'adamm' \(did you mean 'adam'\?\); allowed: sgd, sgd_momentum, adam, adamw, sgd_sn"),
-        ({"arch": "resnet"}, r"arch: unknown value 'resnet'; allowed: mlp"),
+        ({"arch": "resnet"}, r"arch: unknown value 'resnet'.*; allowed: mlp, resnet18, gpt"),
         ({"dataset": "cifar"}, r"dataset: unknown value 'cifar'.*allowed: digits, mnist, fashion_mnist"),
         ({"lr": -0.1}, r"lr: must be a finite number > 0"),
         ({"lr": 0}, r"lr: must be a finite number > 0"),

@@ -18,7 +18,7 @@ def _cfg(**kw) -> RunConfig:
 
 
 def _metrics(res: engine.RunResult) -> list[tuple]:
-    return [(s, e, k, v) for (s, e, k, v) in res.curves]
+    return [(s, e, k, v) for (s, e, k, v) in res.curves if k not in engine.TIMING_KEYS]
 
 
 def test_same_seed_same_metrics_different_seed_differs(toy_splits):

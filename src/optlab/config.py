@@ -22,14 +22,19 @@ from pathlib import Path
 from typing import Any
 
 OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "adamw", "sgd_sn")
-ARCHS = ("mlp",)
-DATASETS = ("digits", "mnist", "fashion_mnist")
+ARCHS = ("mlp", "resnet18", "gpt")
+CLASSIFICATION_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+LM_DATASETS = ("tinyshakespeare", "tinystories")
+DATASETS = CLASSIFICATION_DATASETS + LM_DATASETS
+ARCH_TASK = {"mlp": "classification", "resnet18": "classification", "gpt": "lm"}
 ACTIVATIONS = ("tanh", "relu", "gelu")
 INITS = ("orthogonal", "kaiming")
 SCALES = ("quick", "full")
 PHASES = ("debug", "pilot", "frozen")
 SN_MODES = ("clip", "normalize")
 SN_SIGMAS = ("power", "exact")
+SN_CONV = ("operator", "matrix")
+ROLES = ("input", "hidden", "output")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16")
 
@@ -46,6 +51,8 @@ class SNConfig:
     sigma: str = "exact"  # exact: batched eigensolver (strict); power: persistent power iteration
     power_iters: int = 1  # power iterations per step
     check_every: int = 25  # exact sigma_max of every layer logged every K steps
+    conv: str = "operator"  # conv weights: true operator norm at the layer's input size, or reshaped-kernel matrix norm
+    roles: tuple[str, ...] = ("input", "hidden", "output")  # which weight matrices are projected
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,12 @@ class RunConfig:
     init: str = "orthogonal"
     epochs: int = 10
     batch_size: int = 64
+    residual: bool = True  # resnet18: identity shortcuts
+    batch_norm: bool = True  # resnet18: batch norm layers
+    n_head: int = 4  # gpt: attention heads (depth = layers, width = embedding size)
+    block_size: int = 128  # gpt: context length
+    steps_per_epoch: int = 0  # lm: steps per epoch (0: one pass worth of tokens)
+    eval_tokens: int = 0  # lm: tokens evaluated per split (0: all)
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
@@ -89,6 +102,17 @@ class RunConfig:
         _choice("amp", self.amp, AMP)
         _choice("sn.mode", self.sn.mode, SN_MODES)
         _choice("sn.sigma", self.sn.sigma, SN_SIGMAS)
+        _choice("sn.conv", self.sn.conv, SN_CONV)
+        if not isinstance(self.sn.roles, (list, tuple)) or not self.sn.roles:
+            raise ConfigError(f"sn.roles: expected a non-empty list from {', '.join(ROLES)}, got {self.sn.roles!r}")
+        for r in self.sn.roles:
+            _choice("sn.roles", r, ROLES)
+        task = ARCH_TASK[self.arch]
+        allowed = CLASSIFICATION_DATASETS if task == "classification" else LM_DATASETS
+        if self.dataset not in allowed:
+            raise ConfigError(
+                f"dataset: {self.dataset!r} does not fit arch {self.arch!r} ({task}); allowed with {self.arch}: {', '.join(allowed)}"
+            )
         _positive("lr", self.lr)
         _positive("diverge_loss", self.diverge_loss)
         _int_at_least("depth", self.depth, 1)
@@ -100,8 +124,15 @@ class RunConfig:
         _int_at_least("checkpoint_every", self.checkpoint_every, 0)
         _int_at_least("sn.power_iters", self.sn.power_iters, 1)
         _int_at_least("sn.check_every", self.sn.check_every, 1)
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile: expected true or false, got {self.compile!r}")
+        _int_at_least("n_head", self.n_head, 1)
+        _int_at_least("block_size", self.block_size, 2)
+        _int_at_least("steps_per_epoch", self.steps_per_epoch, 0)
+        _int_at_least("eval_tokens", self.eval_tokens, 0)
+        for key in ("compile", "residual", "batch_norm"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key}: expected true or false, got {getattr(self, key)!r}")
+        if self.arch == "gpt" and self.width % self.n_head:
+            raise ConfigError(f"width: {self.width} must be divisible by n_head={self.n_head} for arch gpt")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,6 +313,8 @@ def resolve_run(params: dict[str, Any], **overrides: Any) -> RunConfig:
             raise ConfigError(f"lr: null needs default_lr.{opt}; set lr or default_lr.{opt}")
         values["lr"] = default_lr[opt]
     values = {k: v for k, v in values.items() if k in RunConfig.__dataclass_fields__}
+    if "roles" in sn and isinstance(sn["roles"], list):
+        sn["roles"] = tuple(sn["roles"])
     return RunConfig(**values, sn=SNConfig(**sn)).validate()
 
 

@@ -35,10 +35,13 @@ import torch.nn.functional as F
 
 from . import models, optim
 from .config import RunConfig
-from .data.loading import batch_indices
+from .tasks import build_task
 from .metrics.layers import LayerIndex, layer_grad_norms, layer_sigma_max
 
 SN_TOL = 1e-4  # a projected layer above 1 + SN_TOL counts as a violation
+# measurements of the machine, not of the optimization: excluded from determinism checks
+TIMING_KEYS = frozenset({"wall_time_s", "peak_mem_mb", "peak_rss_mb", "seconds_per_epoch", "epoch_time_s",
+                         "examples_per_s", "tokens_per_s"})
 
 
 class Sink(Protocol):
@@ -127,21 +130,18 @@ def state_memory_mb(model: torch.nn.Module, opt: Any) -> float:
     return total / 2**20
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over the whole split, one host sync."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device)
-    for i in range(0, x.shape[0], chunk):
-        logits = model(x[i : i + chunk]).float()
-        loss_sum += F.cross_entropy(logits, y[i : i + chunk], reduction="sum")
-        correct += (logits.argmax(-1) == y[i : i + chunk]).sum()
-    model.train(was_training)
-    n = max(1, x.shape[0])
-    vals = torch.stack([loss_sum / n, correct / n]).tolist()
-    return float(vals[0]), float(vals[1])
+def load_prepared(prepared_dir: str | Path, dataset: str, device: torch.device) -> Any:
+    """A prepared dataset: classification splits, or a token stream for language models."""
+    from .config import LM_DATASETS
+
+    path = Path(prepared_dir) / f"{dataset}.pt"
+    if dataset in LM_DATASETS:
+        from .data.text import load_text
+
+        return load_text(path, device=device)
+    from .data import load
+
+    return load(path, device=device)
 
 
 def seed_everything(seed: int) -> None:
@@ -202,8 +202,6 @@ def train(
     started again with the same config, resumes from the newest readable checkpoint; the
     final metrics on CPU are identical to an uninterrupted run.
     """
-    from .data import load
-
     cfg.validate()
     sinks = list(sinks)
     device = resolve_device(cfg.device)
@@ -221,7 +219,7 @@ def train(
     }
     base_tags.update(tags or {})
     if data is None:  # bad input (a missing file) fails here, before any record is written
-        data = load(Path(cfg.prepared_dir) / f"{cfg.dataset}.pt", device=device)
+        data = load_prepared(cfg.prepared_dir, cfg.dataset, device)
     ckpt = Checkpointer(Path(checkpoint_dir), cfg) if checkpoint_dir is not None and cfg.checkpoint_every > 0 else None
     resume = ckpt.latest() if ckpt is not None else None
     if resume is not None:
@@ -308,25 +306,18 @@ class _Loop:
 
     def __init__(self, cfg: RunConfig, data: Any, device: torch.device, rec: _Recorder, result: RunResult, progress: bool, ckpt: Checkpointer | None) -> None:
         self.cfg, self.data, self.device, self.rec, self.result, self.ckpt = cfg, data, device, rec, result, ckpt
-        meta = data.meta
-        self.x_tr, self.y_tr = data.train_x.to(device), data.train_y.to(device)
-        self.model = models.build(
-            cfg.arch,
-            input_dim=int(meta["input_dim"]),
-            n_classes=int(meta["n_classes"]),
-            depth=cfg.depth,
-            width=cfg.width,
-            activation=cfg.activation,
-            init=cfg.init,
-        ).to(device)
-        sn = {"sn_mode": cfg.sn.mode, "sn_sigma": cfg.sn.sigma, "sn_power_iters": cfg.sn.power_iters, "seed": cfg.seed}
+        self.task = build_task(cfg, data, device)
+        self.model = models.build(cfg.arch, **model_kwargs(cfg, self.task)).to(device)
+        sn = {"sn_mode": cfg.sn.mode, "sn_sigma": cfg.sn.sigma, "sn_power_iters": cfg.sn.power_iters,
+              "sn_roles": tuple(cfg.sn.roles), "seed": cfg.seed}
+        if any(p.dim() == 4 for p in self.model.parameters()):
+            sn["sn_conv"] = cfg.sn.conv
         self.opt = optim.build(cfg.optimizer, self.model, lr=cfg.lr, **(sn if cfg.optimizer == "sgd_sn" else {}))
         self.projected = cfg.optimizer == "sgd_sn"
         self.index = LayerIndex.of(self.model)
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        self.n = self.x_tr.shape[0]
-        self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
+        self.steps_per_epoch = self.task.steps_per_epoch
         self.total = self.steps_per_epoch * cfg.epochs
         self.progress = progress
         # loop state (everything a checkpoint must carry)
@@ -335,6 +326,7 @@ class _Loop:
         self.batch_in_epoch = 0
         self.epoch_gen_state = self.gen.get_state()
         self.best_val = -math.inf
+        self.epochs_to_90: int | None = None
         self.violations = 0
         self.sigma_max_max = math.nan
         self.loss_buf: list[torch.Tensor] = []
@@ -357,6 +349,7 @@ class _Loop:
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "best_val": self.best_val,
+            "epochs_to_90": -1 if self.epochs_to_90 is None else self.epochs_to_90,
             "violations": self.violations,
             "sigma_max_max": self.sigma_max_max,
             "loss_buf": [t.cpu() for t in self.loss_buf],
@@ -377,6 +370,7 @@ class _Loop:
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optimizer"])
         self.best_val, self.violations, self.sigma_max_max = st["best_val"], int(st["violations"]), st["sigma_max_max"]
+        self.epochs_to_90 = None if int(st["epochs_to_90"]) < 0 else int(st["epochs_to_90"])
         self.loss_buf = [t.to(self.device) for t in st["loss_buf"]]
         self.epoch_loss = st["epoch_loss"].to(self.device)
         self.correct = st["correct"].to(self.device)
@@ -411,13 +405,14 @@ class _Loop:
                 self.epoch_loss.zero_()
                 self.seen = 0
             self.gen.set_state(self.epoch_gen_state)
-            batches = list(batch_indices(self.n, cfg.batch_size, self.gen, self.device))
+            batches = self.task.epoch_batches(self.gen)
+            t_epoch = time.perf_counter()
             self.model.train()
             for idx in batches[self.batch_in_epoch :]:
-                xb, yb = self.x_tr[idx], self.y_tr[idx]
+                xb, yb = self.task.batch(idx)
                 with amp:
                     logits = self.fwd(xb)
-                loss = F.cross_entropy(logits.float(), yb)
+                loss = self.task.loss(logits, yb)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 check = (self.step + 1) % cfg.sn.check_every == 0
@@ -428,9 +423,10 @@ class _Loop:
                 self.batch_in_epoch += 1
                 det = loss.detach()
                 self.loss_buf.append(det)
-                self.epoch_loss += det * yb.shape[0]
-                self.correct += (logits.detach().argmax(-1) == yb).sum()
-                self.seen += yb.shape[0]
+                n_items = self.task.n_items(yb)
+                self.epoch_loss += det * n_items
+                self.correct += self.task.n_correct(logits, yb)
+                self.seen += n_items
                 if check and pending_grad is not None:
                     self._layer_check(pending_grad)
                 if self.step % cfg.log_every == 0 or self.step == self.total:
@@ -450,7 +446,7 @@ class _Loop:
                     self.diverged = True
                     break
                 self.loss_buf = []
-            self._end_epoch(epoch)
+            self._end_epoch(epoch, time.perf_counter() - t_epoch, len(batches))
             if bar is not None:
                 bar.set_postfix(val_acc=f"{self.last_val_acc:.3f}")
         wall = self.wall_before + (time.perf_counter() - self.t0)
@@ -470,14 +466,21 @@ class _Loop:
         if self.projected and not self.sigma_max_max <= 1.0 + SN_TOL:
             self.violations += 1
 
-    def _end_epoch(self, epoch: int) -> None:
-        """Epoch-end records: train loss/accuracy and validation (one sync each)."""
+    def _end_epoch(self, epoch: int, seconds: float, n_batches: int) -> None:
+        """Epoch-end records: train loss/accuracy, validation metrics, throughput (one sync each)."""
         tr = torch.stack([self.epoch_loss / max(1, self.seen), self.correct / max(1, self.seen)]).tolist()
-        val_loss, val_acc = evaluate(self.model, self.data.val_x.to(self.device), self.data.val_y.to(self.device))
-        self.best_val = max(self.best_val, val_acc)
-        self.last_val_acc = val_acc
-        for key, val in (("epoch_train_loss", tr[0]), ("train_acc", tr[1]), ("val_loss", val_loss), ("val_acc", val_acc), ("lr", self.cfg.lr)):
-            self.rec.metric(self.step, epoch, key, float(val))
+        val = self.task.evaluate(self.model, "val")
+        self.best_val = max(self.best_val, val["acc"])
+        self.last_val_acc = val["acc"]
+        if self.epochs_to_90 is None and val["acc"] >= 0.9:
+            self.epochs_to_90 = epoch + 1
+        rows = [("epoch_train_loss", tr[0]), ("train_acc", tr[1])]
+        rows += [(f"val_{k}", v) for k, v in val.items()]
+        rows += [("lr", self.cfg.lr), ("epoch_time_s", seconds)]
+        if seconds > 0 and n_batches > 0:
+            rows.append((f"{self.task.unit}_per_s", n_batches * self.cfg.batch_size * (self.cfg.block_size if self.task.kind == "lm" else 1) / seconds))
+        for key, val_ in rows:
+            self.rec.metric(self.step, epoch, key, float(val_))
         self.rec.flush()
 
     def _final(self, wall: float) -> None:
@@ -492,22 +495,36 @@ class _Loop:
             "sigma_max_max": self.sigma_max_max,
             "sn_violations": self.violations if self.projected else None,
         }
+        final["epochs_to_90"] = self.epochs_to_90
+        epoch_times = [v for (_, _, k, v) in self.rec.curves if k == "epoch_time_s"]
+        final["seconds_per_epoch"] = sum(epoch_times) / len(epoch_times) if epoch_times else math.nan
+        rates = [v for (_, _, k, v) in self.rec.curves if k == f"{self.task.unit}_per_s"]
+        final[f"{self.task.unit}_per_s"] = sum(rates) / len(rates) if rates else math.nan
         if self.diverged:
             self.result.status = "diverged"
             final.update(train_loss=math.nan, val_loss=math.nan, val_acc=math.nan, test_loss=math.nan, test_acc=math.nan)
         else:
             self.result.status = "completed"
             last = {k: v for (_, _, k, v) in self.rec.curves}
-            test_loss, test_acc = evaluate(self.model, self.data.test_x.to(self.device), self.data.test_y.to(self.device))
-            final.update(
-                train_loss=last.get("epoch_train_loss", math.nan),
-                train_acc=last.get("train_acc", math.nan),
-                val_loss=last.get("val_loss", math.nan),
-                val_acc=last.get("val_acc", math.nan),
-                test_loss=test_loss,
-                test_acc=test_acc,
-            )
+            final.update(train_loss=last.get("epoch_train_loss", math.nan), train_acc=last.get("train_acc", math.nan))
+            for key in [k for k in last if k.startswith("val_")]:
+                final[key] = last[key]
+            test = self.task.evaluate(self.model, "test")
+            final.update({f"test_{k}": v for k, v in test.items()})
         self.result.final = final
+
+
+def model_kwargs(cfg: RunConfig, task: Any) -> dict[str, Any]:
+    """Model constructor arguments from the run config and the data."""
+    kw = task.model_kwargs()
+    if cfg.arch == "mlp":
+        kw.pop("input_shape", None)
+        return kw | {"depth": cfg.depth, "width": cfg.width, "activation": cfg.activation, "init": cfg.init}
+    if cfg.arch == "resnet18":
+        return kw | {"width": cfg.width, "residual": cfg.residual, "batch_norm": cfg.batch_norm}
+    if cfg.arch == "gpt":
+        return kw | {"n_layer": cfg.depth, "n_embd": cfg.width, "n_head": cfg.n_head}
+    raise ValueError(f"arch: unknown {cfg.arch!r}")
 
 
 def _flush_losses(buf: list[torch.Tensor], step: int, epoch: int, cfg: RunConfig, rec: _Recorder, result: RunResult) -> bool:

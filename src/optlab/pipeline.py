@@ -128,8 +128,6 @@ def train_headline(params_path: str = "params.yaml", out_dir: str = "runs/train"
 
 def sweep(optimizer: str, params_path: str = "params.yaml", out_root: str = "runs/sweep") -> list[engine.RunResult]:
     """One slice of the study: ``optimizer`` x datasets x depths x lrs x seeds (stage ``sweep@<optimizer>``)."""
-    from .data import load
-
     params = load_params(params_path)
     grid = resolve_sweep(params)
     if optimizer not in grid["optimizers"]:
@@ -141,7 +139,7 @@ def sweep(optimizer: str, params_path: str = "params.yaml", out_root: str = "run
     tags, prov = _provenance(first, seeds_per_config=len(grid["seeds"]), stage=f"sweep@{optimizer}")
     tags["frozen"] = str(bool(prov.get("frozen"))).lower()
     device = engine.resolve_device(first.device)
-    cache = {ds: load(Path(first.prepared_dir) / f"{ds}.pt", device=device) for ds in grid["datasets"]}
+    cache = {ds: engine.load_prepared(first.prepared_dir, ds, device) for ds in grid["datasets"]}
     out = Path(out_root) / optimizer
     out.mkdir(parents=True, exist_ok=True)
     results: list[engine.RunResult] = []
