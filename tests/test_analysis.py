@@ -258,7 +258,7 @@ def test_aggregate_writes_tables(runs_root: Path, tmp_path: Path) -> None:
     md = (out / "divergence.md").read_text()
     assert "| sgd_sn-d16-lr0.1-s1 |" in md and "| 37 |" in md
     best_md = (out / "best_lr.md").read_text().splitlines()
-    assert best_md[0].startswith("| study | dataset | optimizer | depth | lr |") and len(best_md) == 2 + 4
+    assert best_md[0].startswith("| study | dataset | optimizer | depth | point | lr |") and len(best_md) == 2 + 4
     assert "85.0%" in (out / "best_lr.md").read_text()  # adam d4 test mean 0.85 as a percentage
 
 

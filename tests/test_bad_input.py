@@ -57,9 +57,11 @@ CASES = [
     ("bad-phase", ["train"], {"phase": "final"}, r"phase: unknown value 'final'; allowed: debug, pilot, frozen"),
     ("bad-device", ["train"], {"device": "tpu"}, r"device: unknown value 'tpu'.*; allowed: auto, cpu, cuda"),
     ("bad-default-lr", ["train"], {"default_lr.sgd_sn": -1}, r"default_lr.sgd_sn: must be a finite number > 0"),
-    ("sweep-unknown-optimizer", ["sweep", "--optimizer", "sgd"], {"sweep.optimizers": ["sgd", "lion"]}, r"sweep.optimizers: unknown value 'lion'.*allowed:"),
-    ("sweep-zero-lr", ["sweep", "--optimizer", "sgd"], {"profiles.quick.sweep.lrs": [0.1, 0.0]}, r"sweep.lrs: must be a finite number > 0, got 0.0"),
-    ("sweep-optimizer-not-in-grid", ["sweep", "--optimizer", "adamw"], {}, r"sweep: optimizer 'adamw' is not in sweep.optimizers"),
+    ("sweep-unknown-optimizer", ["sweep", "--study", "mlp_depth", "--optimizer", "sgd"], {"sweep.optimizers": ["sgd", "lion"]}, r"sweep.optimizers: unknown value 'lion'.*allowed:"),
+    ("sweep-zero-lr", ["sweep", "--study", "mlp_depth", "--optimizer", "sgd"], {"profiles.quick.studies.mlp_depth.lrs": [0.1, 0.0]}, r"profiles.quick.studies.mlp_depth.lrs: must be a finite number > 0, got 0.0"),
+    ("sweep-optimizer-not-in-grid", ["sweep", "--study", "mlp_depth", "--optimizer", "adamw"], {}, r"sweep: optimizer 'adamw' is not in sweep.optimizers"),
+    ("sweep-unknown-study", ["sweep", "--study", "vit", "--optimizer", "sgd"], {}, r"study: 'vit' is not defined in profiles.quick.studies; defined: "),
+    ("study-bad-grid-axis", ["train"], {"profiles.quick.studies.mlp_depth.grid": {"depht": [2]}}, r"grid.depht: unknown key \(did you mean 'depth'\?\)"),
     ("frozen-needs-commit", ["train"], {"phase": "frozen"}, r"phase: 'frozen' needs a git repository"),
     ("not-a-mapping", ["train"], "just a string", r"params: expected a mapping"),
 ]
@@ -151,7 +153,7 @@ def _fake_mnist(mirror: Path) -> None:
 def test_dataset_with_wrong_checksum_is_refused(tmp_path, prepared, monkeypatch, capsys):
     params = copy.deepcopy(BASE)
     params["profiles"]["quick"]["datasets"] = ["mnist"]
-    params["profiles"]["quick"]["sweep"]["datasets"] = ["mnist"]
+    params["sweep"]["studies"] = []
     params["profiles"]["quick"]["dataset"] = "mnist"
     work = _workdir(tmp_path, prepared, params)
     _fake_mnist(tmp_path / "mirror")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from optlab.config import ConfigError, load_params, resolve_run, resolve_sweep
+from optlab.config import ConfigError, load_params, resolve_run, resolve_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_profile_then_top_level_then_overrides(params):
     assert resolve_run(p, depth=7).depth == 7
     p["scale"] = "full"
     assert resolve_run(p).width == params["profiles"]["full"]["width"]
-    assert resolve_sweep(p)["depths"] == params["profiles"]["full"]["sweep"]["depths"]
+    assert resolve_study(p, "mlp_depth").grid["depth"] == params["profiles"]["full"]["studies"]["mlp_depth"]["grid"]["depth"]
 
 
 def test_lr_null_takes_optimizer_default(params):
@@ -55,7 +55,8 @@ def test_lr_null_takes_optimizer_default(params):
         ({"scale": "huge"}, r"scale: unknown value 'huge'; allowed: quick, full"),
         ({"phase": "final"}, r"phase: unknown value 'final'; allowed: debug, pilot, frozen"),
         ({"activation": "sigmoid"}, r"activation: unknown value 'sigmoid'; allowed: tanh, relu, gelu"),
-        ({"sweep": {"optimizers": ["sgd", "rmsprop"]}}, r"sweep.optimizers: unknown value 'rmsprop'"),
+        ({"sweep": {"optimizers": ["sgd", "rmsprop"], "studies": []}}, r"sweep.optimizers: unknown value 'rmsprop'"),
+        ({"sweep": {"optimizers": ["sgd"], "studies": ["nope"]}}, r"sweep.studies: 'nope' is not defined in profiles.quick.studies"),
         ({"compile": "yes"}, r"compile: expected true or false"),
     ],
 )

@@ -23,9 +23,9 @@ def test_sweep_with_huge_lrs_completes_and_records_divergence(tmp_path, monkeypa
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = copy.deepcopy(params)
     q = params["profiles"]["quick"]
-    q.update(width=32, epochs=2, batch_size=64)
-    q["sweep"] = {"datasets": ["digits"], "depths": [24], "lrs": [10.0, 3.0, 0.01], "seeds": [0, 1]}
-    params["sweep"]["optimizers"] = ["sgd", "sgd_sn"]
+    q["studies"] = {"deep": {"arch": "mlp", "datasets": ["digits"], "grid": {"depth": [24]}, "lrs": [10.0, 3.0, 0.01],
+                             "search_seeds": [0, 1], "seeds": [0, 1], "set": {"width": 32, "epochs": 2, "batch_size": 64}}}
+    params["sweep"] = {"optimizers": ["sgd", "sgd_sn"], "studies": ["deep"]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     prep = tmp_path / "data" / "prepared"
     prep.mkdir(parents=True)
@@ -34,12 +34,12 @@ def test_sweep_with_huge_lrs_completes_and_records_divergence(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(tmp_path / "ck"))
-    results = pipeline.sweep("sgd") + pipeline.sweep("sgd_sn")
+    results = pipeline.sweep("deep", "sgd") + pipeline.sweep("deep", "sgd_sn")
     assert len(results) == 12
     diverged = [r for r in results if r.status == "diverged"]
     assert diverged, "plain SGD at lr 10 on a 24-layer MLP should diverge"
     assert all(r.config["optimizer"] == "sgd" for r in diverged)
-    assert all(r.diverged_step is not None for r in diverged)
+    assert all(r.diverged_step is not None and r.failure in ("nonfinite", "exploding") for r in diverged)
     # sgd_sn keeps every layer at sigma <= 1: no divergence at any of these LRs
     assert all(r.status == "completed" for r in results if r.config["optimizer"] == "sgd_sn")
 

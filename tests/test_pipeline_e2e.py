@@ -42,8 +42,9 @@ def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     params = yaml.safe_load((tmp / "params.yaml").read_text())
     quick = params["profiles"]["quick"]
     quick.update(depth=2, width=8, epochs=1, batch_size=256)
-    quick["sweep"] = {"datasets": ["digits"], "depths": [2], "lrs": [0.1], "seeds": [0]}
-    params["sweep"]["optimizers"] = ["sgd", "sgd_sn"]
+    quick["studies"] = {"tiny": {"arch": "mlp", "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.01],
+                                 "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 256}}}
+    params["sweep"] = {"optimizers": ["sgd", "sgd_sn"], "studies": ["tiny"]}
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTLAB_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -81,7 +82,9 @@ def test_repro_writes_dvc_outs_and_reports(repo):
     assert doc["status"] in ("completed", "diverged")
     assert (tmp / "dvc.lock").exists()
     for opt in ("sgd", "sgd_sn"):
-        assert list((tmp / "runs/sweep" / opt).glob("*/metrics.json"))
+        runs = list((tmp / "runs/sweep/tiny" / opt).glob("*/metrics.json"))
+        assert len(runs) == 3  # two LRs searched with seed 0, the selected one rerun with seed 1
+        assert json.loads((tmp / "runs/sweep/tiny" / opt / "summary.json").read_text())["points"][0]["selected_lr"] in (0.1, 0.01)
     assert (tmp / "reports/tables/runs.csv").exists()
     assert list((tmp / "reports/figures").glob("*.png"))
     readme = (tmp / "README.md").read_text()
@@ -108,7 +111,7 @@ def test_mlflow_store_holds_both_headline_runs_with_tags(repo):
     assert adam["n_metrics"] > 5
     # the sweep: one parent per slice with nested children
     children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
-    assert len(children) == 2
+    assert len(children) == 6
     parent_ids = {r["tags"]["mlflow.parentRunId"] for r in children}
     assert parent_ids <= {r["id"] for r in runs}
 

@@ -24,7 +24,7 @@ from typing import Any
 OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "adamw", "sgd_sn")
 ARCHS = ("mlp", "resnet18", "gpt")
 CLASSIFICATION_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
-LM_DATASETS = ("tinyshakespeare", "tinystories")
+LM_DATASETS = ("markov", "tinyshakespeare", "tinystories")
 DATASETS = CLASSIFICATION_DATASETS + LM_DATASETS
 ARCH_TASK = {"mlp": "classification", "resnet18": "classification", "gpt": "lm"}
 ACTIVATIONS = ("tanh", "relu", "gelu")
@@ -186,8 +186,43 @@ PARAMS_KEYS = RUN_KEYS + ("sn", "data", "tracking", "default_lr", "profiles", "s
 SN_KEYS = tuple(f.name for f in fields(SNConfig))
 DATA_KEYS = ("mirror", "val_fraction", "test_fraction", "prepared_dir")
 TRACKING_KEYS = ("experiment",)
-PROFILE_KEYS = RUN_KEYS + ("datasets", "sweep", "sn")
-SWEEP_KEYS = ("datasets", "optimizers", "depths", "lrs", "seeds")
+PROFILE_KEYS = RUN_KEYS + ("datasets", "studies", "sn")
+SWEEP_KEYS = ("optimizers", "studies")
+STUDY_KEYS = ("arch", "datasets", "grid", "lrs", "search_seeds", "seeds", "set", "sn", "select", "stop_on_failure")
+GRID_AXES = ("depth", "width", "block_size", "batch_size", "residual", "batch_norm", "activation", "init")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """One study of the sweep: a grid searched per optimizer.
+
+    For each point of ``datasets`` x ``grid`` (in order; depth ascending), the learning rates
+    are searched with ``search_seeds`` and the best one is selected on the validation split
+    (``select``: val_acc, or val_loss for language models); the selected LR is then rerun on
+    the remaining ``seeds``. With ``stop_on_failure`` a grid point whose selected run fails
+    (diverged, vanishing signal, or accuracy near chance) ends the search along the first grid
+    axis for that dataset: the depth-to-failure search.
+    """
+
+    name: str
+    arch: str
+    datasets: tuple[str, ...]
+    grid: dict[str, list]
+    lrs: tuple[float, ...]
+    search_seeds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    fixed: dict[str, Any]
+    sn: dict[str, Any]
+    select: str
+    stop_on_failure: bool
+
+    def points(self) -> list[dict[str, Any]]:
+        """Grid points (dicts of RunConfig overrides), the first axis varying slowest."""
+        axes = list(self.grid)
+        out = [{}]
+        for ax in axes:
+            out = [dict(p, **{ax: v}) for p in out for v in self.grid[ax]]
+        return out
 
 
 def _check_keys(where: str, mapping: Any, allowed: tuple[str, ...]) -> None:
@@ -230,24 +265,23 @@ def validate_params(params: dict[str, Any]) -> None:
     _check_keys("profiles", profiles, SCALES)
     for name, prof in profiles.items():
         _check_keys(f"profiles.{name}", prof or {}, PROFILE_KEYS)
-        _check_keys(f"profiles.{name}.sweep", (prof or {}).get("sweep") or {}, SWEEP_KEYS)
+        for study, spec in ((prof or {}).get("studies") or {}).items():
+            _check_keys(f"profiles.{name}.studies.{study}", spec or {}, STUDY_KEYS)
         _check_keys(f"profiles.{name}.sn", (prof or {}).get("sn") or {}, SN_KEYS)
     _check_keys("sweep", params.get("sweep") or {}, SWEEP_KEYS)
     scale = params.get("scale", "quick")
     _choice("scale", scale, SCALES)
     for opt, lr in (params.get("default_lr") or {}).items():
         _positive(f"default_lr.{opt}", lr)
-    sweep = resolve_sweep(params)
-    for opt in sweep["optimizers"]:
+    sweep = params.get("sweep") or {}
+    for opt in sweep.get("optimizers") or []:
         _choice("sweep.optimizers", opt, OPTIMIZERS)
-    for ds in sweep["datasets"]:
-        _choice("sweep.datasets", ds, DATASETS)
-    for d in sweep["depths"]:
-        _int_at_least("sweep.depths", d, 1)
-    for lr in sweep["lrs"]:
-        _positive("sweep.lrs", lr)
-    for s in sweep["seeds"]:
-        _int_at_least("sweep.seeds", s, 0)
+    studies = profile(params).get("studies") or {}
+    for name in sweep.get("studies") or []:
+        if name not in studies:
+            raise ConfigError(f"sweep.studies: {name!r} is not defined in profiles.{scale}.studies; defined: {', '.join(studies) or 'none'}")
+    for name in studies:
+        resolve_study(params, name)
 
 
 def profile(params: dict[str, Any]) -> dict[str, Any]:
@@ -256,26 +290,61 @@ def profile(params: dict[str, Any]) -> dict[str, Any]:
     return dict((params.get("profiles") or {}).get(scale) or {})
 
 
-def resolve_sweep(params: dict[str, Any]) -> dict[str, list]:
-    """Sweep grid: profile's ``sweep`` overridden by the top-level ``sweep`` mapping."""
-    prof = profile(params)
-    grid = {k: list(v) for k, v in (prof.get("sweep") or {}).items()}
-    for k, v in (params.get("sweep") or {}).items():
-        if v is not None:
-            grid[k] = list(v)
-    grid.setdefault("datasets", [prof.get("dataset", RunConfig.dataset)])
-    grid.setdefault("optimizers", list(OPTIMIZERS[:3]) + ["sgd_sn"])
-    grid.setdefault("depths", [prof.get("depth", RunConfig.depth)])
-    grid.setdefault("lrs", [])
-    grid.setdefault("seeds", [0])
-    return grid
+def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
+    """The validated study ``name`` from the selected profile."""
+    scale = params.get("scale", "quick")
+    studies = profile(params).get("studies") or {}
+    if name not in studies:
+        raise ConfigError(f"study: {name!r} is not defined in profiles.{scale}.studies; defined: {', '.join(studies) or 'none'}")
+    where = f"profiles.{scale}.studies.{name}"
+    spec = studies[name] or {}
+    _check_keys(where, spec, STUDY_KEYS)
+    arch = spec.get("arch", "mlp")
+    _choice(f"{where}.arch", arch, ARCHS)
+    datasets = tuple(spec.get("datasets") or ())
+    if not datasets:
+        raise ConfigError(f"{where}.datasets: give at least one dataset; allowed: {', '.join(DATASETS)}")
+    for ds in datasets:
+        _choice(f"{where}.datasets", ds, DATASETS)
+    grid = dict(spec.get("grid") or {})
+    _check_keys(f"{where}.grid", grid, GRID_AXES)
+    for ax, vals in grid.items():
+        if not isinstance(vals, list) or not vals:
+            raise ConfigError(f"{where}.grid.{ax}: expected a non-empty list, got {vals!r}")
+    lrs = tuple(spec.get("lrs") or ())
+    if not lrs:
+        raise ConfigError(f"{where}.lrs: give a learning-rate grid (a non-empty list)")
+    for lr in lrs:
+        _positive(f"{where}.lrs", lr)
+    seeds = tuple(spec.get("seeds") or (0,))
+    search = tuple(spec.get("search_seeds") or seeds[:1])
+    for sd in seeds + search:
+        _int_at_least(f"{where}.seeds", sd, 0)
+    fixed = dict(spec.get("set") or {})
+    _check_keys(f"{where}.set", fixed, RUN_KEYS)
+    sn = dict(spec.get("sn") or {})
+    _check_keys(f"{where}.sn", sn, SN_KEYS)
+    task = ARCH_TASK[arch]
+    select = spec.get("select", "val_acc" if task == "classification" else "val_loss")
+    _choice(f"{where}.select", select, ("val_acc", "val_loss"))
+    return StudySpec(
+        name=name, arch=arch, datasets=datasets, grid=grid, lrs=lrs, search_seeds=search, seeds=seeds,
+        fixed=fixed, sn=sn, select=select, stop_on_failure=bool(spec.get("stop_on_failure", False)),
+    )
+
+
+def sweep_optimizers(params: dict[str, Any]) -> list[str]:
+    return list((params.get("sweep") or {}).get("optimizers") or ["sgd", "sgd_momentum", "adam", "sgd_sn"])
 
 
 def prepared_datasets(params: dict[str, Any]) -> list[str]:
     """Datasets the prepare stage builds: the profile's ``datasets`` plus every dataset used."""
     prof = profile(params)
     names = list(prof.get("datasets") or [])
-    for ds in resolve_sweep(params)["datasets"] + [params.get("dataset") or prof.get("dataset")]:
+    used = [params.get("dataset") or prof.get("dataset")]
+    for study in (params.get("sweep") or {}).get("studies") or []:
+        used += list(resolve_study(params, study).datasets)
+    for ds in used:
         if ds and ds not in names:
             names.append(ds)
     for ds in names:

@@ -60,6 +60,8 @@ class RunResult:
     diverged_step: int | None = None
     diverge_reason: str | None = None
     error: str | None = None
+    failure: str | None = None  # nonfinite | exploding | vanishing | chance (see classify_failure)
+    sweep: dict[str, Any] | None = None  # study, role (search|confirm), grid point
     curves: list[tuple[int, int, str, float]] = field(default_factory=list)
     layers: list[tuple[int, int, int, str, float, float]] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +73,8 @@ class RunResult:
             "diverged_step": self.diverged_step,
             "diverge_reason": self.diverge_reason,
             "error": self.error,
+            "failure": self.failure,
+            "sweep": self.sweep,
             "config": self.config,
             "final": {k: _json_num(v) for k, v in self.final.items()},
             "provenance": self.provenance,
@@ -136,9 +140,9 @@ def load_prepared(prepared_dir: str | Path, dataset: str, device: torch.device) 
 
     path = Path(prepared_dir) / f"{dataset}.pt"
     if dataset in LM_DATASETS:
-        from .data.text import load_text
+        from .data.synthetic import load_tokens
 
-        return load_text(path, device=device)
+        return load_tokens(path, device=device)
     from .data import load
 
     return load(path, device=device)
@@ -194,6 +198,7 @@ def train(
     tags: dict[str, str] | None = None,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
+    sweep: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train one configuration. See the module docstring for the outcome and outputs.
 
@@ -227,7 +232,7 @@ def train(
     for s in sinks:
         s.start(cfg.flat(), base_tags)
 
-    result = RunResult(run_id=cfg.run_id, status="failed", config=cfg.flat(), final={})
+    result = RunResult(run_id=cfg.run_id, status="failed", config=cfg.flat(), final={}, sweep=sweep)
     result.provenance = {
         "git_commit": base_tags.get("git_commit"),
         "git_dirty": base_tags.get("git_dirty") == "true" if "git_dirty" in base_tags else None,
@@ -240,6 +245,7 @@ def train(
         result.error = f"{type(exc).__name__}: {exc}"
         _finish(result, rec, sinks, run_dir)
         raise
+    result.failure = classify_failure(result, data)
     _finish(result, rec, sinks, run_dir)
     if ckpt is not None:
         ckpt.clear()
@@ -512,6 +518,34 @@ class _Loop:
             test = self.task.evaluate(self.model, "test")
             final.update({f"test_{k}": v for k, v in test.items()})
         self.result.final = final
+
+
+VANISHING_RATIO = 1e-8
+CHANCE_MARGIN = 0.02
+
+
+def classify_failure(result: RunResult, data: Any) -> str | None:
+    """Name how a finished run failed to train, or None.
+
+    ``nonfinite`` / ``exploding``: the divergence reason. ``vanishing``: at the last check the
+    first layer's gradient norm is below 1e-8 of the last layer's. ``chance``: (classification)
+    final test accuracy within 2 points of chance (1 / classes).
+    """
+    if result.status == "diverged":
+        return result.diverge_reason
+    if result.status != "completed":
+        return None
+    if result.layers:
+        last = max(r[0] for r in result.layers)
+        rows = sorted((r for r in result.layers if r[0] == last), key=lambda r: r[2])
+        g_first, g_last = rows[0][4], rows[-1][4]
+        if math.isfinite(g_first) and math.isfinite(g_last) and g_last > 0 and g_first < VANISHING_RATIO * g_last:
+            return "vanishing"
+    n_classes = getattr(data, "meta", {}).get("n_classes")
+    acc = result.final.get("test_acc")
+    if n_classes and isinstance(acc, float) and math.isfinite(acc) and acc < 1.0 / int(n_classes) + CHANCE_MARGIN:
+        return "chance"
+    return None
 
 
 def model_kwargs(cfg: RunConfig, task: Any) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
+import json
+import math
 import os
 import sys
 import warnings
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import engine
-from .config import ConfigError, RunConfig, load_params, prepared_datasets, resolve_run, resolve_sweep
+from .config import ConfigError, RunConfig, load_params, prepared_datasets, resolve_run, resolve_study, sweep_optimizers
 
 
 def _tracking_enabled() -> bool:
@@ -99,16 +100,25 @@ def prepare(params_path: str = "params.yaml", raw_dir: str = "data/raw", out_dir
     written = []
     for name in prepared_datasets(params):
         path = out / f"{name}.pt"
-        prepare_one(
-            name,
-            Path(raw_dir),
-            path,
-            mirror=mirror,
-            val_fraction=float(data.get("val_fraction", 0.1)),
-            test_fraction=float(data.get("test_fraction", 0.2)),
-            seed=0,
-            download=not offline,
-        )
+        if name == "markov":
+            from .data.synthetic import prepare_markov
+
+            prepare_markov(path, val_fraction=float(data.get("val_fraction", 0.1)), seed=0)
+        elif name in ("tinyshakespeare", "tinystories"):
+            from .data.text import prepare_text
+
+            prepare_text(name, Path(raw_dir), path, mirror=mirror, download=not offline)
+        else:
+            prepare_one(
+                name,
+                Path(raw_dir),
+                path,
+                mirror=mirror,
+                val_fraction=float(data.get("val_fraction", 0.1)),
+                test_fraction=float(data.get("test_fraction", 0.2)),
+                seed=0,
+                download=not offline,
+            )
         written.append(path)
         print(f"prepared {name} -> {path}")
     return written
@@ -126,52 +136,111 @@ def train_headline(params_path: str = "params.yaml", out_dir: str = "runs/train"
     return result
 
 
-def sweep(optimizer: str, params_path: str = "params.yaml", out_root: str = "runs/sweep") -> list[engine.RunResult]:
-    """One slice of the study: ``optimizer`` x datasets x depths x lrs x seeds (stage ``sweep@<optimizer>``)."""
+def _point_id(point: dict[str, Any]) -> str:
+    short = {"depth": "d", "width": "w", "block_size": "b", "batch_size": "bs", "residual": "res", "batch_norm": "bn"}
+    return "-".join(f"{short.get(k, k)}{int(v) if isinstance(v, bool) else v}" for k, v in point.items()) or "base"
+
+
+def _score(results: list[engine.RunResult], select: str) -> float:
+    """Mean validation score over seeds; a diverged or failed seed counts as the worst value."""
+    vals = []
+    for r in results:
+        v = r.final.get(select) if r.status == "completed" else None
+        ok = isinstance(v, (int, float)) and math.isfinite(v)
+        if select == "val_acc":
+            vals.append(v if ok else 0.0)
+        else:  # val_loss: lower is better, scored negated
+            vals.append(-v if ok else -math.inf)
+    return sum(vals) / len(vals) if vals else -math.inf
+
+
+def sweep(study: str, optimizer: str, params_path: str = "params.yaml", out_root: str = "runs/sweep") -> list[engine.RunResult]:
+    """One slice of a study: ``optimizer`` over the study's datasets x grid, LR search then seeds.
+
+    For each grid point the learning rates are tried with the search seeds, the best is
+    selected on the validation split, and the selected LR is rerun with the other seeds
+    (stage ``sweep@<study>-<optimizer>``). With ``stop_on_failure``, the first grid point whose
+    selected configuration fails (named in metrics.json: nonfinite, exploding, vanishing,
+    chance) ends the search along the first grid axis: the depth-to-failure search.
+    """
     params = load_params(params_path)
-    grid = resolve_sweep(params)
-    if optimizer not in grid["optimizers"]:
-        raise ConfigError(f"sweep: optimizer {optimizer!r} is not in sweep.optimizers {grid['optimizers']}")
-    if not grid["lrs"]:
-        raise ConfigError("sweep.lrs: empty; give a learning-rate grid in profiles.<scale>.sweep.lrs or sweep.lrs")
-    combos = list(itertools.product(grid["datasets"], grid["depths"], grid["lrs"], grid["seeds"]))
-    first = resolve_run(params, optimizer=optimizer, lr=grid["lrs"][0], run_id=f"sweep@{optimizer}")
-    tags, prov = _provenance(first, seeds_per_config=len(grid["seeds"]), stage=f"sweep@{optimizer}")
+    spec = resolve_study(params, study)
+    optimizers = sweep_optimizers(params)
+    if optimizer not in optimizers:
+        raise ConfigError(f"sweep: optimizer {optimizer!r} is not in sweep.optimizers; allowed: {', '.join(optimizers)}")
+
+    def cfg_for(dataset: str, point: dict[str, Any], lr: float, seed: int, run_id: str) -> RunConfig:
+        return resolve_run(
+            params, **{**spec.fixed, **point}, arch=spec.arch, optimizer=optimizer, dataset=dataset, lr=lr, seed=seed,
+            study=study, run_id=run_id, sn=spec.sn,
+        )
+
+    points = spec.points()
+    # validate every configuration before anything is written
+    for ds in spec.datasets:
+        for pt in points:
+            cfg_for(ds, pt, spec.lrs[0], spec.seeds[0], "check")
+    first = cfg_for(spec.datasets[0], points[0], spec.lrs[0], spec.seeds[0], f"sweep@{study}-{optimizer}")
+    stage = f"sweep@{study}-{optimizer}"
+    tags, prov = _provenance(first, seeds_per_config=len(set(spec.seeds) | set(spec.search_seeds)), stage=stage)
     tags["frozen"] = str(bool(prov.get("frozen"))).lower()
     device = engine.resolve_device(first.device)
-    cache = {ds: engine.load_prepared(first.prepared_dir, ds, device) for ds in grid["datasets"]}
-    out = Path(out_root) / optimizer
+    cache = {ds: engine.load_prepared(first.prepared_dir, ds, device) for ds in spec.datasets}
+    out = Path(out_root) / study / optimizer
     out.mkdir(parents=True, exist_ok=True)
     results: list[engine.RunResult] = []
-    failures: list[str] = []
-    bar = _outer_bar(len(combos), f"sweep@{optimizer}")
-    with _parent(params, f"sweep@{optimizer}", {**tags, "seed": ",".join(map(str, grid["seeds"]))}) as parent:
-        for dataset, depth, lr, seed in combos:
-            run_id = f"{optimizer}-{dataset}-d{depth}-lr{lr:g}-s{seed}"
-            cfg = resolve_run(params, optimizer=optimizer, dataset=dataset, depth=depth, lr=lr, seed=seed, run_id=run_id)
-            try:
-                res = engine.train(
-                    cfg,
-                    sinks=_sink(params, run_id, parent_run_id=parent),
-                    run_dir=out / run_id,
-                    data=cache[dataset],
-                    tags=tags,
-                    progress=sys.stderr.isatty(),
-                    checkpoint_dir=_checkpoint_dir() / "sweep",
-                )
-                results.append(res)
-            except Exception as exc:  # recorded as failed by the engine; the slice goes on
-                failures.append(f"{run_id}: {type(exc).__name__}: {exc}")
-            if bar is not None:
-                bar.update(1)
-                if results:
-                    bar.set_postfix_str(_summary_line(results[-1]))
+    errors: list[str] = []
+    summary: list[dict[str, Any]] = []
+    confirm_seeds = [sd for sd in spec.seeds if sd not in spec.search_seeds]
+    total = len(spec.datasets) * len(points) * (len(spec.lrs) * len(spec.search_seeds) + len(confirm_seeds))
+    bar = _outer_bar(total, stage)
+    first_axis = next(iter(spec.grid), None)
+
+    def run(dataset: str, point: dict[str, Any], lr: float, seed: int, role: str, parent: Any) -> engine.RunResult | None:
+        run_id = f"{optimizer}-{dataset}-{_point_id(point)}-lr{lr:g}-s{seed}"
+        cfg = cfg_for(dataset, point, lr, seed, run_id)
+        meta = {"study": study, "role": role, "point": point, "select": spec.select}
+        try:
+            res = engine.train(
+                cfg, sinks=_sink(params, run_id, parent_run_id=parent), run_dir=out / run_id, data=cache[dataset],
+                tags={**tags, "sweep_role": role}, progress=sys.stderr.isatty(),
+                checkpoint_dir=_checkpoint_dir() / "sweep" / study, sweep=meta,
+            )
+        except Exception as exc:  # recorded as failed by the engine; the slice goes on
+            errors.append(f"{run_id}: {type(exc).__name__}: {exc}")
+            res = None
+        if bar is not None:
+            bar.update(1)
+            if res is not None:
+                bar.set_postfix_str(_summary_line(res))
+        if res is not None:
+            results.append(res)
+        return res
+
+    with _parent(params, stage, {**tags, "seed": ",".join(map(str, spec.seeds))}) as parent:
+        for dataset in spec.datasets:
+            stopped_at: Any = None
+            for point in points:
+                if stopped_at is not None and first_axis is not None and point[first_axis] > stopped_at:
+                    summary.append({"dataset": dataset, "point": point, "skipped": f"{first_axis} beyond failure at {stopped_at}"})
+                    continue
+                by_lr: dict[float, list[engine.RunResult]] = {}
+                for lr in spec.lrs:
+                    by_lr[lr] = [r for sd in spec.search_seeds if (r := run(dataset, point, lr, sd, "search", parent))]
+                best_lr = max(spec.lrs, key=lambda lr: (_score(by_lr[lr], spec.select), -lr))
+                chosen = by_lr[best_lr] + [r for sd in confirm_seeds if (r := run(dataset, point, best_lr, sd, "confirm", parent))]
+                failures = sorted({r.failure for r in chosen if r.failure})
+                summary.append({"dataset": dataset, "point": point, "selected_lr": best_lr, "select": spec.select,
+                                "score": _score(by_lr[best_lr], spec.select), "failures": failures})
+                if spec.stop_on_failure and failures and first_axis is not None and stopped_at is None:
+                    stopped_at = point[first_axis]
     if bar is not None:
         bar.close()
+    (out / "summary.json").write_text(json.dumps({"study": study, "optimizer": optimizer, "points": summary}, indent=2) + "\n")
     for r in results:
         print(_summary_line(r))
-    if failures:
-        raise RuntimeError("failed runs (bugs, see metrics.json): " + "; ".join(failures))
+    if errors:
+        raise RuntimeError("failed runs (bugs, see metrics.json): " + "; ".join(errors))
     return results
 
 
@@ -222,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("prepare")
     sub.add_parser("train")
     sp = sub.add_parser("sweep")
+    sp.add_argument("--study", required=True)
     sp.add_argument("--optimizer", required=True)
     sub.add_parser("aggregate")
     sub.add_parser("plot")
@@ -233,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "train":
             train_headline(args.params)
         elif args.cmd == "sweep":
-            sweep(args.optimizer, args.params)
+            sweep(args.study, args.optimizer, args.params)
         elif args.cmd == "aggregate":
             aggregate()
         elif args.cmd == "plot":

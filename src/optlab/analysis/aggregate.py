@@ -18,13 +18,14 @@ import pandas as pd
 CONFIG_KEYS = ("study", "dataset", "optimizer", "depth", "lr", "seed")
 """Config columns that every runs frame has (NaN where a run's config lacks them)."""
 
-GROUP_KEYS = ("study", "dataset", "optimizer", "depth")
+GROUP_KEYS = ("study", "dataset", "optimizer", "depth", "point")
 """One best-LR row per value of these keys."""
 
 RUN_TAGS = ("run_dir", "run_id", "study", "dataset", "optimizer", "depth", "lr", "seed")
 """Run columns copied onto every curves/layers row."""
 
-TOP_KEYS = ("run_id", "run_dir", "kind", "status", "diverged_step", "diverge_reason", "error")
+TOP_KEYS = ("run_id", "run_dir", "kind", "status", "diverged_step", "diverge_reason", "error", "failure", "role",
+            "point", "select")
 
 FINAL_NUMERIC = (
     "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "test_loss", "test_acc",
@@ -80,7 +81,7 @@ def _run_row(mpath: Path, rel: str) -> dict[str, Any]:
     row: dict[str, Any] = {
         "run_id": Path(rel).name,
         "run_dir": rel,
-        "kind": "headline" if Path(rel).name == HEADLINE_DIR else "sweep",
+        "kind": "headline" if Path(rel).name == HEADLINE_DIR else ("ablation" if "ablate" in Path(rel).parts else "sweep"),
         "status": "failed",
         "diverged_step": None,
         "diverge_reason": None,
@@ -95,9 +96,14 @@ def _run_row(mpath: Path, rel: str) -> dict[str, Any]:
         warnings.warn(f"{mpath}: {row['error']}", stacklevel=3)
         row["frozen"] = False
         return row
-    for k in ("run_id", "status", "diverged_step", "diverge_reason", "error"):
+    for k in ("run_id", "status", "diverged_step", "diverge_reason", "error", "failure"):
         if m.get(k) is not None:
             row[k] = m[k]
+    sw = m.get("sweep") or {}
+    row["role"] = sw.get("role")
+    row["select"] = sw.get("select")
+    point = sw.get("point") or {}
+    row["point"] = " ".join(f"{k}={v}" for k, v in point.items()) if sw else None
     for k, v in _flatten(m.get("config") or {}).items():
         if k not in row:
             row[k] = v
@@ -181,8 +187,8 @@ def _concat(frames: list[pd.DataFrame], cols: list[str], numeric: Iterable[str])
 
 
 def sweep_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that belong to studies (the headline run is excluded)."""
-    return runs[runs["kind"] != "headline"]
+    """The runs that belong to studies (the headline run and ablations are excluded)."""
+    return runs[runs["kind"] == "sweep"]
 
 
 def chance_level(runs: pd.DataFrame) -> float:
@@ -227,19 +233,27 @@ def best_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _lr_stats(g: pd.DataFrame) -> dict[str, Any]:
     done = g[g["status"] == "completed"]
-    val = g["val_acc"] if "val_acc" in g else pd.Series(np.nan, index=g.index)
+    # selection uses the LR-search runs only (the selected LR also has confirmation seeds)
+    search = g[g["role"] == "search"] if "role" in g and (g["role"] == "search").any() else g
+    select = search["select"].dropna().iloc[0] if "select" in search and search["select"].notna().any() else "val_acc"
     test = done["test_acc"] if "test_acc" in done else pd.Series(dtype=float)
 
     def mean(col: str) -> float:
         return float(done[col].mean()) if col in done and done[col].notna().any() else math.nan
 
+    if select == "val_loss":
+        vl = search["val_loss"] if "val_loss" in search else pd.Series(np.nan, index=search.index)
+        score = float(-vl.astype(float).fillna(np.inf).mean())
+    else:
+        val = search["val_acc"] if "val_acc" in search else pd.Series(np.nan, index=search.index)
+        score = float(val.astype(float).fillna(0.0).mean())
     seeds = sorted(int(s) for s in g["seed"].dropna())
     return {
         "n_seeds": len(g),
         "n_completed": len(done),
         "n_diverged": int((g["status"] == "diverged").sum()),
         "n_failed": int((g["status"] == "failed").sum()),
-        "val_score": float(val.fillna(0.0).mean()),
+        "val_score": score,
         "val_acc_mean": mean("val_acc"),
         "test_acc_mean": float(test.mean()) if test.notna().any() else math.nan,
         "test_acc_std": float(test.std(ddof=1)) if test.notna().sum() > 1 else math.nan,
