@@ -79,6 +79,7 @@ class RunConfig:
     device: str = "auto"
     amp: str = "none"
     compile: bool = False
+    reparam: str = "none"  # none | spectral_norm (forward reparametrization W / sigma, for the ablation)
     sn: SNConfig = field(default_factory=SNConfig)
     log_every: int = 10  # steps between host syncs (loss check, metric batch)
     checkpoint_every: int = 0  # steps between checkpoints (0: off)
@@ -100,6 +101,7 @@ class RunConfig:
         _choice("phase", self.phase, PHASES)
         _choice("device", self.device, DEVICES)
         _choice("amp", self.amp, AMP)
+        _choice("reparam", self.reparam, ("none", "spectral_norm"))
         _choice("sn.mode", self.sn.mode, SN_MODES)
         _choice("sn.sigma", self.sn.sigma, SN_SIGMAS)
         _choice("sn.conv", self.sn.conv, SN_CONV)
@@ -186,7 +188,8 @@ PARAMS_KEYS = RUN_KEYS + ("sn", "data", "tracking", "default_lr", "profiles", "s
 SN_KEYS = tuple(f.name for f in fields(SNConfig))
 DATA_KEYS = ("mirror", "val_fraction", "test_fraction", "prepared_dir")
 TRACKING_KEYS = ("experiment",)
-PROFILE_KEYS = RUN_KEYS + ("datasets", "studies", "sn")
+PROFILE_KEYS = RUN_KEYS + ("datasets", "studies", "sn", "ablate")
+ABLATE_KEYS = ("seeds", "base", "variants")
 SWEEP_KEYS = ("optimizers", "studies")
 STUDY_KEYS = ("arch", "datasets", "grid", "lrs", "search_seeds", "seeds", "set", "sn", "select", "stop_on_failure")
 GRID_AXES = ("depth", "width", "block_size", "batch_size", "residual", "batch_norm", "activation", "init")
@@ -282,6 +285,7 @@ def validate_params(params: dict[str, Any]) -> None:
             raise ConfigError(f"sweep.studies: {name!r} is not defined in profiles.{scale}.studies; defined: {', '.join(studies) or 'none'}")
     for name in studies:
         resolve_study(params, name)
+    resolve_ablation(params)
 
 
 def profile(params: dict[str, Any]) -> dict[str, Any]:
@@ -333,6 +337,30 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
     )
 
 
+def resolve_ablation(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ablation variants of the selected profile: name -> run overrides (base merged in)."""
+    scale = params.get("scale", "quick")
+    where = f"profiles.{scale}.ablate"
+    spec = profile(params).get("ablate") or {}
+    _check_keys(where, spec, ABLATE_KEYS)
+    base = dict(spec.get("base") or {})
+    _check_keys(f"{where}.base", base, RUN_KEYS + ("sn",))
+    out: dict[str, dict[str, Any]] = {}
+    for name, var in (spec.get("variants") or {}).items():
+        _check_keys(f"{where}.variants.{name}", var or {}, RUN_KEYS + ("sn",))
+        merged = {**base, **(var or {})}
+        merged["sn"] = {**(base.get("sn") or {}), **((var or {}).get("sn") or {})}
+        _check_keys(f"{where}.variants.{name}.sn", merged["sn"], SN_KEYS)
+        out[name] = merged
+    for sd in spec.get("seeds") or []:
+        _int_at_least(f"{where}.seeds", sd, 0)
+    return out
+
+
+def ablation_seeds(params: dict[str, Any]) -> list[int]:
+    return list((profile(params).get("ablate") or {}).get("seeds") or [0])
+
+
 def sweep_optimizers(params: dict[str, Any]) -> list[str]:
     return list((params.get("sweep") or {}).get("optimizers") or ["sgd", "sgd_momentum", "adam", "sgd_sn"])
 
@@ -342,6 +370,7 @@ def prepared_datasets(params: dict[str, Any]) -> list[str]:
     prof = profile(params)
     names = list(prof.get("datasets") or [])
     used = [params.get("dataset") or prof.get("dataset")]
+    used += [v.get("dataset") for v in resolve_ablation(params).values()]
     for study in (params.get("sweep") or {}).get("studies") or []:
         used += list(resolve_study(params, study).datasets)
     for ds in used:

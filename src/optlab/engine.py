@@ -314,6 +314,10 @@ class _Loop:
         self.cfg, self.data, self.device, self.rec, self.result, self.ckpt = cfg, data, device, rec, result, ckpt
         self.task = build_task(cfg, data, device)
         self.model = models.build(cfg.arch, **model_kwargs(cfg, self.task)).to(device)
+        if cfg.reparam == "spectral_norm":
+            from .optim.reparam import apply_spectral_norm_reparam
+
+            apply_spectral_norm_reparam(self.model, tuple(cfg.sn.roles))
         sn = {"sn_mode": cfg.sn.mode, "sn_sigma": cfg.sn.sigma, "sn_power_iters": cfg.sn.power_iters,
               "sn_roles": tuple(cfg.sn.roles), "seed": cfg.seed}
         if any(p.dim() == 4 for p in self.model.parameters()):

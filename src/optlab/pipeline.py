@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import engine
-from .config import ConfigError, RunConfig, load_params, prepared_datasets, resolve_run, resolve_study, sweep_optimizers
+from .config import (
+    ConfigError,
+    RunConfig,
+    ablation_seeds,
+    load_params,
+    prepared_datasets,
+    resolve_ablation,
+    resolve_run,
+    resolve_study,
+    sweep_optimizers,
+)
 
 
 def _tracking_enabled() -> bool:
@@ -244,6 +254,51 @@ def sweep(study: str, optimizer: str, params_path: str = "params.yaml", out_root
     return results
 
 
+def ablate(params_path: str = "params.yaml", out_root: str = "runs/ablate") -> list[engine.RunResult]:
+    """The ablation (stage ``ablate``): every variant of ``profiles.<scale>.ablate`` x its seeds."""
+    params = load_params(params_path)
+    variants = resolve_ablation(params)
+    seeds = ablation_seeds(params)
+    if not variants:
+        print("ablate: no variants in this profile")
+        Path(out_root).mkdir(parents=True, exist_ok=True)
+        return []
+    cfgs = {
+        (name, sd): resolve_run(params, **var, seed=sd, study="ablate", run_id=f"{name}-s{sd}")
+        for name, var in variants.items()
+        for sd in seeds
+    }
+    first = next(iter(cfgs.values()))
+    tags, prov = _provenance(first, seeds_per_config=len(seeds), stage="ablate")
+    tags["frozen"] = str(bool(prov.get("frozen"))).lower()
+    device = engine.resolve_device(first.device)
+    cache = {ds: engine.load_prepared(first.prepared_dir, ds, device) for ds in {c.dataset for c in cfgs.values()}}
+    out = Path(out_root)
+    out.mkdir(parents=True, exist_ok=True)
+    results, errors = [], []
+    bar = _outer_bar(len(cfgs), "ablate")
+    with _parent(params, "ablate", {**tags, "study": "ablate", "seed": ",".join(map(str, seeds))}) as parent:
+        for (name, sd), cfg in cfgs.items():
+            try:
+                res = engine.train(
+                    cfg, sinks=_sink(params, cfg.run_id, parent_run_id=parent), run_dir=out / name / cfg.run_id,
+                    data=cache[cfg.dataset], tags={**tags, "study": "ablate", "variant": name}, progress=sys.stderr.isatty(),
+                    checkpoint_dir=_checkpoint_dir() / "ablate", sweep={"study": "ablate", "role": "ablation", "variant": name},
+                )
+                results.append(res)
+            except Exception as exc:
+                errors.append(f"{cfg.run_id}: {type(exc).__name__}: {exc}")
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    for r in results:
+        print(_summary_line(r))
+    if errors:
+        raise RuntimeError("failed runs (bugs, see metrics.json): " + "; ".join(errors))
+    return results
+
+
 def _outer_bar(total: int, desc: str):
     try:
         from tqdm.auto import tqdm
@@ -293,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("sweep")
     sp.add_argument("--study", required=True)
     sp.add_argument("--optimizer", required=True)
+    sub.add_parser("ablate")
     sub.add_parser("aggregate")
     sub.add_parser("plot")
     sub.add_parser("report")
@@ -304,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             train_headline(args.params)
         elif args.cmd == "sweep":
             sweep(args.study, args.optimizer, args.params)
+        elif args.cmd == "ablate":
+            ablate(args.params)
         elif args.cmd == "aggregate":
             aggregate()
         elif args.cmd == "plot":

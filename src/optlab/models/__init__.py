@@ -32,6 +32,15 @@ def build(arch: str, **cfg: Any) -> nn.Module:
     return model
 
 
+def canonical_name(name: str) -> str:
+    """Parameter name with parametrization wrappers removed (``a.parametrizations.w.original`` -> ``a.w``)."""
+    if "parametrizations." in name:
+        name = name.replace("parametrizations.", "")
+        if name.endswith(".original"):
+            name = name[: -len(".original")]
+    return name
+
+
 def check_roles(model: nn.Module) -> None:
     """Every parameter has exactly one valid role."""
     roles = model.param_roles()  # type: ignore[operator]
@@ -46,10 +55,15 @@ def check_roles(model: nn.Module) -> None:
 def params_by_role(model: nn.Module, roles: tuple[str, ...] | list[str]) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) pairs whose role is in ``roles``, in module order."""
     role_of = model.param_roles()  # type: ignore[operator]
-    return [(n, p) for n, p in model.named_parameters() if role_of[n] in roles]
+    return [(n, p) for n, p in model.named_parameters() if role_of[canonical_name(n)] in roles]
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
     """(name, role, param) for weight matrices and stacks; a 3-D stack holds several layers."""
     role_of = model.param_roles()  # type: ignore[operator]
-    return [(n, role_of[n], p) for n, p in model.named_parameters() if role_of[n] in WEIGHT_ROLES and p.dim() >= 2]
+    out = []
+    for n, p in model.named_parameters():
+        role = role_of[canonical_name(n)]
+        if role in WEIGHT_ROLES and p.dim() >= 2:
+            out.append((canonical_name(n), role, p))
+    return out
