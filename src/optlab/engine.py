@@ -329,6 +329,8 @@ class _Loop:
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.steps_per_epoch = self.task.steps_per_epoch
         self.total = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps > 0:
+            self.total = min(self.total, cfg.max_steps)
         self.progress = progress
         # loop state (everything a checkpoint must carry)
         self.step = 0
@@ -407,6 +409,8 @@ class _Loop:
         pending_grad: torch.Tensor | None = None
         start_epoch = self.epoch
         for epoch in range(start_epoch, cfg.epochs):
+            if self.step >= self.total and epoch > start_epoch:
+                break
             self.epoch = epoch
             if not (epoch == start_epoch and resume is not None):
                 self.epoch_gen_state = self.gen.get_state()
@@ -419,6 +423,8 @@ class _Loop:
             t_epoch = time.perf_counter()
             self.model.train()
             for idx in batches[self.batch_in_epoch :]:
+                if self.step >= self.total:
+                    break
                 xb, yb = self.task.batch(idx)
                 with amp:
                     logits = self.fwd(xb)
