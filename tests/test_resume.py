@@ -140,3 +140,42 @@ def test_sigkill_mid_run_then_rerun_the_stage_resumes(tmp_path):
         return [ln for ln in (d / "runs/train/curves.csv").read_text().splitlines() if ln.split(",")[2] not in TIMING]
 
     assert curves(ref_dir) == curves(run_dir)
+
+
+def test_interrupted_sweep_slice_redoes_only_unfinished_runs(tmp_path, monkeypatch):
+    """A slice killed after two runs: the rerun reuses those two and trains the rest."""
+    from optlab import pipeline
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["profiles"]["quick"]["studies"] = {"s": {
+        "arch": "mlp", "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.01, 0.001],
+        "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 64}}}
+    params["sweep"] = {"optimizers": ["sgd"], "studies": ["s"]}
+    params["checkpoint_every"] = 1000
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prep = tmp_path / "data" / "prepared"
+    prep.mkdir(parents=True)
+    s = make_splits(dim=64, n_classes=10)
+    torch.save({k: getattr(s, k) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")} | {"meta": s.meta}, prep / "digits.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPTLAB_TRACKING", "0")
+    monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    real = engine._Loop.run
+    calls = []
+
+    def counting(self, resume):
+        calls.append(self.cfg.run_id)
+        if len(calls) == 3 and not hasattr(counting, "fired"):
+            counting.fired = True
+            raise KeyboardInterrupt("killed")
+        return real(self, resume)
+
+    monkeypatch.setattr(engine._Loop, "run", counting)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.sweep("s", "sgd")
+    first = list(calls)
+    calls.clear()
+    results = pipeline.sweep("s", "sgd")
+    assert len(results) == 4  # 3 LRs searched + the selected LR on seed 1
+    assert calls[0] == first[2] and first[0] not in calls and first[1] not in calls
+    assert not (tmp_path / "ck" / "sweep" / "s" / "sgd").exists(), "records cleared once the slice completed"

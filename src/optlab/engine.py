@@ -199,13 +199,17 @@ def train(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     sweep: dict[str, Any] | None = None,
+    keep_done: bool = False,
 ) -> RunResult:
     """Train one configuration. See the module docstring for the outcome and outputs.
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every > 0`` the run saves its whole state
     (model, optimizer, RNG and data-order state, records so far) every N steps and, when
     started again with the same config, resumes from the newest readable checkpoint; the
-    final metrics on CPU are identical to an uninterrupted run.
+    final metrics on CPU are identical to an uninterrupted run. With ``keep_done`` a finished
+    run leaves its result behind, and a later call with the same config returns it without
+    training (a sweep slice killed half-way redoes only the unfinished runs; the slice clears
+    these records when it completes).
     """
     cfg.validate()
     sinks = list(sinks)
@@ -226,6 +230,12 @@ def train(
     if data is None:  # bad input (a missing file) fails here, before any record is written
         data = load_prepared(cfg.prepared_dir, cfg.dataset, device)
     ckpt = Checkpointer(Path(checkpoint_dir), cfg) if checkpoint_dir is not None and cfg.checkpoint_every > 0 else None
+    if ckpt is not None and keep_done:
+        done = ckpt.load_done()
+        if done is not None:  # finished before the stage was interrupted: reuse, don't retrain or re-log
+            if run_dir is not None:
+                write_run(done, Path(run_dir))
+            return done
     resume = ckpt.latest() if ckpt is not None else None
     if resume is not None:
         base_tags["resumed_from_step"] = str(resume["step"])
@@ -249,6 +259,8 @@ def train(
     _finish(result, rec, sinks, run_dir)
     if ckpt is not None:
         ckpt.clear()
+        if keep_done:
+            ckpt.save_done(result)
     return result
 
 
@@ -302,6 +314,29 @@ class Checkpointer:
             p.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.dir.rmdir()
+
+    def save_done(self, result: RunResult) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        doc = {**result.to_json(), "curves": result.curves, "layers": result.layers}
+        _atomic_text(self.dir / "done.json", json.dumps(doc, default=_json_num))
+
+    def load_done(self) -> RunResult | None:
+        path = self.dir / "done.json"
+        if not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            curves = [(int(a), int(b), str(c), float("nan") if d is None else float(d)) for a, b, c, d in doc.pop("curves")]
+            layers = [(int(a), int(b), int(c), str(d), float("nan") if f is None else float(f), float("nan") if g is None else float(g))
+                      for a, b, c, d, f, g in doc.pop("layers")]
+            final = {k: (math.nan if v is None and k not in ("sn_violations", "epochs_to_90") else v) for k, v in doc["final"].items()}
+            return RunResult(run_id=doc["run_id"], status=doc["status"], config=doc["config"], final=final,
+                             diverged_step=doc["diverged_step"], diverge_reason=doc["diverge_reason"], error=doc["error"],
+                             failure=doc.get("failure"), sweep=doc.get("sweep"), curves=curves, layers=layers,
+                             provenance=doc.get("provenance") or {})
+        except Exception as exc:  # unreadable: train again
+            warnings.warn(f"{path} is unreadable ({type(exc).__name__}: {exc}); the run is trained again")
+            return None
 
 
 CHECKPOINT_FORMAT = 1

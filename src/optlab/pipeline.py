@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -205,6 +206,7 @@ def sweep(study: str, optimizer: str, params_path: str = "params.yaml", out_root
     total = len(spec.datasets) * len(points) * (len(spec.lrs) * len(spec.search_seeds) + len(confirm_seeds))
     bar = _outer_bar(total, stage)
     first_axis = next(iter(spec.grid), None)
+    slice_ckpt = _checkpoint_dir() / "sweep" / study / optimizer
 
     def run(dataset: str, point: dict[str, Any], lr: float, seed: int, role: str, parent: Any) -> engine.RunResult | None:
         run_id = f"{optimizer}-{dataset}-{_point_id(point)}-lr{lr:g}-s{seed}"
@@ -214,7 +216,7 @@ def sweep(study: str, optimizer: str, params_path: str = "params.yaml", out_root
             res = engine.train(
                 cfg, sinks=_sink(params, run_id, parent_run_id=parent), run_dir=out / run_id, data=cache[dataset],
                 tags={**tags, "sweep_role": role}, progress=sys.stderr.isatty(),
-                checkpoint_dir=_checkpoint_dir() / "sweep" / study, sweep=meta,
+                checkpoint_dir=slice_ckpt, sweep=meta, keep_done=True,
             )
         except Exception as exc:  # recorded as failed by the engine; the slice goes on
             errors.append(f"{run_id}: {type(exc).__name__}: {exc}")
@@ -247,6 +249,8 @@ def sweep(study: str, optimizer: str, params_path: str = "params.yaml", out_root
     if bar is not None:
         bar.close()
     (out / "summary.json").write_text(json.dumps({"study": study, "optimizer": optimizer, "points": summary}, indent=2) + "\n")
+    if not errors:  # the slice is complete: its finished-run records are no longer needed
+        shutil.rmtree(slice_ckpt, ignore_errors=True)
     for r in results:
         print(_summary_line(r))
     if errors:
