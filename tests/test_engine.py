@@ -128,3 +128,29 @@ def test_sinks_receive_batches_and_status(toy_splits):
     assert n_points == sum(1 for c in res.curves if math.isfinite(c[3]))
     assert all(len(b) > 1 for b in sink.batches)  # batched, not one call per metric
     assert sink.summary["test_acc"] == res.final["test_acc"]
+
+
+def test_failure_kinds_are_named():
+    from optlab.engine import RunResult, classify_failure
+
+    class D:
+        meta = {"n_classes": 10}
+
+    ok = RunResult("r", "completed", {}, {"test_acc": 0.9}, layers=[(5, 0, 0, "input", 1e-3, 1.0), (5, 0, 1, "output", 1.0, 1.0)])
+    assert classify_failure(ok, D()) is None
+    van = RunResult("r", "completed", {}, {"test_acc": 0.9}, layers=[(5, 0, 0, "input", 1e-12, 1.0), (5, 0, 1, "output", 1.0, 1.0)])
+    assert classify_failure(van, D()) == "vanishing"
+    ch = RunResult("r", "completed", {}, {"test_acc": 0.11})
+    assert classify_failure(ch, D()) == "chance"
+    div = RunResult("r", "diverged", {}, {}, diverge_reason="nonfinite")
+    assert classify_failure(div, D()) == "nonfinite"
+
+
+def test_vanishing_is_recorded_by_train(toy_splits):
+    """A deep tanh net with tiny init: the first layer's gradient vanishes and the run says so."""
+    res = engine.train(_cfg(optimizer="sgd", lr=1e-4, depth=40, width=8, init="kaiming", activation="tanh", epochs=1),
+                       data=toy_splits, progress=False)
+    last = max(r[0] for r in res.layers)
+    rows = sorted((r for r in res.layers if r[0] == last), key=lambda r: r[2])
+    ratio = rows[0][4] / rows[-1][4]
+    assert (res.failure == "vanishing") == (ratio < 1e-8)

@@ -45,6 +45,10 @@ def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     quick["studies"] = {"tiny": {"arch": "mlp", "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.01],
                                  "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 256}}}
     params["sweep"] = {"optimizers": ["sgd", "sgd_sn"], "studies": ["tiny"]}
+    quick["ablate"] = {"seeds": [0], "base": {"dataset": "digits", "epochs": 1, "batch_size": 256},
+                       "variants": {"mlp_sn_clip": {"arch": "mlp", "depth": 2, "width": 8, "optimizer": "sgd_sn", "lr": 0.1},
+                                    "mlp_sn_reparam": {"arch": "mlp", "depth": 2, "width": 8, "optimizer": "sgd", "lr": 0.1,
+                                                       "reparam": "spectral_norm"}}}
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTLAB_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -111,7 +115,7 @@ def test_mlflow_store_holds_both_headline_runs_with_tags(repo):
     assert adam["n_metrics"] > 5
     # the sweep: one parent per slice with nested children
     children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
-    assert len(children) == 6
+    assert len(children) == 6 + 2  # sweep: 2 slices x 3 runs; ablate: 2 variants x 1 seed
     parent_ids = {r["tags"]["mlflow.parentRunId"] for r in children}
     assert parent_ids <= {r["id"] for r in runs}
 

@@ -154,6 +154,38 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+class _Guarded:
+    """A sink whose errors never stop training: the first one is reported and the sink is dropped.
+
+    (The MLflow sink spools through store outages itself; this covers any other sink.)
+    """
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink, self.broken = sink, False
+
+    def _call(self, name: str, *args: Any) -> None:
+        if self.broken:
+            return
+        try:
+            getattr(self.sink, name)(*args)
+        except Exception as exc:
+            self.broken = True
+            warnings.warn(f"sink {type(self.sink).__name__}.{name} failed ({type(exc).__name__}: {exc}); "
+                          "it gets nothing more from this run, training goes on")
+
+    def start(self, params: dict[str, Any], tags: dict[str, str]) -> None:
+        self._call("start", params, tags)
+
+    def log_metrics(self, batch: list[tuple[str, float, int]]) -> None:
+        self._call("log_metrics", batch)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._call("log_artifact", path)
+
+    def finish(self, status: str, summary: dict[str, float | None]) -> None:
+        self._call("finish", status, summary)
+
+
 class _Recorder:
     """Collects curve and layer rows and forwards metric batches to the sinks."""
 
@@ -212,7 +244,7 @@ def train(
     these records when it completes).
     """
     cfg.validate()
-    sinks = list(sinks)
+    sinks = [_Guarded(sk) for sk in sinks]
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     rec = _Recorder(sinks)
@@ -255,6 +287,7 @@ def train(
         result.error = f"{type(exc).__name__}: {exc}"
         _finish(result, rec, sinks, run_dir)
         raise
+    result.curves, result.layers = rec.curves, rec.layers
     result.failure = classify_failure(result, data)
     _finish(result, rec, sinks, run_dir)
     if ckpt is not None:

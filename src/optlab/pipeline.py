@@ -73,10 +73,13 @@ def _sink(params: dict[str, Any], run_name: str, parent_run_id: str | None = Non
     if not _tracking_enabled():
         return []
     try:
-        from .tracking import MlflowSink
+        import mlflow  # noqa: F401  (the sink imports it lazily; check it is installed at all)
+
+        from .tracking import MlflowSink, try_sync
     except ImportError as exc:  # torch-only machine
         warnings.warn(f"MLflow tracking skipped ({exc}); DVC outs are still written")
         return []
+    try_sync()  # best effort, seconds at most: upload runs spooled during an earlier outage
     experiment = (params.get("tracking") or {}).get("experiment", "optlab")
     return [MlflowSink(experiment=experiment, run_name=run_name, parent_run_id=parent_run_id)]
 

@@ -1,9 +1,11 @@
 """Analysis of run directories: tables (pandas), figures (seaborn) and the results report.
 
 pandas, seaborn and matplotlib are imported only inside this package, and only when used.
-Entry points: ``aggregate.aggregate`` (tables), ``plots.plot_all`` (figures),
-``report.write_report`` (results.md and the README section). ``optlab.analysis.aggregate``
-is the submodule; call ``optlab.analysis.aggregate.aggregate(...)`` for the tables.
+Entry points: ``aggregate.aggregate`` (tables: runs, best_lr, verdict, depth_to_failure,
+ablation, depth_tolerance, divergence), ``plots.plot_all`` (figures), ``report.write_report``
+(results.md and the README section "Vanilla SGD + Spectral Norm: back to basics").
+``optlab.analysis.aggregate`` is the submodule; call ``optlab.analysis.aggregate.aggregate(...)``
+for the tables.
 """
 
 from __future__ import annotations

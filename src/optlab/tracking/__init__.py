@@ -1,4 +1,5 @@
-"""Tracking: provenance, phase policy, the Sink interface and its MLflow implementation.
+"""Tracking: provenance, phase policy, the Sink interface, its MLflow implementation and the
+spool that keeps what the store could not take (`python -m optlab.tracking sync|status`).
 
 Importing this package does not import mlflow; the MLflow names below load on first use."""
 
@@ -16,9 +17,18 @@ from optlab.tracking.provenance import (
     git_info,
 )
 from optlab.tracking.sink import REQUIRED_TAGS, MemorySink, NullSink, Sink
+from optlab.tracking.spool import (
+    SyncSummary,
+    TrackingOutageWarning,
+    default_spool_dir,
+    pending,
+    sync,
+    try_sync,
+)
 from optlab.tracking.store import default_artifact_location, default_tracking_uri
 
 _LAZY = {"MlflowSink", "ParentRun", "parent_run", "end_run"}
+# spooling while the tracking store is down: see optlab.tracking.spool
 
 __all__ = [
     "PHASES",
@@ -28,8 +38,11 @@ __all__ = [
     "NullSink",
     "PhaseError",
     "Sink",
+    "SyncSummary",
+    "TrackingOutageWarning",
     "check_phase",
     "default_artifact_location",
+    "default_spool_dir",
     "default_tracking_uri",
     "dvc_exp_name",
     "dvc_stage",
@@ -37,6 +50,9 @@ __all__ = [
     "find_work_tree",
     "flatten_params",
     "git_info",
+    "pending",
+    "sync",
+    "try_sync",
     *sorted(_LAZY),
 ]
 

@@ -1,0 +1,489 @@
+"""Analysis of the study layout: runs/sweep/<study>/<optimizer>/<run>, summary.json, runs/ablate.
+
+A hand-written tree with known values: a depth study on a 10-class dataset (adam fails at depth
+32 by chance-level accuracy and skips 64; sgd_sn trains to 32 and fails at 64 by vanishing
+gradients), a language-model study selected on validation loss (one adam seed diverged), and an
+ablation whose params.yaml order is not alphabetical. Expectations are computed here by hand
+or with numpy, never copied from a previous run of the code.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from optlab.analysis.aggregate import (
+    ablation_table,
+    aggregate,
+    best_lr_table,
+    depth_to_failure_table,
+    load_runs,
+    load_summaries,
+    read_ablation_order,
+    verdict_table,
+)
+from optlab.analysis.report import END, HEADING, START, write_report
+
+SEEDS = (0, 1, 2)
+N_EPOCHS = 3
+
+# ---- mlp_depth on digits: (optimizer, depth) -> selected LR, the other LR's search val_acc, per-seed results
+# per seed: (status, val_acc, test_acc, epochs_to_90, failure)
+MLP = {
+    ("adam", 2): (0.01, {0.1: 0.90}, [("completed", 0.95, 0.96, 3, None), ("completed", 0.94, 0.94, 3, None),
+                                       ("completed", 0.96, 0.95, 3, None)]),
+    ("adam", 8): (0.01, {0.1: 0.50}, [("completed", 0.90, 0.90, 4, None), ("completed", 0.91, 0.88, 4, None),
+                                       ("completed", 0.92, 0.92, 5, None)]),
+    ("adam", 32): (0.1, {0.01: 0.12}, [("completed", 0.15, 0.15, None, None), ("completed", 0.11, 0.105, None, "chance"),
+                                        ("completed", 0.14, 0.14, None, None)]),
+    ("sgd_sn", 2): (0.1, {0.01: 0.80}, [("completed", 0.93, 0.93, 2, None), ("completed", 0.92, 0.92, 2, None),
+                                         ("completed", 0.91, 0.90, 3, None)]),
+    ("sgd_sn", 8): (0.1, {0.01: 0.60}, [("completed", 0.85, 0.80, None, None), ("completed", 0.84, 0.85, 4, None),
+                                         ("completed", 0.86, 0.70, 5, None)]),
+    ("sgd_sn", 32): (0.1, {0.01: 0.50}, [("completed", 0.70, 0.70, None, None), ("completed", 0.61, 0.60, None, None),
+                                          ("completed", 0.66, 0.65, None, None)]),
+    ("sgd_sn", 64): (0.1, {0.01: 0.09}, [("completed", 0.10, 0.10, None, "vanishing"),
+                                          ("completed", 0.10, 0.10, None, "vanishing"),
+                                          ("completed", 0.10, 0.10, None, "vanishing")]),
+}
+WALL = {("adam", 2): 1.0, ("sgd_sn", 2): 0.8, ("adam", 8): 2.0, ("sgd_sn", 8): 3.0, ("adam", 32): 4.0,
+        ("sgd_sn", 32): 5.0, ("sgd_sn", 64): 9.0}
+PEAK = {("adam", 8): 40.0, ("sgd_sn", 8): 50.0}  # CUDA peak only here; elsewhere CPU (null)
+
+
+def state_mem(opt: str, depth: int) -> float:
+    return (2.0 if opt == "adam" else 1.0) * depth
+
+
+# ---- gpt on markov (language model, selected on val_loss): optimizer -> selected LR, other LR's search
+# (val_loss, val_acc), per seed (status, val_loss, test_acc, test_bpb)
+LM = {
+    "adam": (0.01, (2.2, 0.50), [("completed", 2.0, 0.40, 1.5), ("completed", 2.1, 0.42, 1.4), ("diverged", None, None, None)]),
+    "sgd_sn": (0.01, (2.6, 0.10), [("completed", 2.5, 0.36, 1.8), ("completed", 2.4, 0.38, 1.7),
+                                   ("completed", 2.45, 0.37, 1.75)]),
+}
+LM_WALL = {"adam": 10.0, "sgd_sn": 9.0}
+
+# ---- ablation: params.yaml order (not alphabetical); per seed (status, test_acc, val_acc, wall, sigma, violations)
+ABL_ORDER = ["mlp_sn_clip", "mlp_sgd", "mlp_sn_power1"]
+ABL_CFG = {
+    "mlp_sn_clip": {"optimizer": "sgd_sn", "sn_mode": "clip", "sn_sigma": "exact"},
+    "mlp_sgd": {"optimizer": "sgd", "sn_mode": "clip", "sn_sigma": "exact"},
+    "mlp_sn_power1": {"optimizer": "sgd_sn", "sn_mode": "clip", "sn_sigma": "power"},
+}
+ABL = {
+    "mlp_sn_clip": [("completed", 0.70, 0.71, 1.0, 1.0, 0), ("completed", 0.64, 0.66, 1.2, 1.0, 0),
+                    ("diverged", None, None, 0.3, 1.0, 0)],
+    "mlp_sgd": [("completed", 0.85, 0.84, 0.5, 1.3, None), ("completed", 0.84, 0.83, 0.6, 1.31, None),
+                ("completed", 0.86, 0.85, 0.7, 1.29, None)],
+    "mlp_sn_power1": [("completed", 0.65, 0.66, 1.1, 1.0001, 9), ("completed", 0.63, 0.64, 1.1, 1.00002, 6),
+                      ("completed", 0.62, 0.60, 1.0, 1.00004, 6)],
+}
+
+
+# ---------------------------------------------------------------- writing the tree
+
+
+def _write(run_dir: Path, *, config: dict, final: dict, status: str, failure: str | None, sweep: dict,
+           n_layers: int, grad_decay: float, lm: bool = False) -> None:
+    run_dir.mkdir(parents=True)
+    diverged = status == "diverged"
+    metrics = {
+        "run_id": run_dir.name, "status": status, "diverged_step": 7 if diverged else None,
+        "diverge_reason": "nonfinite" if diverged else None, "error": None,
+        "failure": "nonfinite" if diverged else failure, "sweep": sweep,
+        "config": {"phase": "debug", "scale": "quick", "width": 16, **config, "run_id": run_dir.name},
+        "final": final, "provenance": {"git_commit": "abc", "git_dirty": False, "frozen": False},
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    epochs = 1 if diverged else N_EPOCHS
+    with (run_dir / "curves.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "metric", "value"])
+        for e in range(epochs):
+            s = 10 * (e + 1)
+            w.writerow([s, e, "train_loss", 2.0 / (e + 1)])
+            if not diverged:
+                w.writerow([s, e, "epoch_train_loss", 2.0 / (e + 1)])
+                w.writerow([s, e, "val_loss", 2.2 / (e + 1)])
+                w.writerow([s, e, "val_acc", 0.3 + 0.1 * e])
+                if lm:
+                    w.writerow([s, e, "val_bpb", 3.0 / (e + 1)])
+    with (run_dir / "layers.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "layer", "role", "grad_norm", "sigma_max"])
+        for step in (5, 10 * epochs):
+            for layer in range(n_layers):
+                role = "input" if layer == 0 else "output" if layer == n_layers - 1 else "hidden"
+                w.writerow([step, 0, layer, role, grad_decay ** (n_layers - 1 - layer), 1.0 + 0.01 * step])
+
+
+def make_tree(root: Path, *, summaries: bool = True) -> Path:
+    """The study tree under ``root`` (= .../runs) and params.yaml beside it."""
+    for (opt, depth), (sel_lr, others, seeds) in MLP.items():
+        for lr in (sel_lr, *others):
+            for seed in (SEEDS if lr == sel_lr else (0,)):
+                if lr == sel_lr:
+                    status, val, test, e90, failure = seeds[seed]
+                else:
+                    status, val, test, e90, failure = "completed", others[lr], others[lr], None, None
+                final = {
+                    "val_acc": val, "test_acc": test, "val_loss": 2.0 - val, "test_loss": 2.0 - test,
+                    "train_loss": 1.0, "train_acc": val, "best_val_acc": val,
+                    "wall_time_s": WALL[(opt, depth)], "seconds_per_epoch": WALL[(opt, depth)] / 10,
+                    "examples_per_s": 1000.0, "peak_mem_mb": PEAK.get((opt, depth)), "peak_rss_mb": 500.0,
+                    "state_mem_mb": state_mem(opt, depth), "epochs_to_90": e90, "steps": 30, "epochs_completed": 3,
+                    "sigma_max_max": 1.0 if opt == "sgd_sn" else 3.0, "sn_violations": 0 if opt == "sgd_sn" else None,
+                }
+                role = "search" if seed == 0 else "confirm"
+                _write(root / "sweep" / "mlp_depth" / opt / f"{opt}-digits-d{depth}-lr{lr:g}-s{seed}",
+                       config={"optimizer": opt, "lr": lr, "arch": "mlp", "dataset": "digits", "depth": depth,
+                               "seed": seed, "study": "mlp_depth", "n_classes": 10},
+                       final=final, status=status, failure=failure,
+                       sweep={"study": "mlp_depth", "role": role, "point": {"depth": depth}, "select": "val_acc"},
+                       n_layers=depth + 2, grad_decay=0.5 if opt == "adam" else 0.99)
+    for opt, (sel_lr, (other_loss, other_acc), seeds) in LM.items():
+        for lr in (sel_lr, 0.001):
+            for seed in (SEEDS if lr == sel_lr else (0,)):
+                if lr == sel_lr:
+                    status, vloss, test, bpb = seeds[seed]
+                    vacc = 0.3
+                else:
+                    status, vloss, test, bpb, vacc = "completed", other_loss, 0.3, 2.0, other_acc
+                done = status == "completed"
+                final = {
+                    "val_loss": vloss, "val_acc": vacc if done else None, "val_ppl": None, "val_bpb": None,
+                    "test_loss": None, "test_acc": test, "test_ppl": float(np.exp(2.0)) if done else None,
+                    "test_bpb": bpb, "train_loss": 2.0 if done else None,
+                    "wall_time_s": LM_WALL[opt], "seconds_per_epoch": LM_WALL[opt] / 4, "tokens_per_s": 5000.0,
+                    "peak_mem_mb": None, "state_mem_mb": 5.0 if opt == "sgd_sn" else 10.0, "epochs_to_90": None,
+                    "steps": 40, "sigma_max_max": 1.0, "sn_violations": 0 if opt == "sgd_sn" else None,
+                }
+                role = "search" if seed == 0 else "confirm"
+                _write(root / "sweep" / "gpt" / opt / f"{opt}-markov-d2-lr{lr:g}-s{seed}",
+                       config={"optimizer": opt, "lr": lr, "arch": "gpt", "dataset": "markov", "depth": 2, "seed": seed,
+                               "study": "gpt", "block_size": 64},
+                       final=final, status=status, failure=None,
+                       sweep={"study": "gpt", "role": role, "point": {"depth": 2}, "select": "val_loss"},
+                       n_layers=4, grad_decay=0.9, lm=True)
+    for name, seeds in ABL.items():
+        cfg = ABL_CFG[name]
+        for seed, (status, test, val, wall, sigma, viol) in enumerate(seeds):
+            final = {"test_acc": test, "val_acc": val, "wall_time_s": wall, "sigma_max_max": sigma, "sn_violations": viol,
+                     "state_mem_mb": 1.0, "peak_mem_mb": None, "epochs_to_90": None}
+            _write(root / "ablate" / name / f"{name}-s{seed}",
+                   config={"arch": "mlp", "dataset": "digits", "depth": 8, "lr": 0.01, "seed": seed, "study": "ablate",
+                           "reparam": "none", "sn_power_iters": 1, "sn_conv": "operator", "residual": True,
+                           "batch_norm": True, **cfg},
+                   final=final, status=status, failure=None,
+                   sweep={"study": "ablate", "role": "ablation", "variant": name}, n_layers=10, grad_decay=0.9)
+    if summaries:
+        _summary(root, "mlp_depth", "adam", "digits", [(2, 0.01, []), (8, 0.01, []), (32, 0.1, ["chance"]), (64, None, None)])
+        _summary(root, "mlp_depth", "sgd_sn", "digits", [(2, 0.1, []), (8, 0.1, []), (32, 0.1, []), (64, 0.1, ["vanishing"])])
+        _summary(root, "gpt", "adam", "markov", [(2, 0.01, ["nonfinite"])], select="val_loss")
+        _summary(root, "gpt", "sgd_sn", "markov", [(2, 0.01, [])], select="val_loss")
+    params = {"scale": "quick", "profiles": {"quick": {"ablate": {"seeds": list(SEEDS), "variants": {
+        n: {"arch": "mlp"} for n in ABL_ORDER}}}}}
+    (root.parent / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    return root
+
+
+def _summary(root: Path, study: str, opt: str, dataset: str, points: list, select: str = "val_acc") -> None:
+    out = []
+    for depth, lr, failures in points:
+        if lr is None:
+            out.append({"dataset": dataset, "point": {"depth": depth}, "skipped": "depth beyond failure at 32"})
+        else:
+            out.append({"dataset": dataset, "point": {"depth": depth}, "selected_lr": lr, "select": select,
+                        "score": 0.5, "failures": failures})
+    (root / "sweep" / study / opt / "summary.json").write_text(json.dumps({"study": study, "optimizer": opt, "points": out}))
+
+
+@pytest.fixture()
+def root(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "runs")
+
+
+def _one(df: pd.DataFrame, **kv) -> pd.Series:
+    mask = np.ones(len(df), dtype=bool)
+    for k, v in kv.items():
+        mask &= (df[k] == v).to_numpy(dtype=bool)
+    assert mask.sum() == 1, (kv, int(mask.sum()))
+    return df[mask].iloc[0]
+
+
+def _tests(opt: str, depth: int) -> dict[int, float]:
+    return {s: r[2] for s, r in enumerate(MLP[(opt, depth)][2]) if r[0] == "completed"}
+
+
+# ---------------------------------------------------------------- loading and selection
+
+
+def test_layout_is_read(root: Path) -> None:
+    runs, _, _ = load_runs(root, series=False)
+    assert set(runs["kind"]) == {"sweep", "ablation"}
+    r = _one(runs, run_id="adam-digits-d32-lr0.1-s1")
+    assert (r["study"], r["role"], r["point"], r["axis"], r["axis_value"], r["failure"]) == (
+        "mlp_depth", "confirm", "depth=32", "depth", 32.0, "chance")
+    assert r["epochs_to_90"] == np.inf  # recorded as never reached
+    assert _one(runs, run_id="adam-markov-d2-lr0.01-s0")["task"] == "lm"
+    assert _one(runs, run_id="mlp_sgd-s0")["variant"] == "mlp_sgd"
+    s = load_summaries(root)
+    skipped = _one(s, optimizer="adam", point="depth=64")
+    assert skipped["skipped"].startswith("depth beyond") and np.isnan(skipped["selected_lr"])
+    assert _one(s, optimizer="sgd_sn", point="depth=64", study="mlp_depth")["failures"] == "vanishing"
+    assert read_ablation_order(root.parent / "params.yaml") == ABL_ORDER
+
+
+def test_best_lr_per_point_with_new_columns(root: Path) -> None:
+    runs, _, _ = load_runs(root, series=False)
+    best = best_lr_table(runs)
+    for (opt, depth), (sel_lr, _, seeds) in MLP.items():
+        row = _one(best, study="mlp_depth", optimizer=opt, depth=depth)
+        assert row["lr"] == sel_lr and row["point"] == f"depth={depth}" and row["seeds"] == "0 1 2"
+        t = np.array(list(_tests(opt, depth).values()))
+        assert row["test_acc_mean"] == pytest.approx(t.mean()) and row["test_acc_std"] == pytest.approx(t.std(ddof=1))
+        e90 = [np.inf if s[3] is None else s[3] for s in seeds]
+        assert row["epochs_to_90_mean"] == pytest.approx(np.mean(e90))
+        assert row["n_reached_90"] == sum(s[3] is not None for s in seeds)
+        assert row["seconds_per_epoch_mean"] == pytest.approx(WALL[(opt, depth)] / 10)
+        assert row["state_mem_mb_mean"] == state_mem(opt, depth)
+        assert row["n_chance"] == sum(s[4] == "chance" for s in seeds)
+        assert row["n_vanishing"] == sum(s[4] == "vanishing" for s in seeds)
+    # the language model selects on validation LOSS: lr 0.001 has the higher val_acc but the higher loss
+    lm = _one(best, study="gpt", optimizer="adam")
+    assert lm["lr"] == 0.01 and lm["select"] == "val_loss" and lm["val_score"] == pytest.approx(-2.0)
+    assert lm["task"] == "lm" and lm["n_diverged"] == 1 and lm["n_nonfinite"] == 1
+    assert lm["test_bpb_mean"] == pytest.approx(np.mean([1.5, 1.4]))
+    assert lm["test_acc_mean"] == pytest.approx(np.mean([0.40, 0.42]))
+
+
+# ---------------------------------------------------------------- verdict
+
+
+def test_verdict_ratios_equal_numpy(root: Path) -> None:
+    runs, _, _ = load_runs(root, series=False)
+    v = verdict_table(runs, failure_depths=depth_to_failure_table(runs, load_summaries(root)))
+    assert sorted(zip(v["study"], v["depth"])) == [("gpt", 2), ("mlp_depth", 2), ("mlp_depth", 8), ("mlp_depth", 32)]
+    for depth in (2, 8, 32):
+        row = _one(v, study="mlp_depth", depth=depth)
+        sn, ad = _tests("sgd_sn", depth), _tests("adam", depth)
+        assert row["ratio_of_means"] == pytest.approx(np.mean(list(sn.values())) / np.mean(list(ad.values())))
+        per_seed = np.array([sn[s] / ad[s] for s in sorted(set(sn) & set(ad))])
+        q25, med, q75 = np.percentile(per_seed, [25, 50, 75])
+        assert (row["ratio_median"], row["ratio_q25"], row["ratio_q75"]) == pytest.approx((med, q25, q75))
+        assert row["ratio_iqr"] == pytest.approx(q75 - q25) and row["n_pairs"] == 3
+        assert row["meets_95pct"] == (row["ratio_of_means"] >= 0.95)
+    # language model: adam seed 2 diverged, so 2 seeds pair; the ratio of means uses every completed seed
+    lm = _one(v, study="gpt")
+    sn, ad = [0.36, 0.38, 0.37], [0.40, 0.42]
+    assert lm["ratio_of_means"] == pytest.approx(np.mean(sn) / np.mean(ad))
+    assert lm["n_pairs"] == 2 and lm["ratio_median"] == pytest.approx(np.median([0.36 / 0.40, 0.38 / 0.42]))
+    assert lm["sgd_sn_test_bpb"] == pytest.approx(1.75) and lm["adam_test_bpb"] == pytest.approx(1.45)
+    assert lm["adam_failures"] == "nonfinite 1" and lm["task"] == "lm"
+
+
+def test_verdict_advantages(root: Path) -> None:
+    runs, _, _ = load_runs(root, series=False)
+    v = verdict_table(runs, failure_depths=depth_to_failure_table(runs, load_summaries(root)))
+    win = _one(v, study="mlp_depth", depth=2)  # sgd_sn faster, smaller state, deeper, fewer epochs to 90%
+    assert win["time_lower"] == "sgd_sn" and win["epoch_time_lower"] == "sgd_sn"
+    assert (win["mem_basis"], win["mem_lower"]) == ("state", "sgd_sn")
+    assert (win["sgd_sn_deepest"], win["adam_deepest"], win["depth_deeper"]) == (32, 8, "sgd_sn")
+    assert win["sgd_sn_epochs_to_90"] == pytest.approx(7 / 3) and win["e90_fewer"] == "sgd_sn"
+    assert win["advantages"] == "wall_time seconds_per_epoch memory depth_tolerance epochs_to_90"
+    assert win["meets_95pct"] and win["answer"] == "yes"
+    lose = _one(v, study="mlp_depth", depth=8)  # slower; both have a CUDA peak and sgd_sn's is higher
+    assert lose["time_lower"] == "adam" and lose["epoch_time_lower"] == "adam"
+    assert (lose["mem_basis"], lose["sgd_sn_mem_mb"], lose["adam_mem_mb"], lose["mem_lower"]) == ("peak", 50.0, 40.0, "adam")
+    assert lose["sgd_sn_epochs_to_90"] == np.inf and lose["e90_fewer"] == "adam"  # one sgd_sn seed never reached 90%
+    assert lose["advantages"] == "depth_tolerance" and not lose["meets_95pct"] and lose["answer"] == "no"
+    deep = _one(v, study="mlp_depth", depth=32)  # neither reached 90%: no comparison
+    assert deep["e90_fewer"] == "n/a" and deep["adam_failures"] == "chance 1" and deep["answer"] == "yes"
+
+
+def test_depth_advantage_needs_the_other_to_fail(root: Path) -> None:
+    runs, _, _ = load_runs(root, series=False)
+    runs = runs[~((runs["optimizer"] == "adam") & (runs["depth"] == 32))]  # adam never tried depth 32
+    dtf = depth_to_failure_table(runs)  # no summaries: the runs decide
+    assert _one(dtf, study="mlp_depth", optimizer="adam")["deepest_trained"] == 8
+    row = _one(verdict_table(runs, failure_depths=dtf), study="mlp_depth", depth=2)
+    assert row["depth_deeper"] == "n/a" and "depth_tolerance" not in row["advantages"]
+
+
+# ---------------------------------------------------------------- depth to failure
+
+
+def test_depth_to_failure(root: Path) -> None:
+    runs, _, _ = load_runs(root, series=False)
+    d = depth_to_failure_table(runs, load_summaries(root))
+    adam, sn = _one(d, study="mlp_depth", optimizer="adam"), _one(d, study="mlp_depth", optimizer="sgd_sn")
+    assert (adam["points_tried"], adam["deepest_trained"], adam["first_failing"]) == ("2 8 32", 8, 32)
+    assert (adam["failure_kinds"], adam["skipped"], adam["failing"]) == ("chance", "64", "32: chance")
+    assert adam["selected_lrs"] == "2:0.01 8:0.01 32:0.1"
+    assert (sn["points_tried"], sn["deepest_trained"], sn["first_failing"]) == ("2 8 32 64", 32, 64)
+    assert sn["failure_kinds"] == "vanishing" and sn["skipped"] == ""
+    gpt = _one(d, study="gpt", optimizer="adam")  # the diverged confirmation seed fails the only point
+    assert pd.isna(gpt["deepest_trained"]) and gpt["first_failing"] == 2 and gpt["failure_kinds"] == "nonfinite"
+    # without summary.json the runs alone give the same depths (nothing is known about skipped points)
+    d2 = depth_to_failure_table(runs)
+    a2 = _one(d2, study="mlp_depth", optimizer="adam")
+    assert (a2["deepest_trained"], a2["first_failing"], a2["failure_kinds"], a2["skipped"]) == (8, 32, "chance", "")
+    assert _one(d2, study="mlp_depth", optimizer="sgd_sn")["first_failing"] == 64
+
+
+# ---------------------------------------------------------------- ablation
+
+
+def test_ablation_table(root: Path) -> None:
+    runs, _, _ = load_runs(root, series=False)
+    a = ablation_table(runs, read_ablation_order(root.parent / "params.yaml"))
+    assert a["variant"].tolist() == ABL_ORDER
+    for name, seeds in ABL.items():
+        row = _one(a, variant=name)
+        done = [s for s in seeds if s[0] == "completed"]
+        test = np.array([s[1] for s in done])
+        assert row["test_acc_mean"] == pytest.approx(test.mean()) and row["test_acc_std"] == pytest.approx(test.std(ddof=1))
+        assert row["val_acc_mean"] == pytest.approx(np.mean([s[2] for s in done]))
+        assert row["wall_time_s_mean"] == pytest.approx(np.mean([s[3] for s in done]))
+        assert row["sigma_max_max_mean"] == pytest.approx(np.mean([s[4] for s in done]))
+        assert row["n_seeds"] == 3 and row["n_diverged"] == sum(s[0] == "diverged" for s in seeds)
+        viol = [s[5] for s in seeds if s[5] is not None]
+        assert (pd.isna(row["sn_violations_total"]) if not viol else row["sn_violations_total"] == sum(viol))
+        assert (row["arch"], row["depth"], row["lr"]) == ("mlp", 8, 0.01)
+        assert pd.isna(row["batch_norm"]) and pd.isna(row["residual"]) and pd.isna(row["sn_conv"])  # not a ResNet
+    assert pd.isna(_one(a, variant="mlp_sgd")["sn_mode"])  # no projection for plain sgd
+    p1 = _one(a, variant="mlp_sn_power1")
+    assert (p1["sn_mode"], p1["sn_sigma"], p1["sn_power_iters"]) == ("clip", "power", 1)
+    assert pd.isna(_one(a, variant="mlp_sn_clip")["sn_power_iters"])
+    # without an order the variants come by name
+    assert ablation_table(runs)["variant"].tolist() == sorted(ABL_ORDER)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def test_aggregate_plot_report(root: Path, tmp_path: Path) -> None:
+    from optlab.analysis.plots import plot_all
+
+    tables, figures = tmp_path / "reports" / "tables", tmp_path / "reports" / "figures"
+    files = aggregate(root, tables)
+    for name in ("verdict", "depth_to_failure", "ablation", "best_lr"):
+        assert (tables / f"{name}.csv").is_file() and files[f"{name}.md"].read_text().startswith("|")
+    assert pd.read_csv(tables / "ablation.csv")["variant"].tolist() == ABL_ORDER  # params.yaml found beside runs/
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = plot_all(root, figures)
+    names = sorted(p.name for p in paths)
+    assert names == sorted(["loss_curves_gpt.png", "loss_curves_mlp_depth.png", "accuracy_vs_depth.png",
+                            "grad_ratio_vs_depth.png", "grad_norm_vs_layer.png", "sigma_max.png", "ablation.png"])
+    assert any("headline_curves.png skipped" in str(w.message) for w in caught)
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n" + START + "\nold\n" + END + "\n")
+    text = write_report(tables, figures, tmp_path / "reports" / "results.md", readme)
+    assert text.startswith(f"## {HEADING}\n") and HEADING == "Vanilla SGD + Spectral Norm: back to basics"
+    assert "95% of Adam's test accuracy" in text.split("### The answer")[0]
+    v = pd.read_csv(tables / "verdict.csv")
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    r2 = _one(v, study="mlp_depth", depth=2)
+    assert (f"- **mlp_depth / digits, depth 2**: sgd_sn reached {pct(r2['ratio_of_means'])} of Adam's mean test "
+            f"accuracy ({pct(np.mean([0.93, 0.92, 0.90]))} vs {pct(0.95)}); per-seed ratio median "
+            f"{pct(r2['ratio_median'])}, IQR {pct(r2['ratio_q25'])}–{pct(r2['ratio_q75'])} over 3 paired seeds. "
+            "At or above the 95% bar. sgd_sn won on: wall time (0.8 s vs 1 s)") in text
+    line8 = next(s for s in text.splitlines() if s.startswith("- **mlp_depth / digits, depth 8**"))
+    assert "Below the 95% bar." in line8 and "sgd_sn won on: deepest trainable depth (32 vs 8)." in line8
+    assert "Adam won on: wall time (3 s vs 2 s)" in line8 and "peak CUDA memory (50 MB vs 40 MB)" in line8
+    assert line8.endswith("Answer: **no**.")
+    line32 = next(s for s in text.splitlines() if s.startswith("- **mlp_depth / digits, depth 32**"))
+    assert "Adam: 1 of 3 selected-LR runs failed (chance)." in line32
+    lm = next(s for s in text.splitlines() if s.startswith("- **gpt / markov, depth 2**"))
+    assert "of Adam's mean next-token accuracy" in lm and "Test bits per byte: sgd_sn 1.75 vs Adam 1.45." in lm
+    assert "over 2 paired seeds (fewer than 3)" in lm
+    assert ("- **Overall**: 2 of 4 tasks reached the 95% bar; 2 of 4 also won on wall time, memory or depth tolerance "
+            "(answer yes): mlp_depth / digits, depth 2; mlp_depth / digits, depth 32.") in text
+    assert ("Deepest trainable network per optimizer, mlp_depth / digits (depth tried: 2, 8, 32, 64): "
+            "adam 8 (first failure at 32: chance; skipped 64); sgd_sn 32 (first failure at 64: vanishing).") in text
+    order = [text.index(h) for h in ("### The answer", "### Verdict per task", "### Depth to failure", "### Ablation",
+                                     "### Selected learning rate", "### Figures", "### Seeds, scale and provenance",
+                                     "### Measurement caveats")]
+    assert order == sorted(order)
+    assert "| mlp_sn_clip |" in text and text.index("| mlp_sn_clip |") < text.index("| mlp_sgd |")
+    assert "67.0% ± 4.2%" in text  # mlp_sn_clip: mean and sd of 0.70, 0.64
+    assert "CPU has no per-run peak memory" in text and "entropy floor" in text
+    assert "no number here comes from frozen runs" in text
+    assert "](reports/figures/loss_curves_mlp_depth.png)" in readme.read_text()
+    assert "\nold\n" not in readme.read_text()
+
+
+def test_overall_answer_counts(root: Path, tmp_path: Path) -> None:
+    tables = tmp_path / "t"
+    aggregate(root, tables)
+    v = pd.read_csv(tables / "verdict.csv")
+    text = write_report(tables, tmp_path / "nofigs", tmp_path / "r.md")
+    meets, yes = int(v["meets_95pct"].sum()), int((v["answer"] == "yes").sum())
+    assert f"- **Overall**: {meets} of {len(v)} tasks reached the 95% bar; {yes} of {len(v)} also won" in text
+    assert "### Figures" not in text
+
+
+def test_focus_point_is_deepest_trained(root: Path) -> None:
+    from optlab.analysis.plots import _focus, _prepare
+
+    runs, curves, layers = load_runs(root)
+    st = _prepare(runs, curves, layers)
+    point, sel = _focus(st, "mlp_depth", "digits")
+    assert point == "depth=32"  # nobody trained at 64; sgd_sn trained at 32
+    assert set(sel["optimizer"]) == {"adam", "sgd_sn"} and set(sel["lr"]) == {0.1}
+    # the reduced layer frames: the last check per run, and the largest sigma per check
+    one = sel[sel["optimizer"] == "adam"]["run_dir"].iloc[0]
+    last = st.last_layers[st.last_layers["run_dir"] == one]
+    assert set(last["step"]) == {30.0} and len(last) == 34
+    assert st.sigma_steps[st.sigma_steps["run_dir"] == one]["sigma_max"].tolist() == pytest.approx([1.05, 1.3])
+
+
+def test_studies_without_a_depth_axis(root: Path) -> None:
+    """A study without a grid (one configuration) and one along block_size (context length)."""
+    for opt, acc, peak in (("adam", 0.90, 30.0), ("sgd_sn", 0.80, 24.0)):
+        for seed in SEEDS:
+            _write(root / "sweep" / "resnet" / opt / f"{opt}-digits-base-lr0.1-s{seed}",
+                   config={"optimizer": opt, "lr": 0.1, "arch": "resnet18", "dataset": "digits", "seed": seed,
+                           "study": "resnet", "n_classes": 10},
+                   final={"val_acc": acc, "test_acc": acc + 0.01 * seed, "wall_time_s": 3.0, "state_mem_mb": 2.0,
+                          "epochs_to_90": None, "examples_per_s": 1.0},
+                   status="completed", failure=None, n_layers=5, grad_decay=0.9,
+                   sweep={"study": "resnet", "role": "search" if seed == 0 else "confirm", "point": {}, "select": "val_acc"})
+            for block in (256, 512):
+                _write(root / "sweep" / "gpt_context" / opt / f"{opt}-ts-b{block}-lr0.001-s{seed}",
+                       config={"optimizer": opt, "lr": 0.001, "arch": "gpt", "dataset": "tinyshakespeare", "depth": 4,
+                               "seed": seed, "study": "gpt_context", "block_size": block},
+                       final={"val_loss": 2.0, "val_acc": 0.3, "test_acc": 0.3, "test_bpb": 1.5, "wall_time_s": 3.0,
+                              "state_mem_mb": 2.0, "peak_mem_mb": peak * block / 256, "epochs_to_90": None,
+                              "tokens_per_s": 1.0},
+                       status="completed", failure=None, n_layers=5, grad_decay=0.9, lm=True,
+                       sweep={"study": "gpt_context", "role": "search", "point": {"block_size": block}, "select": "val_loss"})
+    runs, _, _ = load_runs(root, series=False)
+    dtf = depth_to_failure_table(runs, load_summaries(root))
+    assert "resnet" not in set(dtf["study"])  # no grid axis
+    ctx = _one(dtf, study="gpt_context", optimizer="sgd_sn")
+    assert (ctx["axis"], ctx["points_tried"], ctx["deepest_trained"]) == ("block_size", "256 512", 512)
+    v = verdict_table(runs, failure_depths=dtf)
+    res = _one(v, study="resnet")
+    assert pd.isna(res["point"]) and res["ratio_of_means"] == pytest.approx(np.mean([0.80, 0.81, 0.82]) / np.mean([0.90, 0.91, 0.92]))
+    assert res["depth_deeper"] == "n/a" and res["advantages"] == "none"  # equal time and memory: ties are no advantage
+    for block in (256, 512):
+        row = _one(v, study="gpt_context", point=f"block_size={block}")
+        assert (row["mem_basis"], row["mem_lower"], row["ratio_of_means"]) == ("peak", "sgd_sn", 1.0)
+        assert row["depth_deeper"] == "n/a" and row["advantages"] == "memory" and row["answer"] == "yes"
+    from optlab.analysis.plots import _focus, _prepare
+
+    st = _prepare(runs, *load_runs(root)[1:])
+    assert _focus(st, "gpt_context", "tinyshakespeare")[0] == "block_size=512"
+    assert pd.isna(_focus(st, "resnet", "digits")[0])
