@@ -13,3 +13,7 @@ class DatasetMissingError(FileNotFoundError):
 
 class ChecksumWarning(UserWarning):
     """A local or mirror copy with a wrong MD5 was skipped or deleted."""
+
+
+class UnverifiedWarning(UserWarning):
+    """A raw file with no published MD5 was used without verification (its MD5 is recorded)."""

@@ -14,7 +14,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from ._io import CHUNK, md5sum, open_temp, unlink_quiet
-from .errors import ChecksumError, ChecksumWarning, DatasetMissingError
+from .errors import ChecksumError, ChecksumWarning, DatasetMissingError, UnverifiedWarning
 from .registry import DatasetSpec, RawFile, get_spec
 
 MIRROR_ENV = "OPTLAB_DATA_MIRROR"
@@ -57,6 +57,9 @@ def fetch(
     ``mirror`` goes through :func:`resolve_mirror` (None falls back to ``$OPTLAB_DATA_MIRROR``).
     ``base_url`` overrides the canonical URL base (tests use file:// or a local server).
 
+    A file registered with ``md5=None`` (no published checksum) is taken from the first of
+    these places that has it, with an :class:`UnverifiedWarning` giving its MD5.
+
     Returns ``{file name: path in raw_dir}``. Raises :class:`ChecksumError` when a download
     has the wrong MD5 and :class:`DatasetMissingError` when no good copy can be had.
     """
@@ -87,6 +90,9 @@ def _fetch_one(
         actual = md5sum(target)
         if actual == f.md5:
             return target
+        if f.md5 is None:
+            _warn_unverified(spec, f, target, actual)
+            return target
         warnings.warn(
             f"{target} has MD5 {actual}, expected {f.md5}; deleting it and fetching again",
             ChecksumWarning,
@@ -108,9 +114,11 @@ def _fetch_one(
                 continue
             with open(cand, "rb") as src:
                 tmp, actual = _stream_to_temp(src.read, target, None, None)
-            if actual == f.md5:
+            if actual == f.md5 or f.md5 is None:
                 os.replace(tmp, target)
                 log.info("copied %s from mirror %s", f.name, cand)
+                if f.md5 is None:
+                    _warn_unverified(spec, f, cand, actual)
                 return target
             unlink_quiet(tmp)
             warnings.warn(
@@ -131,7 +139,7 @@ def _fetch_one(
         except _NetworkError as e:
             searched.append(f"{url} (download failed: {e})")
         else:
-            if actual != f.md5:
+            if f.md5 is not None and actual != f.md5:
                 unlink_quiet(tmp)
                 raise ChecksumError(
                     f"MD5 mismatch for {f.name} downloaded from {url}: "
@@ -139,6 +147,8 @@ def _fetch_one(
                 )
             os.replace(tmp, target)
             log.info("downloaded %s from %s", f.name, url)
+            if f.md5 is None:
+                _warn_unverified(spec, f, url, actual)
             return target
 
     where = f"{spec.subdir}/{f.name} or {f.name}" if spec.subdir else f.name
@@ -147,12 +157,22 @@ def _fetch_one(
     else:
         also = ", or get network access" if download else ", or allow the download"
     msg = (
-        f"dataset {spec.name!r}: no copy of {f.name} with MD5 {f.md5} found; "
+        f"dataset {spec.name!r}: no copy of {f.name}"
+        f"{'' if f.md5 is None else f' with MD5 {f.md5}'} found; "
         f"searched: {'; '.join(searched)}. "
         f"Fix: set data.mirror in params.yaml or the {MIRROR_ENV} environment variable "
         f"to a directory holding {where}{also}."
     )
     raise DatasetMissingError(msg.replace("\r", " ").replace("\n", " "))
+
+
+def _warn_unverified(spec: DatasetSpec, f: RawFile, source: object, actual: str) -> None:
+    warnings.warn(
+        f"dataset {spec.name!r}: {f.name} has no published MD5, so it could not be verified; "
+        f"using the copy from {source} (MD5 {actual})",
+        UnverifiedWarning,
+        stacklevel=4,
+    )
 
 
 def _stream_to_temp(

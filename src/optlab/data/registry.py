@@ -10,10 +10,14 @@ from typing import Mapping
 
 @dataclass(frozen=True)
 class RawFile:
-    """One raw file of a dataset: its name, published MD5 and role (e.g. ``train_images``)."""
+    """One raw file of a dataset: its name, published MD5 and role (e.g. ``train_images``).
+
+    ``md5=None`` means the source publishes no checksum: the file is used unverified (with a
+    :class:`~optlab.data.errors.UnverifiedWarning`) and its MD5 is recorded when prepared.
+    """
 
     name: str
-    md5: str
+    md5: str | None
     role: str = ""
 
 
@@ -21,7 +25,9 @@ class RawFile:
 class DatasetSpec:
     """Static description of a dataset.
 
-    ``kind`` selects the prepare routine (``sklearn_digits``, ``idx``, ``cifar10_python``).
+    ``kind`` selects the prepare routine (``sklearn_digits``, ``idx``, ``cifar10_python``;
+    ``text``: a raw text corpus prepared to token streams by ``optlab.data.text.prepare_text``,
+    with ``n_classes=0`` and ``input_shape=()``).
     ``subdir`` is the torchvision-style folder of the raw files inside a mirror (``MNIST/raw``).
     """
 
@@ -112,7 +118,9 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             base_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
             subdir="FashionMNIST/raw",
         ),
-        # Metadata only: fetch works, prepare is not implemented yet.
+        # One archive; prepare MD5-checks it, extracts it safely and reads the pickled batches
+        # with a restricted unpickler (data/cifar.py). A mirror holds it at
+        # <mirror>/cifar-10-python.tar.gz (torchvision's root layout).
         "cifar10": DatasetSpec(
             name="cifar10",
             kind="cifar10_python",
@@ -123,7 +131,30 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             ),
             base_url="https://www.cs.toronto.edu/~kriz/",
             subdir=None,
-            preparable=False,
+        ),
+        # Text corpora (kind "text"): prepared by optlab.data.text.prepare_text, not prepare.
+        "tinyshakespeare": DatasetSpec(
+            name="tinyshakespeare",
+            kind="text",
+            n_classes=0,
+            input_shape=(),
+            files=(RawFile("input.txt", "6fb458f1232090904fb40fe944165e91", "text"),),
+            base_url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/",
+            subdir="tinyshakespeare",
+        ),
+        # No published checksums: the files are used unverified and their MD5s recorded.
+        # The official validation file is used as the test split.
+        "tinystories": DatasetSpec(
+            name="tinystories",
+            kind="text",
+            n_classes=0,
+            input_shape=(),
+            files=(
+                RawFile("TinyStoriesV2-GPT4-train.txt", None, "train"),
+                RawFile("TinyStoriesV2-GPT4-valid.txt", None, "test"),
+            ),
+            base_url="https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/",
+            subdir="TinyStories",
         ),
     }
 )
@@ -131,7 +162,12 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
 
 def dataset_names() -> list[str]:
     """Names of the datasets that ``prepare`` can build, in registry order."""
-    return [name for name, spec in DATASETS.items() if spec.preparable]
+    return [name for name, spec in DATASETS.items() if spec.preparable and spec.kind != "text"]
+
+
+def text_dataset_names() -> list[str]:
+    """Names of the text corpora that ``optlab.data.text.prepare_text`` can build."""
+    return [name for name, spec in DATASETS.items() if spec.preparable and spec.kind == "text"]
 
 
 def get_spec(name: str | DatasetSpec) -> DatasetSpec:
