@@ -178,7 +178,7 @@ def test_read_idx_errors(tmp_path: Path) -> None:
 
 
 def test_registry_entries() -> None:
-    assert dataset_names() == ["digits", "mnist", "fashion_mnist"]
+    assert dataset_names() == ["digits", "mnist", "fashion_mnist", "cifar10"]
     mnist, fmnist, cifar = DATASETS["mnist"], DATASETS["fashion_mnist"], DATASETS["cifar10"]
     assert [f.name for f in mnist.files] == [
         "train-images-idx3-ubyte.gz",
@@ -197,14 +197,14 @@ def test_registry_entries() -> None:
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     )
     assert cifar.files[0].md5 == "c58f30108f718f92721af3b95e74349a"
-    assert "cifar10" not in dataset_names()
+    assert cifar.kind == "cifar10_python" and cifar.input_shape == (3, 32, 32)
     with pytest.raises(TypeError):
         DATASETS["x"] = mnist  # type: ignore[index]
 
 
-def test_prepare_unsupported_and_unknown(tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError, match="cifar10.*digits, mnist, fashion_mnist"):
-        prepare("cifar10", tmp_path / "raw", tmp_path / "c.pt", download=False)
+def test_prepare_unsupported_and_unknown(tmp_path: Path, tiny) -> None:
+    with pytest.raises(NotImplementedError, match="'tiny'.*digits, mnist, fashion_mnist, cifar10"):
+        prepare(tiny[0], tmp_path / "raw", tmp_path / "c.pt", download=False)
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         prepare("nope", tmp_path / "raw", tmp_path / "n.pt")
     assert not (tmp_path / "c.pt").exists()

@@ -438,6 +438,7 @@ class _Loop:
             "seen": self.seen,
             "wall": self.wall_before + (time.perf_counter() - self.t0),
             "curves": [list(c) for c in self.rec.curves],
+            "layer_index": self.index.state_dict(),
             "layers": [list(r) for r in self.rec.layers],
         }
 
@@ -459,6 +460,8 @@ class _Loop:
         # the records so far: re-sent to the sinks in one batch, so the resumed run is complete
         for s, e, k, v in st["curves"]:
             self.rec.metric(int(s), int(e), str(k), float(v))
+        if st.get("layer_index") is not None:
+            self.index.load_state_dict(st["layer_index"])
         self.rec.layers = [(int(a), int(b), int(c), str(d), float(f), float(g)) for a, b, c, d, f, g in st["layers"]]
         self.rec.flush()
 
@@ -542,7 +545,8 @@ class _Loop:
         self._final(wall)
 
     def _layer_check(self, grad: torch.Tensor) -> None:
-        sig = layer_sigma_max(self.index)
+        # conv kernels: the operator norm where the projection bounds it, else the reshaped-matrix norm
+        sig = layer_sigma_max(self.index, operator=self.projected and self.cfg.sn.conv == "operator")
         s_list = sig.tolist()
         self.rec.layer_rows(self.step, self.epoch, self.index.roles, grad.tolist(), s_list)
         self.sigma_max_max = max(s_list)

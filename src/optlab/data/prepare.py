@@ -30,6 +30,7 @@ class _Source:
     test_y: torch.Tensor | None
     md5: dict[str, str]
     per_feature: bool  # standardize each feature (True) or with one global mean/std
+    per_channel: bool = False  # images: one mean/std per channel (overrides per_feature)
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,26 @@ def _idx_source(spec: DatasetSpec, args: _FetchArgs) -> _Source:
     return _Source(x, y, test_x, test_y, {f.name: f.md5 for f in spec.files}, per_feature=False)
 
 
+def _cifar_source(spec: DatasetSpec, args: _FetchArgs) -> _Source:
+    from .cifar import read_cifar10
+
+    paths = fetch(
+        spec,
+        args.raw_dir,
+        args.mirror,
+        download=args.download,
+        base_url=args.base_url,
+        progress=args.progress,
+    )
+    f = spec.file("archive")
+    x, y, test_x, test_y = read_cifar10(paths[f.name], f.md5, work_dir=args.raw_dir)
+    return _Source(x, y, test_x, test_y, {f.name: f.md5}, per_feature=False, per_channel=True)
+
+
 _SOURCES: dict[str, Callable[[DatasetSpec, _FetchArgs], _Source]] = {
     "sklearn_digits": _digits_source,
     "idx": _idx_source,
+    "cifar10_python": _cifar_source,
 }
 
 
@@ -108,6 +126,26 @@ def _check_fraction(name: str, value: float, *, allow_zero: bool) -> None:
     if not (low_ok and value < 1):
         bound = "[0, 1)" if allow_zero else "(0, 1)"
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
+
+
+def _channel_std_mean(x: torch.Tensor, channels: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Population std and mean per channel of channel-major rows ``[N, C*H*W]``, each expanded
+    to ``[C*H*W]``; two float64 passes over row chunks (no float64 copy of the whole split)."""
+    n, d = x.shape
+    if d % channels:
+        raise ValueError(f"{d} features are not {channels} channels")
+    hw = d // channels
+    count = n * hw
+    total = torch.zeros(channels, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        total += x[i : i + chunk].to(torch.float64).view(-1, channels, hw).sum(dim=(0, 2))
+    mean = total / count
+    sq = torch.zeros(channels, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        dev = x[i : i + chunk].to(torch.float64).view(-1, channels, hw) - mean.view(1, channels, 1)
+        sq += dev.square().sum(dim=(0, 2))
+    std = (sq / count).sqrt()
+    return std.repeat_interleave(hw), mean.repeat_interleave(hw)
 
 
 def _standardize(
@@ -134,7 +172,8 @@ def prepare(
     The validation split is a seeded random subset of the training set; an official test
     set stays test-only. Datasets without one (digits) first lose ``test_fraction`` of their
     examples to a seeded test split. x is float32 [N, D] standardized with the train split's
-    statistics (per feature for digits, one global mean/std for MNIST-like); y is int64.
+    statistics (per feature for digits, one global mean/std for MNIST-like, per channel for
+    CIFAR-10, whose archive is MD5-checked and read with a restricted unpickler); y is int64.
     The file (written atomically) holds the six tensors, ``*_idx`` (source indices of each
     split), ``x_mean``/``x_std`` and ``meta``.
     """
@@ -172,12 +211,15 @@ def prepare(
         raise ValueError(f"{spec.name}: only {train_idx.numel()} training examples after splitting")
 
     train_raw = src.x[train_idx]
-    stats_in = train_raw.to(torch.float64)
-    if src.per_feature:
-        std64, mean64 = torch.std_mean(stats_in, dim=0, correction=0)
+    if src.per_channel:
+        std64, mean64 = _channel_std_mean(train_raw, spec.input_shape[0])
     else:
-        std64, mean64 = torch.std_mean(stats_in, correction=0)
-    del stats_in
+        stats_in = train_raw.to(torch.float64)
+        if src.per_feature:
+            std64, mean64 = torch.std_mean(stats_in, dim=0, correction=0)
+        else:
+            std64, mean64 = torch.std_mean(stats_in, correction=0)
+        del stats_in
     std64 = torch.where(std64 > 1e-12, std64, torch.ones_like(std64))
     mean, std = mean64.to(torch.float32), std64.to(torch.float32)
 
@@ -195,7 +237,7 @@ def prepare(
         "val_fraction": float(val_fraction),
         "test_fraction": float(test_fraction) if carved else None,
         "test_split": "carved" if carved else "official",
-        "standardize": "per_feature" if src.per_feature else "global",
+        "standardize": "per_channel" if src.per_channel else "per_feature" if src.per_feature else "global",
         "md5": dict(src.md5),
     }
     obj = {

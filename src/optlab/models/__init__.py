@@ -1,5 +1,12 @@
 """Models. ``build(arch, **cfg)`` returns an ``nn.Module`` with ``param_roles()``.
 
+Archs: ``mlp`` (:class:`DeepMLP`: input_dim, n_classes, depth, width, activation, init),
+``resnet18`` (:class:`optlab.models.resnet.ResNet18`: input_dim, n_classes, input_shape, width,
+residual, batch_norm) and ``gpt`` (:class:`optlab.models.gpt.GPT`: vocab_size, block_size,
+n_layer, n_head, n_embd, dropout, bias; anything else is refused). Models with convolutions
+also provide ``conv_specs()`` (conv weight name -> stride, padding, dilation, groups,
+input_hw), which the conv spectral projection uses.
+
 Roles: ``input``, ``hidden``, ``output`` (weight matrices, or stacks of them) and
 ``bias_norm`` (biases and normalization parameters). Optimizers, constraints and
 per-layer metrics select parameters by role, never by name.
@@ -12,11 +19,20 @@ from typing import Any, Callable
 from torch import nn
 
 from .mlp import DeepMLP
+from .gpt import GPT, GPTConfig, build_gpt
 
 ROLES = ("input", "hidden", "output", "bias_norm")
 WEIGHT_ROLES = ("input", "hidden", "output")
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {"mlp": DeepMLP}
+
+def _resnet18(**cfg: Any) -> nn.Module:
+    """ResNet18 (CIFAR variant); imported on use, so ``import optlab.models`` does not load torchvision."""
+    from .resnet import ResNet18
+
+    return ResNet18(**cfg)
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {"mlp": DeepMLP, "resnet18": _resnet18, "gpt": build_gpt}
 
 
 def arch_names() -> list[str]:
@@ -59,7 +75,10 @@ def params_by_role(model: nn.Module, roles: tuple[str, ...] | list[str]) -> list
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
-    """(name, role, param) for weight matrices and stacks; a 3-D stack holds several layers."""
+    """(name, role, param) for weight matrices, stacks and conv kernels.
+
+    A 3-D stack holds several layers (one per slice); a 4-D conv kernel is one layer.
+    """
     role_of = model.param_roles()  # type: ignore[operator]
     out = []
     for n, p in model.named_parameters():

@@ -8,6 +8,11 @@
 | ``adamw`` | torch AdamW with its defaults |
 | ``sgd_sn`` | vanilla SGD, then every weight matrix projected to spectral norm <= 1 after each step |
 
+In ``sgd_sn`` 2-D (and stacked 3-D) weights go to :class:`SpectralProjection`; 4-D conv kernels
+go to :class:`ConvSpectralProjection`, bounding either the convolution's operator norm at the
+layer's input size (``sn_conv="operator"``, geometry from the model's ``conv_specs()``) or the
+reshaped-kernel matrix norm (``sn_conv="matrix"``).
+
 Every optimizer works in a user's own loop: ``opt.zero_grad(); loss.backward(); opt.step()``.
 """
 
@@ -18,13 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import WEIGHT_ROLES, params_by_role
+from ..models import WEIGHT_ROLES, canonical_name, params_by_role
+from .conv_spectral import FORMS as SN_CONV_FORMS
+from .conv_spectral import ConvSpec, ConvSpectralProjection
 from .projected import Projected
 from .spectral import SpectralProjection, power_iteration, spectral_norm_exact
 
 __all__ = [
     "build",
     "optimizer_names",
+    "ConvSpec",
+    "ConvSpectralProjection",
     "Projected",
     "SpectralProjection",
     "power_iteration",
@@ -32,6 +41,7 @@ __all__ = [
 ]
 
 _NAMES = ("sgd", "sgd_momentum", "adam", "adamw", "sgd_sn")
+CONV_WARMUP_ITERS = 100  # Lanczos steps for each conv's operator norm at construction
 
 
 def optimizer_names() -> list[str]:
@@ -51,6 +61,8 @@ def build(
     sn_sigma: str = "exact",
     sn_power_iters: int = 1,
     sn_roles: tuple[str, ...] = WEIGHT_ROLES,
+    sn_conv: str = "operator",
+    sn_conv_warmup: int = CONV_WARMUP_ITERS,
     seed: int = 0,
     **extra: Any,
 ) -> torch.optim.Optimizer | Projected:
@@ -60,9 +72,18 @@ def build(
     no sensible default). ``sn_*`` configure the spectral projection of ``sgd_sn``; it is
     applied to parameters whose role is in ``sn_roles`` (every weight matrix by default),
     once at construction (so the constraint holds from the first step) and after each step.
+
+    4-D conv kernels among them are projected by :class:`ConvSpectralProjection` with form
+    ``sn_conv``: ``operator`` (default; the convolution's norm as a map at its input size:
+    ``sn_conv_warmup`` Lanczos steps at construction, then ``sn_power_iters`` power iterations
+    per step; needs the model's ``conv_specs()``; ``sn_sigma`` does not apply, there is no cheap
+    exact value) or ``matrix`` (the reshaped ``(out, in*kh*kw)`` kernel, with ``sn_sigma`` like
+    the matrices).
     """
     if name not in _NAMES:
         raise ValueError(f"optimizer: unknown {name!r}; allowed: {', '.join(_NAMES)}")
+    if sn_conv not in SN_CONV_FORMS:
+        raise ValueError(f"sn.conv: unknown {sn_conv!r}; allowed: {', '.join(SN_CONV_FORMS)}")
     if extra:
         raise ValueError(f"optimizer {name}: unexpected options {sorted(extra)}")
     params = _params(model)
@@ -77,8 +98,31 @@ def build(
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
     # sgd_sn
     inner = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
-    matrices = [p for _, p in params_by_role(model, sn_roles) if p.dim() >= 2]
-    proj = SpectralProjection(matrices, mode=sn_mode, sigma=sn_sigma, power_iters=sn_power_iters, seed=seed)
-    opt = Projected(inner, [proj])
+    chosen = [(canonical_name(n), p) for n, p in params_by_role(model, sn_roles) if p.dim() >= 2]
+    matrices = [p for _, p in chosen if p.dim() <= 3]
+    kernels = [(n, p) for n, p in chosen if p.dim() == 4]
+    if any(p.dim() > 4 for _, p in chosen):
+        raise ValueError(f"sgd_sn: cannot project weights of more than 4 dimensions: {[n for n, p in chosen if p.dim() > 4]}")
+    projs: list[Any] = [SpectralProjection(matrices, mode=sn_mode, sigma=sn_sigma, power_iters=sn_power_iters, seed=seed)]
+    if kernels:
+        specs = _conv_specs(model, [n for n, _ in kernels], required=sn_conv == "operator")
+        projs.append(ConvSpectralProjection(
+            [(p, specs.get(n)) for n, p in kernels], mode=sn_mode, form=sn_conv, power_iters=sn_power_iters,
+            warmup_iters=sn_conv_warmup, sigma=sn_sigma, seed=seed,
+        ))
+    opt = Projected(inner, projs)
     opt.project()
     return opt
+
+
+def _conv_specs(model: nn.Module, names: list[str], required: bool) -> dict[str, Any]:
+    """Conv geometry by parameter name from ``model.conv_specs()``; ValueError if required and missing."""
+    fn = getattr(model, "conv_specs", None)
+    specs = dict(fn()) if callable(fn) else {}
+    missing = [n for n in names if n not in specs]
+    if required and missing:
+        raise ValueError(
+            f"sn.conv=operator needs each conv's input size and geometry from model.conv_specs(); "
+            f"{type(model).__name__} gives none for {missing}. Use sn_conv='matrix' or add conv_specs()."
+        )
+    return specs
