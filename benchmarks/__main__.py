@@ -19,25 +19,15 @@ from typing import Callable
 
 import torch
 
+from benchmarks.timing import median_time
+
 from optlab import models, optim
 from optlab.data.loading import batch_indices
 from optlab.optim.spectral import SpectralProjection, spectral_norm_exact
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 2) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    return median_time(fn, device, repeats, warmup)
 
 
 def bench_projection(device: torch.device, depth: int, width: int) -> dict:

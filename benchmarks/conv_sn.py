@@ -21,6 +21,8 @@ import time
 from typing import Callable
 
 import torch
+
+from benchmarks.timing import median_time
 import torch.nn.functional as F
 
 from optlab import models, optim
@@ -29,18 +31,7 @@ from optlab.optim.conv_spectral import conv_operator_norm_dense
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeats: int = 7, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    return median_time(fn, device, repeats, warmup)
 
 
 def _model(device: torch.device, shape: tuple[int, int, int], width: int) -> torch.nn.Module:
