@@ -57,3 +57,15 @@ def test_layer_metrics_match_per_layer_reference():
 def test_unknown_arch():
     with pytest.raises(ValueError, match="arch: unknown 'resnet'; allowed: mlp"):
         models.build("resnet")
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = models.build("mlp", input_dim=5, n_classes=3, depth=10, width=8, init="kaiming")
+    b = models.build("mlp", input_dim=5, n_classes=3, depth=10, width=8, init="kaiming", checkpoint_segments=3)
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    ga = torch.autograd.grad(torch.nn.functional.cross_entropy(a(x), y), list(a.parameters()))
+    gb = torch.autograd.grad(torch.nn.functional.cross_entropy(b(x), y), list(b.parameters()))
+    for u, v in zip(ga, gb):
+        assert torch.allclose(u, v, atol=1e-6)

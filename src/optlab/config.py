@@ -74,6 +74,7 @@ class RunConfig:
     n_head: int = 4  # gpt: attention heads (depth = layers, width = embedding size)
     block_size: int = 128  # gpt: context length
     steps_per_epoch: int = 0  # lm: steps per epoch (0: one pass worth of tokens)
+    act_checkpoint: int = 0  # mlp: activation checkpointing in this many segments (0: off; ~sqrt(depth) saves most)
     max_steps: int = 0  # stop after this many steps (0: no cap; a smoke test of a full-size config)
     eval_tokens: int = 0  # lm: tokens evaluated per split (0: all)
     seed: int = 0
@@ -131,6 +132,7 @@ class RunConfig:
         _int_at_least("block_size", self.block_size, 2)
         _int_at_least("steps_per_epoch", self.steps_per_epoch, 0)
         _int_at_least("max_steps", self.max_steps, 0)
+        _int_at_least("act_checkpoint", self.act_checkpoint, 0)
         _int_at_least("eval_tokens", self.eval_tokens, 0)
         for key in ("compile", "residual", "batch_norm"):
             if not isinstance(getattr(self, key), bool):

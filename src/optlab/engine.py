@@ -635,7 +635,8 @@ def model_kwargs(cfg: RunConfig, task: Any) -> dict[str, Any]:
     kw = task.model_kwargs()
     if cfg.arch == "mlp":
         kw.pop("input_shape", None)
-        return kw | {"depth": cfg.depth, "width": cfg.width, "activation": cfg.activation, "init": cfg.init}
+        return kw | {"depth": cfg.depth, "width": cfg.width, "activation": cfg.activation, "init": cfg.init,
+                     "checkpoint_segments": cfg.act_checkpoint}
     if cfg.arch == "resnet18":
         return kw | {"width": cfg.width, "residual": cfg.residual, "batch_norm": cfg.batch_norm}
     if cfg.arch == "gpt":

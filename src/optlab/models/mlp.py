@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu}
 _GAINS = {"tanh": 5.0 / 3.0, "relu": math.sqrt(2.0), "gelu": math.sqrt(2.0)}
@@ -63,6 +64,7 @@ class DeepMLP(nn.Module):
         width: int,
         activation: str = "tanh",
         init: str = "orthogonal",
+        checkpoint_segments: int = 0,
     ) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
@@ -72,6 +74,7 @@ class DeepMLP(nn.Module):
         if depth < 1:
             raise ValueError(f"depth: must be >= 1, got {depth}")
         self.depth, self.width, self.activation, self.init = depth, width, activation, init
+        self.checkpoint_segments = checkpoint_segments  # activation checkpointing: 0 = off
         self.act = _ACTIVATIONS[activation]
         self.input = nn.Linear(input_dim, width)
         self.hidden = HiddenStack(depth, width)
@@ -90,9 +93,24 @@ class DeepMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.input(x))
-        for w, b in zip(self.hidden.weight.unbind(0), self.hidden.bias.unbind(0)):
+        ws, bs = self.hidden.weight.unbind(0), self.hidden.bias.unbind(0)
+        k = self.checkpoint_segments
+        if k > 0 and self.training and torch.is_grad_enabled():
+            # keep only segment boundaries; recompute each segment's activations in backward
+            step = -(-self.depth // k)
+            for a in range(0, self.depth, step):
+                n = min(step, self.depth - a)
+                h = checkpoint(self._segment, h, *ws[a : a + n], *bs[a : a + n], use_reentrant=False)
+            return self.head(h)
+        for w, b in zip(ws, bs):
             h = self.act(F.linear(h, w, b))
         return self.head(h)
+
+    def _segment(self, h: torch.Tensor, *wb: torch.Tensor) -> torch.Tensor:
+        n = len(wb) // 2
+        for w, b in zip(wb[:n], wb[n:]):
+            h = self.act(F.linear(h, w, b))
+        return h
 
     def param_roles(self) -> dict[str, str]:
         return {
