@@ -140,9 +140,9 @@ def load_prepared(prepared_dir: str | Path, dataset: str, device: torch.device) 
 
     path = Path(prepared_dir) / f"{dataset}.pt"
     if dataset in LM_DATASETS:
-        from .data.synthetic import load_tokens
+        from .data.text import load_text
 
-        return load_tokens(path, device=device)
+        return load_text(path, device=device)
     from .data import load
 
     return load(path, device=device)

@@ -6,7 +6,7 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 CHUNK = 1 << 20
 
@@ -36,3 +36,22 @@ def unlink_quiet(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+def atomic_save(out: Path, obj: Any) -> None:
+    """Write ``bytes``, or ``torch.save`` any other object, to ``out`` atomically (temp, fsync, rename)."""
+    import torch
+
+    tmp, fh = open_temp(out)
+    try:
+        with fh:
+            if isinstance(obj, bytes):
+                fh.write(obj)
+            else:
+                torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        unlink_quiet(tmp)
+        raise

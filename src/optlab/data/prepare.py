@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ._io import open_temp, unlink_quiet
+from ._io import atomic_save
 from .fetch import fetch
 from .idx import read_idx
 from .registry import DatasetSpec, dataset_names, get_spec
@@ -254,18 +254,5 @@ def prepare(
         "x_std": std.clone(),
         "meta": meta,
     }
-    _atomic_save(obj, Path(out_path))
+    atomic_save(Path(out_path), obj)
     return dict(meta)
-
-
-def _atomic_save(obj: dict[str, Any], out: Path) -> None:
-    tmp, fh = open_temp(out)
-    try:
-        with fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        unlink_quiet(tmp)
-        raise

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ._io import atomic_save
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.;!?"
 
@@ -116,23 +117,8 @@ def prepare_markov(
     }
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({**splits, "meta": meta}, tmp)
-    os.replace(tmp, out)
+    atomic_save(out, {**splits, "meta": meta})
     return meta
-
-
-def load_tokens(path: str | Path, device: str | torch.device = "cpu") -> TokenSplits:
-    """Load a prepared token-stream file (weights-only unpickling) onto ``device``."""
-    from .errors import DatasetMissingError
-
-    p = Path(path)
-    if not p.is_file():
-        raise DatasetMissingError(f"prepared dataset not found: {p}; run `dvc repro prepare` to build it")
-    obj = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or obj.get("meta", {}).get("kind") != "lm":
-        raise ValueError(f"{p} is not a prepared token stream (meta.kind != 'lm')")
-    return TokenSplits(*(obj[k].to(device).long() for k in ("train", "val", "test")), meta=obj["meta"])
 
 
 def bits_per_token_floor(meta: dict[str, Any]) -> float:

@@ -46,7 +46,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ._io import md5sum, open_temp, unlink_quiet
+from ._io import atomic_save, md5sum
 from .errors import DatasetMissingError
 from .fetch import fetch
 from .registry import DatasetSpec, get_spec
@@ -347,10 +347,10 @@ def prepare_text(
     meta["n_bytes"] = {s: _utf8_len(texts[s]) for s in SPLITS}
 
     if proto:
-        _atomic_write(out.with_suffix(".model"), proto)
+        atomic_save(out.with_suffix(".model"), proto)
     model_bytes = torch.frombuffer(bytearray(proto), dtype=torch.uint8) if proto else torch.zeros(0, dtype=torch.uint8)
     obj = {**tensors, "tokenizer_model": model_bytes, "meta": meta}
-    _atomic_write(out, obj)
+    atomic_save(out, obj)
     return _with_paths(meta, out)
 
 
@@ -559,19 +559,4 @@ def _read_text(path: Path, max_bytes: int | None, errors_seen: list[str]) -> str
         errors_seen.append(path.name)
         return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=final)
 
-
-def _atomic_write(out: Path, obj: bytes | dict[str, Any]) -> None:
-    tmp, fh = open_temp(out)
-    try:
-        with fh:
-            if isinstance(obj, bytes):
-                fh.write(obj)
-            else:
-                torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        unlink_quiet(tmp)
-        raise
 
