@@ -418,7 +418,7 @@ def test_aggregate_plot_report(root: Path, tmp_path: Path) -> None:
     assert order == sorted(order)
     assert "| mlp_sn_clip |" in text and text.index("| mlp_sn_clip |") < text.index("| mlp_sgd |")
     assert "67.0% ± 4.2%" in text  # mlp_sn_clip: mean and sd of 0.70, 0.64
-    assert "CPU has no per-run peak memory" in text and "entropy floor" in text
+    assert "CPU keeps no such peak" in text and "entropy floor" in text
     assert "no number here comes from frozen runs" in text
     assert "](reports/figures/loss_curves_mlp_depth.png)" in readme.read_text()
     assert "\nold\n" not in readme.read_text()
@@ -487,3 +487,54 @@ def test_studies_without_a_depth_axis(root: Path) -> None:
     st = _prepare(runs, *load_runs(root)[1:])
     assert _focus(st, "gpt_context", "tinyshakespeare")[0] == "block_size=512"
     assert pd.isna(_focus(st, "resnet", "digits")[0])
+
+
+def test_cost_study_is_reported_apart_from_the_verdict(root: Path, tmp_path: Path) -> None:
+    """A study marked verdict: false (the context sweep) gets the context table, not verdict rows."""
+    from optlab.analysis.aggregate import aggregate, context_table
+    from optlab.analysis.plots import plot_all
+    from optlab.analysis.report import write_report
+
+    for opt, step_mb in (("adam", 12.0), ("sgd_sn", 8.0)):
+        for block in (32, 64, 128):
+            for seed in (0, 1):
+                _write(root / "sweep" / "gpt_context" / opt / f"{opt}-markov-b{block}-lr0.003-s{seed}",
+                       config={"optimizer": opt, "lr": 0.003, "arch": "gpt", "dataset": "markov", "depth": 2,
+                               "seed": seed, "study": "gpt_context", "block_size": block},
+                       final={"val_loss": 2.0, "val_acc": 0.3, "test_acc": 0.3, "val_bpb": 3.0 + seed, "wall_time_s": 1.0,
+                              "state_mem_mb": 1.0, "peak_mem_mb": None, "step_mem_mb": step_mb * block / 32 + seed,
+                              "epochs_to_90": None, "tokens_per_s": 1000.0 / block},
+                       status="completed", failure=None, n_layers=4, grad_decay=0.9, lm=True,
+                       sweep={"study": "gpt_context", "role": "search", "point": {"block_size": block},
+                              "select": "val_loss", "verdict": False})
+    runs, _, _ = load_runs(root, series=False)
+    assert not runs.loc[runs["study"] == "gpt_context", "in_verdict"].any()
+    assert runs.loc[runs["study"] == "mlp_depth", "in_verdict"].all()  # older runs without the key count
+    v = verdict_table(runs)
+    assert "gpt_context" not in set(v["study"]) and "mlp_depth" in set(v["study"])
+    ctx = context_table(runs)
+    assert len(ctx) == 6 and set(ctx["mem_basis"]) == {"step"}
+    sn = ctx[ctx["optimizer"] == "sgd_sn"].sort_values("block_size")
+    assert sn["block_size"].tolist() == [32, 64, 128]
+    assert sn["mem_mb"].tolist() == pytest.approx([8.5, 16.5, 32.5])  # mean over the two seeds
+    assert sn["tokens_per_s"].tolist() == pytest.approx([1000 / 32, 1000 / 64, 1000 / 128])
+    assert sn["n_seeds"].tolist() == [2, 2, 2] and sn["val_bpb"].tolist() == pytest.approx([3.5] * 3)
+    tables, figures = tmp_path / "tables", tmp_path / "figures"
+    aggregate(root, tables)
+    written = {p.name for p in plot_all(root, figures)}
+    assert "memory_vs_context.png" in written
+    text = write_report(tables, figures, tmp_path / "results.md")
+    assert "### Memory and throughput vs context length" in text
+    assert "sgd_sn 8.5 → 32.5 MB (context 32 → 128)" in text
+    assert "memory_vs_context.png" in text
+
+
+def test_memory_basis_prefers_cuda_peak_then_step_then_state() -> None:
+    from optlab.analysis.aggregate import _mem_pair
+
+    both = {"peak_mem_mb_mean": 5.0, "step_mem_mb_mean": 3.0, "state_mem_mb_mean": 1.0}
+    assert _mem_pair(pd.Series(both), pd.Series(both)) == ("peak", 5.0, 5.0)
+    cpu = {"peak_mem_mb_mean": np.nan, "step_mem_mb_mean": 3.0, "state_mem_mb_mean": 1.0}
+    assert _mem_pair(pd.Series(cpu), pd.Series({**cpu, "step_mem_mb_mean": 4.0})) == ("step", 3.0, 4.0)
+    old = {"peak_mem_mb_mean": np.nan, "step_mem_mb_mean": np.nan, "state_mem_mb_mean": 1.0}
+    assert _mem_pair(pd.Series(old), pd.Series(cpu)) == ("state", 1.0, 1.0)

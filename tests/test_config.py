@@ -77,3 +77,12 @@ def test_load_params_rejects_misspelled_key(tmp_path):
     f.write_text("optimizer: sgd\nwidht: 3\n")
     with pytest.raises(ConfigError, match=r"widht: unknown key \(did you mean 'width'\?\)"):
         load_params(f)
+
+
+def test_cost_study_flag(params):
+    assert resolve_study(params, "gpt_context").verdict is False
+    assert resolve_study(params, "mlp_depth").verdict is True
+    p = copy.deepcopy(params)
+    p["profiles"]["quick"]["studies"]["gpt_context"]["verdict"] = "no"
+    with pytest.raises(ConfigError, match=r"profiles\.quick\.studies\.gpt_context\.verdict: expected true or false, got 'no'"):
+        resolve_study(p, "gpt_context")

@@ -195,7 +195,8 @@ TRACKING_KEYS = ("experiment",)
 PROFILE_KEYS = RUN_KEYS + ("datasets", "studies", "sn", "ablate")
 ABLATE_KEYS = ("seeds", "base", "variants")
 SWEEP_KEYS = ("optimizers", "studies")
-STUDY_KEYS = ("arch", "datasets", "grid", "lrs", "search_seeds", "seeds", "set", "sn", "select", "stop_on_failure")
+STUDY_KEYS = ("arch", "datasets", "grid", "lrs", "search_seeds", "seeds", "set", "sn", "select", "stop_on_failure",
+              "verdict")
 GRID_AXES = ("depth", "width", "block_size", "batch_size", "residual", "batch_norm", "activation", "init")
 
 
@@ -208,7 +209,9 @@ class StudySpec:
     (``select``: val_acc, or val_loss for language models); the selected LR is then rerun on
     the remaining ``seeds``. With ``stop_on_failure`` a grid point whose selected run fails
     (diverged, vanishing signal, or accuracy near chance) ends the search along the first grid
-    axis for that dataset: the depth-to-failure search.
+    axis for that dataset: the depth-to-failure search. ``verdict: false`` marks a cost study
+    (memory and throughput, e.g. the context-length sweep): its runs are reported in their own
+    table and left out of the accuracy verdict.
     """
 
     name: str
@@ -222,6 +225,7 @@ class StudySpec:
     sn: dict[str, Any]
     select: str
     stop_on_failure: bool
+    verdict: bool = True
 
     def points(self) -> list[dict[str, Any]]:
         """Grid points (dicts of RunConfig overrides), the first axis varying slowest."""
@@ -337,8 +341,15 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
     _choice(f"{where}.select", select, ("val_acc", "val_loss"))
     return StudySpec(
         name=name, arch=arch, datasets=datasets, grid=grid, lrs=lrs, search_seeds=search, seeds=seeds,
-        fixed=fixed, sn=sn, select=select, stop_on_failure=bool(spec.get("stop_on_failure", False)),
+        fixed=fixed, sn=sn, select=select, stop_on_failure=_flag(f"{where}.stop_on_failure", spec.get("stop_on_failure", False)),
+        verdict=_flag(f"{where}.verdict", spec.get("verdict", True)),
     )
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
 
 
 def resolve_ablation(params: dict[str, Any]) -> dict[str, dict[str, Any]]:

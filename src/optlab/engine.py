@@ -37,10 +37,11 @@ from . import models, optim
 from .config import RunConfig
 from .tasks import build_task
 from .metrics.layers import LayerIndex, layer_grad_norms, layer_sigma_max
+from .metrics.memory import live_state_bytes, step_peak_bytes
 
 SN_TOL = 1e-4  # a projected layer above 1 + SN_TOL counts as a violation
 # measurements of the machine, not of the optimization: excluded from determinism checks
-TIMING_KEYS = frozenset({"wall_time_s", "peak_mem_mb", "peak_rss_mb", "seconds_per_epoch", "epoch_time_s",
+TIMING_KEYS = frozenset({"wall_time_s", "peak_mem_mb", "step_mem_mb", "peak_rss_mb", "seconds_per_epoch", "epoch_time_s",
                          "examples_per_s", "tokens_per_s"})
 
 
@@ -112,26 +113,8 @@ def peak_rss_mb() -> float:
 
 
 def state_memory_mb(model: torch.nn.Module, opt: Any) -> float:
-    """Exact size of the training state: parameters, gradients and optimizer state (MB)."""
-    seen: set[int] = set()
-    total = 0
-
-    def add(t: Any) -> None:
-        nonlocal total
-        if isinstance(t, torch.Tensor) and id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-
-    for p in model.parameters():
-        add(p)
-        add(p.grad)
-    for st in opt.state.values():
-        for v in st.values():
-            add(v)
-    for proj in getattr(opt, "projections", []):
-        for u in getattr(proj, "u", []):
-            add(u)
-    return total / 2**20
+    """Exact size of the training state: parameters, gradients, buffers and optimizer state (MB)."""
+    return live_state_bytes(model, opt) / 2**20
 
 
 def load_prepared(prepared_dir: str | Path, dataset: str, device: torch.device) -> Any:
@@ -415,6 +398,7 @@ class _Loop:
         self.seen = 0
         self.wall_before = 0.0
         self.diverged = False
+        self.step_mem_mb = math.nan  # CPU: peak of one profiled step (see metrics.memory)
 
     # -- checkpoint state
     def state(self) -> dict[str, Any]:
@@ -497,15 +481,18 @@ class _Loop:
                 if self.step >= self.total:
                     break
                 xb, yb = self.task.batch(idx)
-                with amp:
-                    logits = self.fwd(xb)
-                loss = self.task.loss(logits, yb)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
                 check = (self.step + 1) % cfg.sn.check_every == 0
+                if self.device.type == "cpu" and math.isnan(self.step_mem_mb) and (self.step >= 1 or self.total == 1):
+                    # one step (the second: optimizer state exists) under the allocation profiler
+                    (logits, loss, grad), peak, overhead = step_peak_bytes(
+                        lambda: self._train_step(xb, yb, amp, check), self.model, self.opt, self.device)
+                    self.step_mem_mb = peak / 2**20
+                    self.t0 += overhead  # the profiler's own start/stop/parse time is not the run's
+                    t_epoch += overhead
+                else:
+                    logits, loss, grad = self._train_step(xb, yb, amp, check)
                 if check:
-                    pending_grad = layer_grad_norms(self.index)
-                self.opt.step()
+                    pending_grad = grad
                 self.step += 1
                 self.batch_in_epoch += 1
                 det = loss.detach()
@@ -544,6 +531,17 @@ class _Loop:
         rec.flush()
         self._final(wall)
 
+    def _train_step(self, xb: torch.Tensor, yb: torch.Tensor, amp: Any, check: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Forward, backward, (per-layer gradient norms on check steps), optimizer step."""
+        with amp:
+            logits = self.fwd(xb)
+        loss = self.task.loss(logits, yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad = layer_grad_norms(self.index) if check else None
+        self.opt.step()
+        return logits, loss, grad
+
     def _layer_check(self, grad: torch.Tensor) -> None:
         # conv kernels: the operator norm where the projection bounds it, else the reshaped-matrix norm
         sig = layer_sigma_max(self.index, operator=self.projected and self.cfg.sn.conv == "operator")
@@ -577,6 +575,7 @@ class _Loop:
             "epochs_completed": self.epoch + (0 if self.diverged else 1),
             "wall_time_s": wall,
             "peak_mem_mb": peak_memory_mb(self.device),
+            "step_mem_mb": self.step_mem_mb,
             "peak_rss_mb": peak_rss_mb(),
             "state_mem_mb": state_memory_mb(self.model, self.opt),
             "best_val_acc": self.best_val if self.best_val > -math.inf else math.nan,

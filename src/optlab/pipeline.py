@@ -214,7 +214,7 @@ def sweep(study: str, optimizer: str, params_path: str = "params.yaml", out_root
     def run(dataset: str, point: dict[str, Any], lr: float, seed: int, role: str, parent: Any) -> engine.RunResult | None:
         run_id = f"{optimizer}-{dataset}-{_point_id(point)}-lr{lr:g}-s{seed}"
         cfg = cfg_for(dataset, point, lr, seed, run_id)
-        meta = {"study": study, "role": role, "point": point, "select": spec.select}
+        meta = {"study": study, "role": role, "point": point, "select": spec.select, "verdict": spec.verdict}
         try:
             res = engine.train(
                 cfg, sinks=_sink(params, run_id, parent_run_id=parent), run_dir=out / run_id, data=cache[dataset],
@@ -251,7 +251,7 @@ def sweep(study: str, optimizer: str, params_path: str = "params.yaml", out_root
                     stopped_at = point[first_axis]
     if bar is not None:
         bar.close()
-    (out / "summary.json").write_text(json.dumps({"study": study, "optimizer": optimizer, "points": summary}, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps({"study": study, "optimizer": optimizer, "verdict": spec.verdict, "points": summary}, indent=2) + "\n")
     if not errors:  # the slice is complete: its finished-run records are no longer needed
         shutil.rmtree(slice_ckpt, ignore_errors=True)
     for r in results:

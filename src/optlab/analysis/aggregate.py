@@ -34,11 +34,11 @@ RUN_TAGS = ("run_dir", "run_id", "study", "dataset", "optimizer", "depth", "lr",
 """Run columns copied onto every curves/layers row."""
 
 TOP_KEYS = ("run_id", "run_dir", "kind", "status", "diverged_step", "diverge_reason", "error", "failure", "role",
-            "point", "select", "variant", "axis", "axis_value", "task")
+            "point", "select", "variant", "axis", "axis_value", "task", "in_verdict")
 
 FINAL_NUMERIC = (
     "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "test_loss", "test_acc",
-    "wall_time_s", "peak_mem_mb", "state_mem_mb", "peak_rss_mb", "steps", "epochs_completed", "sigma_max_max",
+    "wall_time_s", "peak_mem_mb", "step_mem_mb", "state_mem_mb", "peak_rss_mb", "steps", "epochs_completed", "sigma_max_max",
     "sn_violations", "epochs_to_90", "seconds_per_epoch", "examples_per_s", "tokens_per_s",
     "val_ppl", "val_bpb", "test_ppl", "test_bpb",
 )
@@ -146,6 +146,7 @@ def _run_row(mpath: Path, rel: str) -> dict[str, Any]:
     sw = m.get("sweep") or {}
     row["role"] = sw.get("role")
     row["select"] = sw.get("select")
+    row["in_verdict"] = sw.get("verdict", True) is not False  # False: a cost study (see StudySpec.verdict)
     row["variant"] = sw.get("variant") or (Path(rel).parent.name if row["kind"] == "ablation" else None)
     point = sw.get("point") or {}
     row["point"] = point_label(point) or None
@@ -227,6 +228,7 @@ def _runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         if col in df.columns:
             df[col] = _maybe_int(df[col])
     df["frozen"] = df["frozen"].fillna(False).astype(bool)
+    df["in_verdict"] = df["in_verdict"].map(lambda v: v is not False).astype(bool)
     if len(df):
         # runs written before the sweep key: the grid point is the depth
         legacy = (df["kind"] == "sweep") & df["point"].isna() & df["role"].isna() & df["depth"].notna()
@@ -396,7 +398,7 @@ def best_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
         *GROUP_KEYS, "lr", "n_seeds", "n_completed", "n_diverged", "n_failed", "select", "val_score",
         "val_acc_mean", "val_loss_mean", "test_acc_mean", "test_acc_std", "test_acc_min", "test_acc_max",
         "test_bpb_mean", "test_ppl_mean", "wall_time_s_mean", "seconds_per_epoch_mean", "epochs_to_90_mean",
-        "n_reached_90", "peak_mem_mb_mean", "state_mem_mb_mean", *(f"n_{k}" for k in FAILURE_KINDS), "task",
+        "n_reached_90", "peak_mem_mb_mean", "step_mem_mb_mean", "state_mem_mb_mean", *(f"n_{k}" for k in FAILURE_KINDS), "task",
         "frozen", "seeds",
     ]
     sw = sweep_runs(runs)
@@ -457,6 +459,7 @@ def _lr_stats(g: pd.DataFrame) -> dict[str, Any]:
         "epochs_to_90_mean": mean("epochs_to_90"),
         "n_reached_90": int(np.isfinite(e90.astype(float)).sum()) if e90.notna().any() else math.nan,
         "peak_mem_mb_mean": mean("peak_mem_mb"),
+        "step_mem_mb_mean": mean("step_mem_mb"),
         "state_mem_mb_mean": mean("state_mem_mb"),
         **{f"n_{k}": sum(f == k for f in failures) for k in FAILURE_KINDS},
         "task": "lm" if "lm" in tasks else ("classification" if len(tasks) else math.nan),
@@ -520,6 +523,7 @@ def verdict_table(runs: pd.DataFrame, best: pd.DataFrame | None = None, method: 
     average or where the reference did not). ``meets_95pct``: ratio of means >= 0.95.
     ``answer``: meets the bar and holds one of the question's advantages (wall time, memory,
     depth tolerance). ``x_lower``/``depth_deeper`` name the better optimizer, ``tie`` or ``n/a``.
+    Studies marked ``verdict: false`` (cost studies) are left out.
     """
     m, r = method, reference
     cols = [
@@ -539,6 +543,8 @@ def verdict_table(runs: pd.DataFrame, best: pd.DataFrame | None = None, method: 
     if failure_depths is None:
         failure_depths = depth_to_failure_table(runs, best=best)
     chosen = best_runs(runs, best) if len(best) else runs.iloc[0:0]
+    cost_studies = set(runs.loc[~runs["in_verdict"], "study"].dropna()) if len(runs) else set()
+    best = best[~best["study"].isin(cost_studies)]  # cost studies: in context_table, not the verdict
     out = []
     for key, g in best.groupby(list(TASK_KEYS), dropna=False, sort=True):
         a, b = g[g["optimizer"] == m], g[g["optimizer"] == r]
@@ -572,7 +578,7 @@ def verdict_table(runs: pd.DataFrame, best: pd.DataFrame | None = None, method: 
             f"{m}_seconds_per_epoch": a.get("seconds_per_epoch_mean", math.nan),
             f"{r}_seconds_per_epoch": b.get("seconds_per_epoch_mean", math.nan),
             "epoch_time_lower": _lower(a.get("seconds_per_epoch_mean", math.nan), b.get("seconds_per_epoch_mean", math.nan), m, r),
-            # peak allocated memory where both measured it (CUDA), else the exact training-state size
+            # CUDA allocator peak where both measured it, else the profiled step peak (CPU), else the state size
             "mem_basis": basis, f"{m}_mem_mb": mem_a, f"{r}_mem_mb": mem_b,
             f"{m}_peak_mem_mb": a["peak_mem_mb_mean"], f"{r}_peak_mem_mb": b["peak_mem_mb_mean"],
             f"{m}_state_mem_mb": a.get("state_mem_mb_mean", math.nan), f"{r}_state_mem_mb": b.get("state_mem_mb_mean", math.nan),
@@ -604,9 +610,12 @@ def _failure_text(chosen: pd.DataFrame) -> str:
 
 
 def _mem_pair(a: pd.Series, b: pd.Series) -> tuple[str, float, float]:
-    pa, pb = a.get("peak_mem_mb_mean", math.nan), b.get("peak_mem_mb_mean", math.nan)
-    if pd.notna(pa) and pd.notna(pb):
-        return "peak", float(pa), float(pb)
+    """(basis, memory of a, memory of b): ``peak`` (CUDA allocator peak) where both recorded it,
+    else ``step`` (peak of one profiled training step, CPU), else ``state`` (training-state size)."""
+    for basis, col in (("peak", "peak_mem_mb_mean"), ("step", "step_mem_mb_mean")):
+        pa, pb = a.get(col, math.nan), b.get(col, math.nan)
+        if pd.notna(pa) and pd.notna(pb):
+            return basis, float(pa), float(pb)
     sa, sb = a.get("state_mem_mb_mean", math.nan), b.get("state_mem_mb_mean", math.nan)
     return "state", float(sa) if pd.notna(sa) else math.nan, float(sb) if pd.notna(sb) else math.nan
 
@@ -833,6 +842,42 @@ def depth_tolerance_table(runs: pd.DataFrame, best: pd.DataFrame | None = None) 
     return df
 
 
+CONTEXT_COLS = ["study", "dataset", "optimizer", "block_size", "lr", "n_seeds", "n_completed", "mem_basis", "mem_mb",
+                "peak_mem_mb", "step_mem_mb", "state_mem_mb", "tokens_per_s", "seconds_per_epoch", "val_bpb", "failures"]
+
+
+def context_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Memory and throughput along a context-length (``block_size``) grid, per optimizer.
+
+    One row per (study, dataset, optimizer, block_size, lr), means over seeds. ``mem_mb`` is on
+    ``mem_basis``: ``peak`` (CUDA allocator peak) where every run of the row recorded it, else
+    ``step`` (profiled training-step peak, CPU), else ``state`` (training-state size).
+    """
+    sw = sweep_runs(runs)
+    if sw.empty or "block_size" not in sw:
+        return pd.DataFrame(columns=CONTEXT_COLS)
+    sw = sw[(sw["axis"] == "block_size") & sw["block_size"].notna()]
+    out = []
+    for key, g in sw.groupby(["study", "dataset", "optimizer", "block_size", "lr"], dropna=False, sort=True):
+        done = g[g["status"] == "completed"]
+        mean = lambda c: float(pd.to_numeric(done[c], errors="coerce").mean()) if c in done and len(done) else math.nan  # noqa: E731
+        basis, mem = "state", mean("state_mem_mb")
+        for b, col in (("peak", "peak_mem_mb"), ("step", "step_mem_mb")):
+            if col in done and len(done) and pd.to_numeric(done[col], errors="coerce").notna().all():
+                basis, mem = b, mean(col)
+                break
+        out.append({
+            **dict(zip(["study", "dataset", "optimizer", "block_size", "lr"], key)),
+            "n_seeds": int(g["seed"].nunique()), "n_completed": len(done), "mem_basis": basis, "mem_mb": mem,
+            "peak_mem_mb": mean("peak_mem_mb"), "step_mem_mb": mean("step_mem_mb"), "state_mem_mb": mean("state_mem_mb"),
+            "tokens_per_s": mean("tokens_per_s"), "seconds_per_epoch": mean("seconds_per_epoch"),
+            "val_bpb": mean("val_bpb"), "failures": _failure_text(g),
+        })
+    df = pd.DataFrame(out, columns=CONTEXT_COLS)
+    df["block_size"] = _maybe_int(df["block_size"])
+    return df
+
+
 def divergence_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every run that did not complete (headline and ablations included), with its step and reason."""
     cols = ["run_id", "run_dir", "kind", "study", "dataset", "optimizer", "point", "depth", "lr", "seed",
@@ -854,8 +899,8 @@ VERDICT_MD_COLS = [
 
 
 def aggregate(runs_root: Path | str, out_dir: Path | str, *, params: Path | str | None = None) -> dict[str, Path]:
-    """Write the runs, best_lr, verdict, depth_to_failure, ablation, depth_tolerance and divergence
-    tables (CSV + Markdown) into ``out_dir``.
+    """Write the runs, best_lr, verdict, depth_to_failure, ablation, depth_tolerance, divergence
+    and context tables (CSV + Markdown) into ``out_dir``.
 
     ``params`` (default: ``params.yaml`` beside ``runs_root``, when present) gives the order of
     the ablation variants. Returns a mapping from file name (e.g. ``"best_lr.md"``) to its path.
@@ -876,6 +921,7 @@ def aggregate(runs_root: Path | str, out_dir: Path | str, *, params: Path | str 
         "ablation": (ablation_table(runs, read_ablation_order(params)), None),
         "depth_tolerance": (depth_tolerance_table(runs, best), None),
         "divergence": (divergence_table(runs), None),
+        "context": (context_table(runs), None),
     }
     written: dict[str, Path] = {}
     path = out_dir / "runs.csv"

@@ -13,7 +13,8 @@ otherwise. Figures:
 - ``grad_norm_vs_layer.png``: the per-layer gradient norm profile at that point;
 - ``sigma_max.png``: the largest singular value of the weights during training;
 - ``ablation.png``: test accuracy per ablation variant, with one dot per seed;
-- ``headline_curves.png``: the headline run.
+- ``headline_curves.png``: the headline run;
+- ``memory_vs_context.png``: memory and tokens/s vs context length (studies with a block_size axis).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .aggregate import (  # noqa: E402
     best_lr_table,
     best_runs,
     chance_level,
+    context_table,
     load_runs,
     parse_point,
     read_ablation_order,
@@ -63,7 +65,7 @@ DPI = 120
 OPTIMIZER_ORDER = ("sgd", "sgd_momentum", "adam", "sgd_sn")
 LOSS_PREFIX = "loss_curves_"
 FIGURES = ("accuracy_vs_depth.png", "grad_ratio_vs_depth.png", "grad_norm_vs_layer.png", "sigma_max.png",
-           "ablation.png", "headline_curves.png")
+           "ablation.png", "headline_curves.png", "memory_vs_context.png")
 """The fixed figure names; ``loss_curves_<study>.png`` come in addition, one per study."""
 VANISHING_RATIO = 1e-8  # engine.classify_failure: first-layer grad < 1e-8 x last-layer grad is "vanishing"
 MARKER_MAX_POINTS = 40  # markers on a line only up to this many x values
@@ -124,6 +126,7 @@ def plot_all(
         "sigma_max.png": lambda: _sigma_max(st),
         "ablation.png": lambda: _ablation(st),
         "headline_curves.png": lambda: _headline_curves(st),
+        "memory_vs_context.png": lambda: _memory_vs_context(st),
     })
     for stale in out_dir.glob(f"{LOSS_PREFIX}*.png"):  # a study no longer in the runs
         if stale.name not in makers:
@@ -470,6 +473,34 @@ def _accuracy_vs_depth(st: _Study) -> Figure:
     if not drawn:
         raise NoData("no selected runs")
     _suptitle(fig, "Depth tolerance (LR selected on validation accuracy at each depth)")
+    return fig
+
+
+def _memory_vs_context(st: _Study) -> Figure:
+    ctx = context_table(st.runs)
+    ctx = ctx[ctx["mem_mb"].notna()]
+    if ctx.empty:
+        raise NoData("no study with a block_size axis")
+    panels = list(ctx.groupby(["study", "dataset"], sort=True))
+    fig, axes = _figure(len(panels), 2, w=5.5, h=4.0)
+    for row, ((study, dataset), g) in zip(axes, panels):
+        g = g.assign(block_size=g["block_size"].astype(float))
+        hue = _order(g["optimizer"].unique())
+        basis = sorted(set(g["mem_basis"].astype(str)))
+        sns.lineplot(data=g, x="block_size", y="mem_mb", hue="optimizer", hue_order=hue, palette=st.palette,
+                     marker="o", ax=row[0])
+        row[0].set_ylabel(f"memory (MB, {'/'.join(basis)})")
+        sns.lineplot(data=g[g["tokens_per_s"].notna()], x="block_size", y="tokens_per_s", hue="optimizer",
+                     hue_order=hue, palette=st.palette, marker="o", ax=row[1])
+        row[1].set_ylabel("training tokens / s")
+        for ax in row:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(g["block_size"].unique()))
+            ax.get_xaxis().set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set_xlabel("context length (tokens)")
+            ax.set_title(f"{_panel_title(st, study, dataset)}")
+            _legend(ax, title="optimizer")
+    _suptitle(fig, "Context length: memory (peak CUDA / profiled step on CPU) and throughput")
     return fig
 
 

@@ -35,10 +35,13 @@ FIGURE_CAPTIONS = {
     "sigma_max.png": "Largest singular value of the weights during training",
     "ablation.png": "Ablation: test accuracy per variant (dots: seeds)",
     "headline_curves.png": "Headline run",
+    "memory_vs_context.png": "Memory and throughput vs context length",
 }
 LOSS_PREFIX = "loss_curves_"
 
-TABLES = ("runs", "best_lr", "verdict", "depth_to_failure", "ablation", "divergence")
+MEM_WORDS = {"peak": "peak CUDA memory", "step": "peak training-step memory", "state": "training-state memory"}
+
+TABLES = ("runs", "best_lr", "verdict", "depth_to_failure", "ablation", "divergence", "context")
 
 VERDICT_VIEW = ["task", "sgd_sn_lr", "adam_lr", "sgd_sn_test_acc", "adam_test_acc", "ratio_of_means", "ratio_median",
                 "ratio_q25", "ratio_q75", "n_pairs", "meets_95pct", "advantages", "answer"]
@@ -52,8 +55,8 @@ ABLATION_VIEW = ["variant", "arch", "depth", "optimizer", "reparam", "sn_mode", 
                  "wall_time_s_mean", "sigma_max_max_mean", "sn_violations_total", "frozen"]
 BEST_VIEW = ["dataset", "optimizer", "point", "lr", "n_seeds", "n_completed", "n_diverged", "failures", "val_acc_mean",
              "val_loss_mean", "test_acc_mean", "test_acc_std", "test_bpb_mean", "test_ppl_mean", "wall_time_s_mean",
-             "seconds_per_epoch_mean", "epochs_to_90_mean", "n_reached_90", "peak_mem_mb_mean", "state_mem_mb_mean",
-             "frozen"]
+             "seconds_per_epoch_mean", "epochs_to_90_mean", "n_reached_90", "peak_mem_mb_mean", "step_mem_mb_mean",
+             "state_mem_mb_mean", "frozen"]
 
 
 def write_report(
@@ -139,6 +142,9 @@ def _section(t: dict[str, pd.DataFrame], tables_dir: Path, figures_dir: Path, ba
     lines += _deepest_lines(t["depth_to_failure"]) + [""]
     lines += [markdown_table(_cols(t["depth_to_failure"], DTF_VIEW)), ""]
     lines += ["### Ablation", "", _ablation_note(), "", markdown_table(_ablation_view(t["ablation"])), ""]
+    if not t["context"].empty:
+        lines += ["### Memory and throughput vs context length", "", _context_note(t["context"]), "",
+                  markdown_table(_cols(t["context"], CONTEXT_VIEW)), ""]
     lines += ["### Selected learning rate per optimizer and grid point", "", _best_note(), ""]
     lines += _best_tables(t["best_lr"])
     lines += ["### Runs that did not complete", "", markdown_table(_divergence_summary(t["divergence"])), ""]
@@ -269,7 +275,7 @@ def _answer_line(row: pd.Series) -> str:
         if who not in (m, r, "tie"):
             continue
         if key == "memory":
-            words = "peak CUDA memory" if str(row.get("mem_basis")) == "peak" else "training-state memory"
+            words = MEM_WORDS.get(str(row.get("mem_basis")), "training-state memory")
         va, vb = (_num(row.get(f"{o}_{col}"), unit) for o in (m, r))
         if key == "depth_tolerance":  # no trainable depth at all
             va, vb = (x.replace("n/a", "none") for x in (va, vb))
@@ -307,13 +313,35 @@ def _verdict_view(v: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     return v[keep]
 
 
+CONTEXT_VIEW = ["study", "dataset", "block_size", "optimizer", "lr", "n_seeds", "mem_basis", "mem_mb", "tokens_per_s",
+                "val_bpb", "failures"]
+
+
+def _context_note(c: pd.DataFrame) -> str:
+    """What the context sweep measured, and the memory growth from its shortest to longest context."""
+    basis = sorted(set(c["mem_basis"].dropna().astype(str)))
+    words = ", ".join(MEM_WORDS.get(b, b) for b in basis) or "n/a"
+    parts = []
+    for opt in _ordered(_values(c["optimizer"])):
+        g = c[(c["optimizer"] == opt) & c["mem_mb"].notna()].sort_values("block_size")
+        if len(g) >= 2:
+            lo, hi = g.iloc[0], g.iloc[-1]
+            parts.append(f"{opt} {format_value(lo['mem_mb'])} → {format_value(hi['mem_mb'])} MB "
+                         f"(context {format_value(lo['block_size'])} → {format_value(hi['block_size'])})")
+    growth = ("; ".join(parts) + ".") if parts else ""
+    return ("A cost study (`verdict: false`, so not in the accuracy verdict): each optimizer trains the same "
+            f"transformer at one LR for a short budget at each context length. Memory is {words} (`mem_basis`); "
+            f"tokens/s is the training loop's throughput. {growth}").rstrip()
+
+
 def _verdict_note() -> str:
     return (f"Each optimizer at its own validation-selected LR. `ratio_of_means` = {METHOD} mean test accuracy / "
             f"Adam's (next-token accuracy for language models); the per-seed ratio pairs seeds that completed under "
             f"both (median and quartiles with numpy's linear interpolation). `meets_95pct`: ratio of means ≥ "
             f"{100 * TARGET_RATIO:.0f}%. `advantages` lists what {METHOD} does strictly better than Adam: "
             "`wall_time` and `seconds_per_epoch` (lower means), `memory` (lower peak CUDA memory where both "
-            "recorded it, else lower training-state size: `mem_basis`), `depth_tolerance` (deeper deepest-"
+            "recorded it, else lower peak of a profiled training step, else lower training-state size: "
+            "`mem_basis` peak / step / state), `depth_tolerance` (deeper deepest-"
             "trainable depth in the study and dataset, where Adam failed at or before that depth) and "
             "`epochs_to_90` (every completed seed reached 90% validation accuracy, in fewer epochs on average "
             "or where Adam did not). `answer` = yes when the task meets the bar and holds a wall-time, memory or "
@@ -513,9 +541,10 @@ def _frozen_line(runs: pd.DataFrame) -> str:
 def _caveats(t: dict[str, pd.DataFrame]) -> list[str]:
     v = t["verdict"]
     out = [
-        "- Memory: CPU has no per-run peak memory, so there memory is the exact training-state size (parameters + "
-        "gradients + optimizer state); peak CUDA memory is compared only where both optimizers recorded it "
-        "(`mem_basis`).",
+        "- Memory: CUDA runs record the allocator's peak over the run (`peak_mem_mb`, data on the device "
+        "included). CPU keeps no such peak, so there the engine profiles one training step (the second) and "
+        "records its peak from the allocator's events: parameters, gradients, optimizer state, activations "
+        "and temporaries, the resident dataset excluded (`step_mem_mb`, `mem_basis` step).",
         "- Wall time: one measurement per seed on a machine shared with the rest of the sweep, averaged over "
         "completed seeds; it includes evaluation and the exact σ_max checks every `sn.check_every` steps that "
         "every optimizer's runs make. `seconds_per_epoch` times the training loop only.",
@@ -537,5 +566,6 @@ def _caveats(t: dict[str, pd.DataFrame]) -> list[str]:
 
 
 def _table_links(tables_dir: Path, base: Path) -> str:
-    names = ("verdict.csv", "depth_to_failure.csv", "ablation.csv", "best_lr.csv", "runs.csv", "divergence.csv")
+    names = ("verdict.csv", "depth_to_failure.csv", "ablation.csv", "best_lr.csv", "runs.csv", "divergence.csv",
+             "context.csv")
     return ", ".join(f"[{n}]({_rel(tables_dir / n, base)})" for n in names)

@@ -1,0 +1,167 @@
+"""Peak memory of one training step on any device, from the allocator's own events.
+
+CUDA keeps a per-process allocator peak (``torch.cuda.max_memory_allocated``); the CPU keeps none,
+and the process's peak RSS only grows across the runs of a sweep slice. So the engine measures
+one training step (forward, backward, optimizer step) with the torch profiler's allocation
+events: every allocation and free on the run's device, in order. The step's peak is
+
+    bytes live when the step starts  +  max over the step of (allocated - freed so far)
+
+where the first term is the training state (parameters, gradients, optimizer state, projection
+vectors) and the second covers activations saved for backward, recomputed checkpoint segments,
+gradient temporaries and optimizer scratch. The dataset resident on the device is excluded, so the
+number is the memory training needs beyond holding its data; on CUDA the allocator peak
+(``peak_mem_mb``) is the one to quote, and includes the data.
+
+The profiler's start/stop lines are written by C++ straight to file descriptor 2; they are
+silenced for exactly those two calls, never for the step itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+@dataclass
+class AllocationWindow:
+    """What a profiled block allocated on one device: ``peak_bytes`` (max of allocated - freed
+    since the block started, >= 0), ``net_bytes`` (allocated - freed at the end), ``events``."""
+
+    peak_bytes: int = 0
+    net_bytes: int = 0
+    events: int = 0
+    overhead_s: float = 0.0  # the profiler's start, stop and event parsing
+
+
+@contextlib.contextmanager
+def _quiet_fd2() -> Iterator[None]:
+    """Route file descriptor 2 to /dev/null for the block (C++ log lines that bypass sys.stderr)."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (some embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _allocations(prof: Any, device: torch.device) -> list[Any]:
+    """Every allocation/free event the profiler recorded on ``device``."""
+    from torch._C._profiler import _EventType
+
+    out: list[Any] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        if ev.tag == _EventType.Allocation:
+            f = ev.extra_fields
+            if f.device.type == device.type and (device.index is None or f.device.index in (None, device.index)):
+                out.append(f)
+        stack.extend(ev.children)
+    return out
+
+
+@contextlib.contextmanager
+def allocation_window(device: torch.device) -> Iterator[AllocationWindow]:
+    """Record the allocations the block makes on ``device``; the window's fields fill in on exit.
+
+    Each allocator event carries the allocator's running total of the bytes it has seen
+    allocated and not yet freed (``total_allocated``, kept under the allocator's lock, so in
+    true call order; event timestamps can tie or drift). A one-byte sentinel allocated first
+    marks the total at the window's start; the peak is the largest total after it.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    win = AllocationWindow()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t = time.perf_counter()
+    prof = profile(activities=acts, profile_memory=True)
+    with _quiet_fd2():
+        prof.start()
+    sentinel = torch.empty(1, dtype=torch.uint8, device=device)
+    win.overhead_s = time.perf_counter() - t
+    try:
+        # quiet too: the C++ allocator warns (on fd 2) about frees of blocks from before the window
+        with _quiet_fd2():
+            yield win
+    finally:
+        t = time.perf_counter()
+        ptr = sentinel.data_ptr()
+        with _quiet_fd2():
+            prof.stop()
+        del sentinel
+    events = _allocations(prof, device)
+    marks = [f for f in events if f.ptr == ptr and f.alloc_size > 0]
+    if not marks:
+        raise RuntimeError(f"allocation_window: the profiler recorded no allocation events on {device}")
+    start = marks[0].total_allocated  # includes the sentinel
+    totals = [f.total_allocated for f in events]
+    win.peak_bytes = max(0, max(totals) - start)
+    win.net_bytes = sum(f.alloc_size for f in events) - marks[0].alloc_size
+    win.events = len(events) - 1
+    win.overhead_s += time.perf_counter() - t
+
+
+def live_state_bytes(model: torch.nn.Module, opt: Any, grads: bool = True) -> int:
+    """Bytes of the training state now: parameters, their gradients (unless ``grads=False``),
+    buffers, optimizer state and projection vectors (each storage counted once)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            key = (str(t.device), st.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += st.nbytes()
+
+    for p in model.parameters():
+        add(p)
+        if grads:
+            add(p.grad)
+    for b in model.buffers():
+        add(b)
+    for st in getattr(opt, "state", {}).values():
+        for v in st.values():
+            add(v)
+    for proj in getattr(opt, "projections", []):
+        for u in getattr(proj, "u", []):
+            add(u)
+    return total
+
+
+def step_peak_bytes(step: Callable[[], T], model: torch.nn.Module, opt: Any, device: torch.device) -> tuple[T, int, float]:
+    """Run ``step()`` once under the allocation window: (its result, the step's peak bytes including
+    the training state live at its start, the profiler's overhead in seconds).
+
+    The profiler cannot size a free of a block allocated before it started, so the gradients
+    left by the previous step (freed by the step's ``zero_grad``) are first re-homed inside the
+    window (a copy, then the originals dropped): every byte the step frees is then one it saw
+    allocated, and the base counts the state without them.
+    """
+    base = live_state_bytes(model, opt, grads=False)
+    with allocation_window(device) as win:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad = p.grad.clone()
+        out = step()
+    return out, base + win.peak_bytes, win.overhead_s
