@@ -86,3 +86,9 @@ def test_cost_study_flag(params):
     p["profiles"]["quick"]["studies"]["gpt_context"]["verdict"] = "no"
     with pytest.raises(ConfigError, match=r"profiles\.quick\.studies\.gpt_context\.verdict: expected true or false, got 'no'"):
         resolve_study(p, "gpt_context")
+
+
+def test_resnet_records_its_own_depth(params):
+    cfg = resolve_run(params, arch="resnet18", dataset="digits")
+    assert cfg.depth == 18
+    assert resolve_run(params, arch="mlp", depth=5).depth == 5

@@ -39,7 +39,8 @@ def _data(dataset: str):
 
 
 def _cases():
-    for name in FULL["sweep"]["studies"] + ["gpt_context"]:
+    assert set(FULL["sweep"]["studies"]) == set(FULL["profiles"]["full"]["studies"])  # the matrix runs every study
+    for name in FULL["profiles"]["full"]["studies"]:
         spec = resolve_study(FULL, name)
         point = spec.points()[0]
         yield name, spec, spec.datasets[0], point

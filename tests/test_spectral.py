@@ -136,3 +136,19 @@ def test_optimizer_defaults():
     assert optim.build("sgd_momentum", m, lr=0.1).param_groups[0]["momentum"] == 0.9
     adam = optim.build("adam", m)
     assert adam.param_groups[0]["lr"] == 1e-3 and adam.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_exact_sigma_in_chunks_matches_svd_and_bounds_temporaries():
+    torch.manual_seed(3)
+    w = torch.randn(2, 7, 12, 9)  # 14 matrices; Gram 9x9 = 324 bytes each
+    whole = spectral_norm_exact(w)
+    chunked = spectral_norm_exact(w, chunk_bytes=3 * 9 * 9 * 4)  # 3 matrices at a time, 5 chunks
+    assert chunked.shape == (2, 7)
+    assert torch.allclose(chunked, whole, rtol=1e-6)
+    assert torch.allclose(chunked.double(), torch.linalg.matrix_norm(w.double(), ord=2), rtol=1e-5)
+    from optlab.metrics.memory import allocation_window
+
+    big = torch.randn(64, 32, 32)
+    with allocation_window(torch.device("cpu")) as win:
+        spectral_norm_exact(big, chunk_bytes=8 * 32 * 32 * 4)
+    assert win.peak_bytes < 64 * 32 * 32 * 4  # never a full-size Gram copy of the stack

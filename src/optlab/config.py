@@ -26,6 +26,7 @@ ARCHS = ("mlp", "resnet18", "gpt")
 CLASSIFICATION_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 LM_DATASETS = ("markov", "tinyshakespeare", "tinystories")
 DATASETS = CLASSIFICATION_DATASETS + LM_DATASETS
+RESNET18_DEPTH = 18  # weighted layers of ResNet-18 (the run key `depth` for arch resnet18)
 ARCH_TASK = {"mlp": "classification", "resnet18": "classification", "gpt": "lm"}
 ACTIVATIONS = ("tanh", "relu", "gelu")
 INITS = ("orthogonal", "kaiming")
@@ -426,6 +427,8 @@ def resolve_run(params: dict[str, Any], **overrides: Any) -> RunConfig:
             raise ConfigError(f"lr: null needs default_lr.{opt}; set lr or default_lr.{opt}")
         values["lr"] = default_lr[opt]
     values = {k: v for k, v in values.items() if k in RunConfig.__dataclass_fields__}
+    if values.get("arch") == "resnet18":
+        values["depth"] = RESNET18_DEPTH  # fixed by the architecture; recorded so tables do not show the MLP's depth
     if "roles" in sn and isinstance(sn["roles"], list):
         sn["roles"] = tuple(sn["roles"])
     return RunConfig(**values, sn=SNConfig(**sn)).validate()
