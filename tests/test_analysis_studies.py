@@ -538,3 +538,24 @@ def test_memory_basis_prefers_cuda_peak_then_step_then_state() -> None:
     assert _mem_pair(pd.Series(cpu), pd.Series({**cpu, "step_mem_mb_mean": 4.0})) == ("step", 3.0, 4.0)
     old = {"peak_mem_mb_mean": np.nan, "step_mem_mb_mean": np.nan, "state_mem_mb_mean": 1.0}
     assert _mem_pair(pd.Series(old), pd.Series(cpu)) == ("state", 1.0, 1.0)
+
+
+def test_time_advantage_uses_the_median_seed(tmp_path: Path) -> None:
+    """One seed slowed 100x (a busy shared machine) does not flip the wall-time comparison."""
+    root = tmp_path / "runs"
+    walls = {"sgd_sn": [1.0, 1.0, 100.0], "adam": [2.0, 2.0, 2.0]}
+    for opt, ws in walls.items():
+        for seed, wall in enumerate(ws):
+            _write(root / "sweep" / "resnet" / opt / f"{opt}-digits-base-lr0.1-s{seed}",
+                   config={"optimizer": opt, "lr": 0.1, "arch": "resnet18", "dataset": "digits", "seed": seed,
+                           "study": "resnet", "n_classes": 10},
+                   final={"val_acc": 0.9, "test_acc": 0.9, "wall_time_s": wall, "seconds_per_epoch": wall / 10,
+                          "state_mem_mb": 2.0, "epochs_to_90": 1},
+                   status="completed", failure=None, n_layers=3, grad_decay=0.9,
+                   sweep={"study": "resnet", "role": "search" if seed == 0 else "confirm", "point": {}, "select": "val_acc"})
+    runs, _, _ = load_runs(root, series=False)
+    row = _one(verdict_table(runs), study="resnet")
+    assert (row["sgd_sn_wall_time_s"], row["adam_wall_time_s"]) == (1.0, 2.0)
+    assert row["time_lower"] == "sgd_sn" and row["epoch_time_lower"] == "sgd_sn"
+    best = _one(best_lr_table(runs), optimizer="sgd_sn")
+    assert best["wall_time_s_mean"] == pytest.approx(34.0) and best["wall_time_s_median"] == 1.0

@@ -397,7 +397,8 @@ def best_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
     cols = [
         *GROUP_KEYS, "lr", "n_seeds", "n_completed", "n_diverged", "n_failed", "select", "val_score",
         "val_acc_mean", "val_loss_mean", "test_acc_mean", "test_acc_std", "test_acc_min", "test_acc_max",
-        "test_bpb_mean", "test_ppl_mean", "wall_time_s_mean", "seconds_per_epoch_mean", "epochs_to_90_mean",
+        "test_bpb_mean", "test_ppl_mean", "wall_time_s_mean", "wall_time_s_median", "seconds_per_epoch_mean",
+        "seconds_per_epoch_median", "epochs_to_90_mean",
         "n_reached_90", "peak_mem_mb_mean", "step_mem_mb_mean", "state_mem_mb_mean", *(f"n_{k}" for k in FAILURE_KINDS), "task",
         "frozen", "seeds",
     ]
@@ -429,6 +430,9 @@ def _lr_stats(g: pd.DataFrame) -> dict[str, Any]:
     def mean(col: str) -> float:
         return float(done[col].mean()) if col in done and done[col].notna().any() else math.nan
 
+    def median(col: str) -> float:
+        return float(done[col].median()) if col in done and done[col].notna().any() else math.nan
+
     if select == "val_loss":
         vl = search["val_loss"] if "val_loss" in search else pd.Series(np.nan, index=search.index)
         score = float(-vl.astype(float).fillna(np.inf).mean())
@@ -455,7 +459,9 @@ def _lr_stats(g: pd.DataFrame) -> dict[str, Any]:
         "test_bpb_mean": mean("test_bpb"),
         "test_ppl_mean": mean("test_ppl"),
         "wall_time_s_mean": mean("wall_time_s"),
+        "wall_time_s_median": median("wall_time_s"),
         "seconds_per_epoch_mean": mean("seconds_per_epoch"),
+        "seconds_per_epoch_median": median("seconds_per_epoch"),
         "epochs_to_90_mean": mean("epochs_to_90"),
         "n_reached_90": int(np.isfinite(e90.astype(float)).sum()) if e90.notna().any() else math.nan,
         "peak_mem_mb_mean": mean("peak_mem_mb"),
@@ -515,7 +521,8 @@ def verdict_table(runs: pd.DataFrame, best: pd.DataFrame | None = None, method: 
     ``ratio_of_means`` = method's mean test accuracy / reference's (each at its selected LR, over
     its completed seeds). The per-seed ratio pairs seeds that completed under both; median,
     quartiles (numpy's linear interpolation) and IQR over those seeds. Advantage metrics hold for
-    ``method`` when strictly better: ``wall_time`` and ``seconds_per_epoch`` (lower means),
+    ``method`` when strictly better: ``wall_time`` and ``seconds_per_epoch`` (lower medians over
+    completed seeds),
     ``memory`` (lower mean peak CUDA memory when both have it, else lower training-state size),
     ``depth_tolerance`` (a deeper deepest-trainable depth in the study/dataset, from
     :func:`depth_to_failure_table`, with the reference failing at or before it) and
@@ -573,11 +580,12 @@ def verdict_table(runs: pd.DataFrame, best: pd.DataFrame | None = None, method: 
             f"{m}_n_completed": a["n_completed"], f"{r}_n_completed": b["n_completed"],
             f"{m}_n_diverged": a["n_diverged"], f"{r}_n_diverged": b["n_diverged"],
             f"{m}_failures": _failure_text(ra), f"{r}_failures": _failure_text(rb),
-            f"{m}_wall_time_s": a["wall_time_s_mean"], f"{r}_wall_time_s": b["wall_time_s_mean"],
-            "time_lower": _lower(a["wall_time_s_mean"], b["wall_time_s_mean"], m, r),
-            f"{m}_seconds_per_epoch": a.get("seconds_per_epoch_mean", math.nan),
-            f"{r}_seconds_per_epoch": b.get("seconds_per_epoch_mean", math.nan),
-            "epoch_time_lower": _lower(a.get("seconds_per_epoch_mean", math.nan), b.get("seconds_per_epoch_mean", math.nan), m, r),
+            # times: medians over completed seeds (one seed slowed by a shared machine does not decide)
+            f"{m}_wall_time_s": a["wall_time_s_median"], f"{r}_wall_time_s": b["wall_time_s_median"],
+            "time_lower": _lower(a["wall_time_s_median"], b["wall_time_s_median"], m, r),
+            f"{m}_seconds_per_epoch": a.get("seconds_per_epoch_median", math.nan),
+            f"{r}_seconds_per_epoch": b.get("seconds_per_epoch_median", math.nan),
+            "epoch_time_lower": _lower(a.get("seconds_per_epoch_median", math.nan), b.get("seconds_per_epoch_median", math.nan), m, r),
             # CUDA allocator peak where both measured it, else the profiled step peak (CPU), else the state size
             "mem_basis": basis, f"{m}_mem_mb": mem_a, f"{r}_mem_mb": mem_b,
             f"{m}_peak_mem_mb": a["peak_mem_mb_mean"], f"{r}_peak_mem_mb": b["peak_mem_mb_mean"],

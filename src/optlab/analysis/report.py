@@ -136,7 +136,8 @@ def _section(t: dict[str, pd.DataFrame], tables_dir: Path, figures_dir: Path, ba
     ]
     lines += _answers(t["verdict"]) + [""]
     lines += ["### Verdict per task", "", _verdict_note(), "", markdown_table(_verdict_view(t["verdict"], VERDICT_VIEW)), "",
-              "Costs and the other advantage metrics (means over completed seeds at the selected LR):", "",
+              "Costs and the other advantage metrics at the selected LR (times: medians over completed seeds; the "
+              "rest: means):", "",
               markdown_table(_verdict_view(t["verdict"], COST_VIEW)), ""]
     lines += ["### Depth to failure", "", _dtf_note(), ""]
     lines += _deepest_lines(t["depth_to_failure"]) + [""]
@@ -339,7 +340,8 @@ def _verdict_note() -> str:
             f"Adam's (next-token accuracy for language models); the per-seed ratio pairs seeds that completed under "
             f"both (median and quartiles with numpy's linear interpolation). `meets_95pct`: ratio of means ≥ "
             f"{100 * TARGET_RATIO:.0f}%. `advantages` lists what {METHOD} does strictly better than Adam: "
-            "`wall_time` and `seconds_per_epoch` (lower means), `memory` (lower peak CUDA memory where both "
+            "`wall_time` and `seconds_per_epoch` (lower medians over completed seeds, so one seed slowed by a "
+            "shared machine does not decide), `memory` (lower peak CUDA memory where both "
             "recorded it, else lower peak of a profiled training step, else lower training-state size: "
             "`mem_basis` peak / step / state), `depth_tolerance` (deeper deepest-"
             "trainable depth in the study and dataset, where Adam failed at or before that depth) and "
@@ -545,8 +547,8 @@ def _caveats(t: dict[str, pd.DataFrame]) -> list[str]:
         "included). CPU keeps no such peak, so there the engine profiles one training step (the second) and "
         "records its peak from the allocator's events: parameters, gradients, optimizer state, activations "
         "and temporaries, the resident dataset excluded (`step_mem_mb`, `mem_basis` step).",
-        "- Wall time: one measurement per seed on a machine shared with the rest of the sweep, averaged over "
-        "completed seeds; it includes evaluation and the exact σ_max checks every `sn.check_every` steps that "
+        "- Wall time: one measurement per seed on a machine shared with the rest of the sweep, the verdict takes the "
+        "median over completed seeds; it includes evaluation and the exact σ_max checks every `sn.check_every` steps that "
         "every optimizer's runs make. `seconds_per_epoch` times the training loop only.",
         "- Ratios: each optimizer is at its own selected LR; where Adam's selected runs failed (e.g. `chance`), a "
         "ratio above 100% says that Adam did not train there, not that sgd_sn trained well.",
