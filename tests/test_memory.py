@@ -104,3 +104,16 @@ def test_engine_records_step_memory_on_cpu(toy_splits, opt_name):
     step, state = res.final["step_mem_mb"], res.final["state_mem_mb"]
     assert math.isfinite(step) and step >= state * 0.99
     assert math.isnan(res.final["peak_mem_mb"])
+
+
+def test_window_drops_profiler_noise_but_passes_other_stderr_lines(capfd):
+    import os
+    import sys
+
+    with allocation_window(CPU):
+        os.write(2, b"a line written to fd 2 directly\n")
+        sys.stderr.write("a plain line\n")
+        torch.empty(10)
+    err = capfd.readouterr().err
+    assert "a line written to fd 2 directly" in err and "a plain line" in err
+    assert "profiler_start" not in err and "SyncActivityProfilerHandler" not in err

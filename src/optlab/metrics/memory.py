@@ -13,8 +13,9 @@ gradient temporaries and optimizer scratch. The dataset resident on the device i
 number is the memory training needs beyond holding its data; on CUDA the allocator peak
 (``peak_mem_mb``) is the one to quote, and includes the data.
 
-The profiler's start/stop lines are written by C++ straight to file descriptor 2; they are
-silenced for exactly those two calls, never for the step itself.
+The profiler's and the allocator's log lines are written by C++ straight to file descriptor 2;
+while a window is open fd 2 goes to a buffer, those lines are dropped and every other line is
+passed on when the window closes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,23 +45,37 @@ class AllocationWindow:
     overhead_s: float = 0.0  # the profiler's start, stop and event parsing
 
 
+PROFILER_NOISE = ("SyncActivityProfilerHandler", "gpuGetDeviceCount", "Memory block of unknown size",
+                  "profiler_start", "profiler_stop")
+"""Fragments of the lines the profiler and the CPU allocator write to fd 2 around a window."""
+
+
 @contextlib.contextmanager
 def _quiet_fd2() -> Iterator[None]:
-    """Route file descriptor 2 to /dev/null for the block (C++ log lines that bypass sys.stderr)."""
+    """Drop the profiler's own log lines (C++ writes them to file descriptor 2, past sys.stderr);
+    every other line written to fd 2 in the block (warnings included) is passed on afterwards."""
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     try:
         saved = os.dup(2)
-    except OSError:  # no fd 2 (some embedded interpreters): nothing to silence
+    except OSError:  # no fd 2 (some embedded interpreters): nothing to filter
         yield
         return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with tempfile.TemporaryFile() as buf:
+        try:
+            os.dup2(buf.fileno(), 2)
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            keep = [ln for ln in buf.read().splitlines(keepends=True)
+                    if not any(n.encode() in ln for n in PROFILER_NOISE)]
+            if keep:
+                with contextlib.suppress(OSError):
+                    os.write(2, b"".join(keep))
 
 
 def _allocations(prof: Any, device: torch.device) -> list[Any]:
@@ -98,7 +114,7 @@ def allocation_window(device: torch.device) -> Iterator[AllocationWindow]:
     sentinel = torch.empty(1, dtype=torch.uint8, device=device)
     win.overhead_s = time.perf_counter() - t
     try:
-        # quiet too: the C++ allocator warns (on fd 2) about frees of blocks from before the window
+        # filtered too: the C++ allocator warns (on fd 2) about frees of blocks from before the window
         with _quiet_fd2():
             yield win
     finally:
