@@ -2,9 +2,16 @@
 
 The hidden layers are stored as one ``(depth, width, width)`` weight stack and one
 ``(depth, width)`` bias stack, so per-layer work (spectral norms, projections, gradient
-norms) runs as one batched operation over all layers. The forward pass walks the stack with
-``unbind`` (whose backward is a single ``stack``), which keeps a 10,000-layer backward linear
-in depth.
+norms) runs as one batched operation over all layers.
+
+Training walks the stack in one autograd function (:class:`_HiddenStackFn`) whose backward
+writes each layer's weight and bias gradient straight into the stack's gradient. Autograd
+through ``unbind`` would instead hold every layer's gradient and then ``stack`` them: a second,
+transient copy of the whole weight gradient (2.4 GiB at 10,000 x 256 x 256), the largest term in
+the step's peak memory. The function also does the activation checkpointing (only segment
+boundaries are kept; each segment is recomputed in backward). Its gradients are checked
+against autograd through ``unbind`` (:meth:`DeepMLP.forward_autograd`, the reference path, also
+used under autocast and torch.compile) in ``tests/test_models.py``.
 """
 
 from __future__ import annotations
@@ -42,6 +49,79 @@ def kaiming_(w: torch.Tensor, gain: float, generator: torch.Generator | None = N
     with torch.no_grad():
         w.copy_(torch.randn(w.shape, generator=generator, device=w.device) * (gain / math.sqrt(fan_in)))
     return w
+
+
+def _segments(depth: int, k: int) -> list[tuple[int, int]]:
+    """(start, stop) of the checkpoint segments: ``k`` of them (0: one segment, nothing recomputed)."""
+    if k <= 0:
+        return [(0, depth)]
+    step = -(-depth // k)
+    return [(a, min(a + step, depth)) for a in range(0, depth, step)]
+
+
+def _walk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: int, z: int, act: str, keep: bool) -> list[torch.Tensor]:
+    """Layers a..z-1 from input ``h``: [h_a, ..., h_z] when ``keep``, else [h_z]."""
+    fn = _ACTIVATIONS[act]
+    out = [h] if keep else []
+    for i in range(a, z):
+        h = fn(torch.addmm(b[i], h, w[i].t()))
+        if keep:
+            out.append(h)
+    return out if keep else [h]
+
+
+class _HiddenStackFn(torch.autograd.Function):
+    """h -> act(h W_i^T + b_i) for i = 0..depth-1, with the weight/bias gradients written in place
+    into one ``(depth, width, width)`` / ``(depth, width)`` buffer. ``segments`` > 0 keeps only
+    the segment boundaries and recomputes each segment's activations in backward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str, segments: int) -> torch.Tensor:
+        depth = w.shape[0]
+        segs = _segments(depth, segments)
+        keep_all = len(segs) == 1
+        with torch.no_grad():
+            saved: list[torch.Tensor] = []
+            for a, z in segs:
+                if keep_all:
+                    saved = _walk(h, w, b, a, z, act, keep=True)
+                    h = saved[-1]
+                else:
+                    saved.append(h)  # the segment's input
+                    h = _walk(h, w, b, a, z, act, keep=False)[0]
+        ctx.act, ctx.segs, ctx.keep_all = act, segs, keep_all
+        ctx.save_for_backward(w, b, *saved)
+        return h
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        w, b, *saved = ctx.saved_tensors
+        act = ctx.act
+        gw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
+        gb = torch.empty_like(b) if ctx.needs_input_grad[2] else None
+        g = g.contiguous()
+        for si in range(len(ctx.segs) - 1, -1, -1):
+            a, z = ctx.segs[si]
+            if ctx.keep_all:
+                hs = saved
+            else:
+                with torch.no_grad():
+                    hs = _walk(saved[si], w, b, a, z, act, keep=True)
+            for i in range(z - 1, a - 1, -1):
+                h_in, h_out = hs[i - a], hs[i - a + 1]
+                if act == "tanh":
+                    gz = torch.ops.aten.tanh_backward(g, h_out)
+                elif act == "relu":
+                    gz = torch.ops.aten.threshold_backward(g, h_out, 0)
+                else:  # gelu: the derivative needs the pre-activation, recomputed
+                    gz = torch.ops.aten.gelu_backward(g, torch.addmm(b[i], h_in, w[i].t()))
+                if gw is not None:
+                    torch.mm(gz.t(), h_in, out=gw[i])
+                if gb is not None:
+                    torch.sum(gz, 0, out=gb[i])
+                g = gz @ w[i]
+            hs = None
+        return g, gw, gb, None, None
 
 
 class HiddenStack(nn.Module):
@@ -92,6 +172,16 @@ class DeepMLP(nn.Module):
             nn.init.zeros_(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.hidden.weight, self.hidden.bias
+        if (not torch.is_grad_enabled() or torch.is_autocast_enabled() or torch.compiler.is_compiling()
+                or w.dtype != b.dtype):
+            return self.forward_autograd(x)
+        h = self.act(self.input(x))
+        k = self.checkpoint_segments if self.training else 0
+        return self.head(_HiddenStackFn.apply(h, w, b, self.activation, k))
+
+    def forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference forward: autograd through ``unbind`` (torch.utils.checkpoint for segments)."""
         h = self.act(self.input(x))
         ws, bs = self.hidden.weight.unbind(0), self.hidden.bias.unbind(0)
         k = self.checkpoint_segments
