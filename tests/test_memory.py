@@ -133,3 +133,29 @@ def test_stack_gradient_is_written_in_place_without_a_second_copy():
 
     _, ref_peak, _ = step_peak_bytes(reference, model, optim.build("sgd", model, lr=0.01), CPU)
     assert ref_peak >= 2.8 * params  # the copy this layout avoids, measured
+
+
+def test_same_timestamp_events_are_chained_by_the_running_total():
+    from types import SimpleNamespace as E
+
+    from optlab.metrics.memory import _chain
+
+    free_old = E(ptr=1, alloc_size=-64, total_allocated=100)   # 164 -> 100
+    alloc_new = E(ptr=1, alloc_size=32, total_allocated=132)   # 100 -> 132, the address reused
+    assert _chain([alloc_new, free_old]) == [free_old, alloc_new]
+    a = E(ptr=2, alloc_size=8, total_allocated=108)  # 100 -> 108 -> 100: a cycle, told apart by
+    b = E(ptr=2, alloc_size=-8, total_allocated=100)  # the total before the group
+    assert _chain([b, a], prev_total=100) == [a, b]
+    assert _chain([a, b], prev_total=108) == [b, a]
+    assert _chain([b, a]) == [a, b]  # no context: allocations first
+
+
+def test_a_sweep_of_windows_does_not_drift():
+    """Many windows in one process (a sweep): blocks sized in one window and freed outside any
+    must not be subtracted in a later one; the same step measures the same every time."""
+    peaks = []
+    for _ in range(4):
+        peak, params = _mlp_step(50, 64, 16, 5)
+        peaks.append(peak)
+    assert max(peaks) == min(peaks)
+    assert peaks[0] >= 2 * params

@@ -79,18 +79,50 @@ def _quiet_fd2() -> Iterator[None]:
 
 
 def _allocations(prof: Any, device: torch.device) -> list[Any]:
-    """Every allocation/free event the profiler recorded on ``device``."""
+    """Every allocation/free event the profiler recorded on ``device``, in call order.
+
+    Events are ordered by time; events with the same timestamp are put in the order in which
+    the allocator's running total (``total_allocated``, updated under its lock) chains them:
+    the total before an event is the total after the one preceding it.
+    """
     from torch._C._profiler import _EventType
 
-    out: list[Any] = []
+    found: list[tuple[int, Any]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         ev = stack.pop()
         if ev.tag == _EventType.Allocation:
             f = ev.extra_fields
             if f.device.type == device.type and (device.index is None or f.device.index in (None, device.index)):
-                out.append(f)
+                found.append((int(ev.start_time_ns), f))
         stack.extend(ev.children)
+    found.sort(key=lambda e: e[0])
+    out: list[Any] = []
+    i = 0
+    while i < len(found):
+        j = i
+        while j < len(found) and found[j][0] == found[i][0]:
+            j += 1
+        prev = out[-1].total_allocated if out else None
+        out += _chain([f for _, f in found[i:j]], prev) if j - i > 1 else [found[i][1]]
+        i = j
+    return out
+
+
+def _chain(group: list[Any], prev_total: int | None = None) -> list[Any]:
+    """Same-timestamp events in the order their running totals chain (see :func:`_allocations`);
+    ``prev_total``: the total after the event before the group. Ambiguity (no chain): allocations
+    first."""
+    rest = sorted(group, key=lambda f: f.alloc_size < 0)
+    afters = {f.total_allocated for f in rest}
+    first = [f for f in rest if prev_total is not None and f.total_allocated - f.alloc_size == prev_total]
+    first = first or [f for f in rest if f.total_allocated - f.alloc_size not in afters]
+    out = [first[0] if first else rest[0]]
+    rest.remove(out[0])
+    while rest:
+        nxt = [f for f in rest if f.total_allocated - f.alloc_size == out[-1].total_allocated]
+        out.append(nxt[0] if nxt else rest[0])
+        rest.remove(out[-1])
     return out
 
 
@@ -98,10 +130,11 @@ def _allocations(prof: Any, device: torch.device) -> list[Any]:
 def allocation_window(device: torch.device) -> Iterator[AllocationWindow]:
     """Record the allocations the block makes on ``device``; the window's fields fill in on exit.
 
-    Each allocator event carries the allocator's running total of the bytes it has seen
-    allocated and not yet freed (``total_allocated``, kept under the allocator's lock, so in
-    true call order; event timestamps can tie or drift). A one-byte sentinel allocated first
-    marks the total at the window's start; the peak is the largest total after it.
+    The events are replayed in time order, counting an allocation when it happens and its free
+    only if the block was allocated inside the window. Frees of older blocks are ignored: the
+    allocator's own running total (``total_allocated``) cannot be used, because it subtracts
+    blocks it sized in an earlier window even when their address has since been reused by a
+    block allocated outside any window, so in a long sweep it drifts.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -111,7 +144,6 @@ def allocation_window(device: torch.device) -> Iterator[AllocationWindow]:
     prof = profile(activities=acts, profile_memory=True)
     with _quiet_fd2():
         prof.start()
-    sentinel = torch.empty(1, dtype=torch.uint8, device=device)
     win.overhead_s = time.perf_counter() - t
     try:
         # filtered too: the C++ allocator warns (on fd 2) about frees of blocks from before the window
@@ -119,19 +151,19 @@ def allocation_window(device: torch.device) -> Iterator[AllocationWindow]:
             yield win
     finally:
         t = time.perf_counter()
-        ptr = sentinel.data_ptr()
         with _quiet_fd2():
             prof.stop()
-        del sentinel
+    live: dict[int, int] = {}
+    running = 0
     events = _allocations(prof, device)
-    marks = [f for f in events if f.ptr == ptr and f.alloc_size > 0]
-    if not marks:
-        raise RuntimeError(f"allocation_window: the profiler recorded no allocation events on {device}")
-    start = marks[0].total_allocated  # includes the sentinel
-    totals = [f.total_allocated for f in events]
-    win.peak_bytes = max(0, max(totals) - start)
-    win.net_bytes = sum(f.alloc_size for f in events) - marks[0].alloc_size
-    win.events = len(events) - 1
+    for f in events:
+        if f.alloc_size > 0:
+            live[f.ptr] = f.alloc_size
+            running += f.alloc_size
+            win.peak_bytes = max(win.peak_bytes, running)
+        elif f.ptr in live:
+            running -= live.pop(f.ptr)
+    win.net_bytes, win.events = running, len(events)
     win.overhead_s += time.perf_counter() - t
 
 
