@@ -30,6 +30,7 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks.memory --depth 1000 --peer
 
 # The MLflow UI on loopback only.
 mlflow-ui: venv

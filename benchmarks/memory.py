@@ -84,11 +84,14 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
              f"torch {torch.__version__}; `python -m benchmarks.memory --depth {args.depth} --width {args.width} "
              f"--batch {args.batch}`. Peak = training state at the step's start + the step's allocation peak "
              "(allocator events via the torch profiler). The input data is the batch only.", "",
-             "| model | optimizer | checkpoint segments | peak (GiB) | state (GiB) | step (s) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "Ratio: the peer's peak / this row's peak (> 1: less memory than nn.Sequential with plain SGD).", "",
+             "| model | optimizer | checkpoint segments | peak (GiB) | state (GiB) | ratio | step (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    peer = next((r["peak_gib"] for r in rows if r["model"].startswith("nn.Sequential")), None)
     for r in rows:
+        ratio = f"{peer / r['peak_gib']:.2f}" if peer else "n/a"
         lines.append(f"| {r['model']} | {r['optimizer']} | {r['segments'] or 'off'} | {r['peak_gib']:.2f} | "
-                     f"{r['state_gib']:.2f} | {r['step_s']:.1f} |")
+                     f"{r['state_gib']:.2f} | {ratio} | {r['step_s']:.1f} |")
     (out / f"memory_{dev}_depth{args.depth}.md").write_text("\n".join(lines) + "\n")
     (out / f"memory_{dev}_depth{args.depth}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
 

@@ -7,60 +7,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.repo_copy import sh as _run
+from tests.repo_copy import tiny_repo
+
 pytestmark = pytest.mark.slow
-
-
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     tmp = tmp_path_factory.mktemp("e2e") / "repo"
-    tmp.mkdir()
-    for name in ("src", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", "README.md", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
-        src = ROOT / name
-        dst = tmp / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dst)
-    params = yaml.safe_load((tmp / "params.yaml").read_text())
-    quick = params["profiles"]["quick"]
-    quick.update(depth=2, width=8, epochs=1, batch_size=256)
-    quick["studies"] = {"tiny": {"arch": "mlp", "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.01],
-                                 "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 256}}}
-    params["sweep"] = {"optimizers": ["sgd", "sgd_sn"], "studies": ["tiny"]}
-    quick["ablate"] = {"seeds": [0], "base": {"dataset": "digits", "epochs": 1, "batch_size": 256},
-                       "variants": {"mlp_sn_clip": {"arch": "mlp", "depth": 2, "width": 8, "optimizer": "sgd_sn", "lr": 0.1},
-                                    "mlp_sn_reparam": {"arch": "mlp", "depth": 2, "width": 8, "optimizer": "sgd", "lr": 0.1,
-                                                       "reparam": "spectral_norm"}}}
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTLAB_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(tmp / "src")
-    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "optlab-test"
-    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@optlab.invalid"
-    _run(["git", "init", "-q", "-b", "main"], tmp, env)
-    _run(["git", "add", "-A"], tmp, env)
-    _run(["git", "commit", "-qm", "e2e fixture"], tmp, env)
-    _run(["dvc", "repro"], tmp, env)
-    _run(["git", "add", "-A"], tmp, env)
-    _run(["git", "commit", "-qm", "repro"], tmp, env)
+    env = tiny_repo(tmp, lrs=[0.1, 0.01], seeds=[0, 1], optimizers=["sgd", "sgd_sn"], variants={
+        "mlp_sn_clip": {"arch": "mlp", "depth": 2, "width": 8, "optimizer": "sgd_sn", "lr": 0.1},
+        "mlp_sn_reparam": {"arch": "mlp", "depth": 2, "width": 8, "optimizer": "sgd", "lr": 0.1, "reparam": "spectral_norm"},
+    })
     _run(["dvc", "exp", "run", "-S", "optimizer=adam"], tmp, env)
     return tmp, env
 

@@ -27,6 +27,7 @@ from optlab import engine
 from optlab.config import RunConfig, SNConfig
 from optlab.tracking.sink import REQUIRED_TAGS
 from tests.conftest import make_splits
+from tests.repo_copy import tiny_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW_CLI = Path(sys.executable).parent / "mlflow"
@@ -418,6 +419,7 @@ from optlab import engine
 from optlab.config import RunConfig, SNConfig
 from optlab.tracking import MlflowSink
 from tests.conftest import make_splits
+from tests.repo_copy import tiny_repo
 seed, out, go = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 data = make_splits(seed=seed)
 out.with_suffix(".ready").write_text("ready")
@@ -482,14 +484,6 @@ def test_four_parallel_processes_one_fresh_sqlite_store(tmp_path, _isolated):
 
 
 # -- slow: four queued DVC experiments, two workers, one store at the original repo root -------
-def _git_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTLAB_", "DVC_", "GIT_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "optlab-test"
-    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@optlab.invalid"
-    return env
-
-
 def _sh(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -499,35 +493,8 @@ def _sh(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> s
 
 def _tiny_repo(tmp: Path) -> dict[str, str]:
     """A committed copy of the project with tiny params and a reproduced baseline."""
-    import yaml
-
-    for name in ("src", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", "README.md", ".gitignore",
-                 ".dvc/config", ".dvc/.gitignore"):
-        src, dst = ROOT / name, tmp / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dst)
-    params = yaml.safe_load((tmp / "params.yaml").read_text())
-    quick = params["profiles"]["quick"]
-    quick.update(depth=2, width=8, epochs=1, batch_size=256)
-    tiny = {"width": 8, "epochs": 1, "batch_size": 256}
-    quick["studies"] = {"tiny": {"arch": "mlp", "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1],
-                                 "search_seeds": [0], "seeds": [0], "set": tiny}}
-    quick["ablate"] = {"seeds": [0], "base": {"dataset": "digits", **tiny},
-                       "variants": {"mlp_sgd": {"arch": "mlp", "depth": 2, "optimizer": "sgd", "lr": 0.1}}}
-    params["sweep"] = {"optimizers": ["sgd"], "studies": ["tiny"]}
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = _git_env()
-    env["PYTHONPATH"] = str(tmp / "src")
-    _sh(["git", "init", "-q", "-b", "main"], tmp, env)
-    _sh(["git", "add", "-A"], tmp, env)
-    _sh(["git", "commit", "-qm", "fixture"], tmp, env)
-    _sh(["dvc", "repro"], tmp, env)
-    _sh(["git", "add", "-A"], tmp, env)
-    _sh(["git", "commit", "-qm", "baseline"], tmp, env)
-    return env
+    return tiny_repo(tmp, lrs=[0.1], seeds=[0], optimizers=["sgd"],
+                     variants={"mlp_sgd": {"arch": "mlp", "depth": 2, "optimizer": "sgd", "lr": 0.1}})
 
 
 def _exp_curves(repo: Path, env: dict[str, str]) -> dict[str, dict[str, int]]:
