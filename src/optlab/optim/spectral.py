@@ -23,10 +23,11 @@ from typing import Any, Iterable
 import torch
 
 
-EXACT_CHUNK_BYTES = 256 * 2**20
-"""Gram matrices formed at once by :func:`spectral_norm_exact` (bounds its temporaries: a
-10,000-layer stack of 256x256 weights is eigensolved 1,024 matrices at a time, not as a
-second 2.4 GiB copy of the weights)."""
+EXACT_CHUNK_BYTES = 64 * 2**20
+"""Gram matrices formed at once by :func:`spectral_norm_exact`. It bounds the temporaries (the
+Gram matrices and the eigensolver's copy of them): a stack of 256x256 weights is eigensolved
+256 matrices at a time, so a 10,000-layer step does not hold two more copies of its 2.4 GiB of
+weights (measured: benchmarks/results/memory_cpu_depth*.md)."""
 
 
 def spectral_norm_exact(w: torch.Tensor, chunk_bytes: int = EXACT_CHUNK_BYTES) -> torch.Tensor:
