@@ -64,7 +64,7 @@ def test_full_study_first_point_runs_a_few_steps(case):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("OPTLAB_BIG_TESTS") != "1", reason="about 1 min and 8 GB on a 2-core CPU: set OPTLAB_BIG_TESTS=1")
+@pytest.mark.skipif(os.environ.get("OPTLAB_BIG_TESTS") != "1", reason="about 1 min and 13 GB of RAM (peak RSS) on a 2-core CPU: set OPTLAB_BIG_TESTS=1")
 def test_full_size_mlp_10000_layers_takes_a_step():
     """One step (plus the exact sigma check of all 10,002 layers); its measured peak fits one GPU.
     Peaks per optimizer and with checkpointing: benchmarks/results/memory_cpu_depth10000.md."""
