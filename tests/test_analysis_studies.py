@@ -559,3 +559,11 @@ def test_time_advantage_uses_the_median_seed(tmp_path: Path) -> None:
     assert row["time_lower"] == "sgd_sn" and row["epoch_time_lower"] == "sgd_sn"
     best = _one(best_lr_table(runs), optimizer="sgd_sn")
     assert best["wall_time_s_mean"] == pytest.approx(34.0) and best["wall_time_s_median"] == 1.0
+
+
+def test_report_says_when_the_projection_never_acted() -> None:
+    from optlab.analysis.report import _binding_text
+
+    assert "never acted" in _binding_text(0.0) and "exactly as plain SGD" in _binding_text(0.0)
+    assert _binding_text(0.25) == " The projection changed the weights at 25.0% of steps."
+    assert _binding_text(float("nan")) == "" and _binding_text(None) == ""

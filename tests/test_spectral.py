@@ -152,3 +152,46 @@ def test_exact_sigma_in_chunks_matches_svd_and_bounds_temporaries():
     with allocation_window(torch.device("cpu")) as win:
         spectral_norm_exact(big, chunk_bytes=8 * 32 * 32 * 4)
     assert win.peak_bytes < 64 * 32 * 32 * 4  # never a full-size Gram copy of the stack
+
+
+def test_projection_counts_the_steps_at_which_it_acted():
+    """A constraint that never binds is reported as such: clip acts only when some sigma > 1."""
+    from optlab.optim.projected import Projected
+
+    w = torch.nn.Parameter(torch.diag(torch.tensor([0.5, 0.2])))
+    opt = Projected(torch.optim.SGD([w], lr=0.1), [SpectralProjection([w], mode="clip", sigma="exact")])
+    for _ in range(3):
+        opt.zero_grad()
+        (0.0 * w.sum()).backward()  # zero gradient: sigma stays 0.5
+        opt.step()
+    assert opt.active_steps == 0
+    for target, acted in ((6.0, 1), (-2.0, 1), (3.0, 2)):  # w[0,0]: 1.1 -> 1, 0.8, 1.1 -> 1
+        opt.zero_grad()
+        (-target * w[0, 0]).backward()  # one SGD step pushes w[0,0] up by 0.1 * target
+        opt.step()
+        assert opt.active_steps == acted, target
+    state = opt.state_dict()
+    fresh = Projected(torch.optim.SGD([w], lr=0.1), [SpectralProjection([w], mode="clip", sigma="exact")])
+    fresh.load_state_dict(state)
+    assert fresh.active_steps == 2  # carried through a checkpoint
+    norm = Projected(torch.optim.SGD([w], lr=0.1), [SpectralProjection([w], mode="normalize", sigma="exact")])
+    w.data.mul_(0.5)
+    norm.zero_grad()
+    (0.0 * w.sum()).backward()
+    norm.step()
+    norm.zero_grad()
+    (0.0 * w.sum()).backward()
+    norm.step()
+    assert norm.active_steps == 1  # rescaled to 1 once, then already at norm 1
+
+
+def test_engine_records_how_often_the_projection_acted(toy_splits):
+    from optlab.config import RunConfig, SNConfig
+    from optlab.engine import train
+
+    base = dict(arch="mlp", dataset="digits", depth=3, width=16, epochs=2, batch_size=32, device="cpu",
+                checkpoint_every=0, sn=SNConfig(check_every=4))
+    hot = train(RunConfig(optimizer="sgd_sn", lr=1.0, **base), data=toy_splits, progress=False)
+    plain = train(RunConfig(optimizer="sgd", lr=1.0, **base), data=toy_splits, progress=False)
+    assert 0.5 < hot.final["sn_active_frac"] <= 1.0  # orthogonal init at sigma 1: lr 1 pushes above it
+    assert plain.final["sn_active_frac"] is None

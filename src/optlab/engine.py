@@ -345,7 +345,7 @@ class Checkpointer:
             curves = [(int(a), int(b), str(c), float("nan") if d is None else float(d)) for a, b, c, d in doc.pop("curves")]
             layers = [(int(a), int(b), int(c), str(d), float("nan") if f is None else float(f), float("nan") if g is None else float(g))
                       for a, b, c, d, f, g in doc.pop("layers")]
-            final = {k: (math.nan if v is None and k not in ("sn_violations", "epochs_to_90") else v) for k, v in doc["final"].items()}
+            final = {k: (math.nan if v is None and k not in ("sn_violations", "sn_active_frac", "epochs_to_90") else v) for k, v in doc["final"].items()}
             return RunResult(run_id=doc["run_id"], status=doc["status"], config=doc["config"], final=final,
                              diverged_step=doc["diverged_step"], diverge_reason=doc["diverge_reason"], error=doc["error"],
                              failure=doc.get("failure"), sweep=doc.get("sweep"), curves=curves, layers=layers,
@@ -581,6 +581,8 @@ class _Loop:
             "best_val_acc": self.best_val if self.best_val > -math.inf else math.nan,
             "sigma_max_max": self.sigma_max_max,
             "sn_violations": self.violations if self.projected else None,
+            # fraction of steps at which the projection changed some weight (0: it never bound)
+            "sn_active_frac": (self.opt.active_steps / self.step if self.step else math.nan) if self.projected else None,
         }
         final["epochs_to_90"] = self.epochs_to_90
         epoch_times = [v for (_, _, k, v) in self.rec.curves if k == "epoch_time_s"]

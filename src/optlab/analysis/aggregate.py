@@ -39,7 +39,7 @@ TOP_KEYS = ("run_id", "run_dir", "kind", "status", "diverged_step", "diverge_rea
 FINAL_NUMERIC = (
     "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "test_loss", "test_acc",
     "wall_time_s", "peak_mem_mb", "step_mem_mb", "state_mem_mb", "peak_rss_mb", "steps", "epochs_completed", "sigma_max_max",
-    "sn_violations", "epochs_to_90", "seconds_per_epoch", "examples_per_s", "tokens_per_s",
+    "sn_violations", "sn_active_frac", "epochs_to_90", "seconds_per_epoch", "examples_per_s", "tokens_per_s",
     "val_ppl", "val_bpb", "test_ppl", "test_bpb",
 )
 
@@ -399,7 +399,7 @@ def best_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
         "val_acc_mean", "val_loss_mean", "test_acc_mean", "test_acc_std", "test_acc_min", "test_acc_max",
         "test_bpb_mean", "test_ppl_mean", "wall_time_s_mean", "wall_time_s_median", "seconds_per_epoch_mean",
         "seconds_per_epoch_median", "epochs_to_90_mean",
-        "n_reached_90", "peak_mem_mb_mean", "step_mem_mb_mean", "state_mem_mb_mean", *(f"n_{k}" for k in FAILURE_KINDS), "task",
+        "n_reached_90", "peak_mem_mb_mean", "step_mem_mb_mean", "state_mem_mb_mean", "sn_active_frac_mean", *(f"n_{k}" for k in FAILURE_KINDS), "task",
         "frozen", "seeds",
     ]
     sw = sweep_runs(runs)
@@ -466,6 +466,7 @@ def _lr_stats(g: pd.DataFrame) -> dict[str, Any]:
         "n_reached_90": int(np.isfinite(e90.astype(float)).sum()) if e90.notna().any() else math.nan,
         "peak_mem_mb_mean": mean("peak_mem_mb"),
         "step_mem_mb_mean": mean("step_mem_mb"),
+        "sn_active_frac_mean": mean("sn_active_frac"),
         "state_mem_mb_mean": mean("state_mem_mb"),
         **{f"n_{k}": sum(f == k for f in failures) for k in FAILURE_KINDS},
         "task": "lm" if "lm" in tasks else ("classification" if len(tasks) else math.nan),
@@ -544,7 +545,7 @@ def verdict_table(runs: pd.DataFrame, best: pd.DataFrame | None = None, method: 
         f"{m}_state_mem_mb", f"{r}_state_mem_mb", "mem_lower",
         f"{m}_deepest", f"{r}_deepest", "depth_deeper",
         f"{m}_epochs_to_90", f"{r}_epochs_to_90", f"{m}_n_reached_90", f"{r}_n_reached_90", "e90_fewer",
-        f"{m}_test_bpb", f"{r}_test_bpb", "advantages", "answer", "frozen",
+        f"{m}_test_bpb", f"{r}_test_bpb", f"{m}_sn_active_frac", "advantages", "answer", "frozen",
     ]
     best = best_lr_table(runs) if best is None else best
     if failure_depths is None:
@@ -596,6 +597,8 @@ def verdict_table(runs: pd.DataFrame, best: pd.DataFrame | None = None, method: 
             f"{m}_n_reached_90": a.get("n_reached_90", math.nan), f"{r}_n_reached_90": b.get("n_reached_90", math.nan),
             "e90_fewer": e90,
             f"{m}_test_bpb": a.get("test_bpb_mean", math.nan), f"{r}_test_bpb": b.get("test_bpb_mean", math.nan),
+            # fraction of steps at which the projection changed a weight (0: sgd_sn was plain SGD)
+            f"{m}_sn_active_frac": a.get("sn_active_frac_mean", math.nan),
             "frozen": bool(a["frozen"] and b["frozen"]),
         }
         held = {
@@ -761,8 +764,8 @@ def ablation_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.Dat
     is summed over every seed.
     """
     cols = ["variant", *ABLATION_CONFIG, "n_seeds", "n_completed", "n_diverged", "n_failed", "test_acc_mean",
-            "test_acc_std", "val_acc_mean", "wall_time_s_mean", "sigma_max_max_mean", "sn_violations_total",
-            "frozen", "seeds"]
+            "test_acc_std", "val_acc_mean", "wall_time_s_mean", "sigma_max_max_mean", "sn_active_frac_mean",
+            "sn_violations_total", "frozen", "seeds"]
     ab = ablation_runs(runs)
     ab = ab[ab["variant"].notna()]
     if ab.empty:
@@ -799,7 +802,7 @@ def ablation_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.Dat
             "test_acc_mean": float(test.mean()) if len(test) else math.nan,
             "test_acc_std": float(test.std(ddof=1)) if len(test) > 1 else math.nan,
             "val_acc_mean": mean("val_acc"), "wall_time_s_mean": mean("wall_time_s"),
-            "sigma_max_max_mean": mean("sigma_max_max"),
+            "sigma_max_max_mean": mean("sigma_max_max"), "sn_active_frac_mean": mean("sn_active_frac"),
             "sn_violations_total": int(viol.sum()) if viol.notna().any() else math.nan,
             "frozen": bool(g["frozen"].all()),
             "seeds": " ".join(str(int(s)) for s in sorted(g["seed"].dropna())),

@@ -47,12 +47,13 @@ VERDICT_VIEW = ["task", "sgd_sn_lr", "adam_lr", "sgd_sn_test_acc", "adam_test_ac
                 "ratio_q25", "ratio_q75", "n_pairs", "meets_95pct", "advantages", "answer"]
 COST_VIEW = ["task", "sgd_sn_wall_time_s", "adam_wall_time_s", "sgd_sn_seconds_per_epoch", "adam_seconds_per_epoch",
              "mem_basis", "sgd_sn_mem_mb", "adam_mem_mb", "sgd_sn_deepest", "adam_deepest", "sgd_sn_epochs_to_90",
-             "adam_epochs_to_90", "sgd_sn_test_bpb", "adam_test_bpb", "sgd_sn_failures", "adam_failures"]
+             "adam_epochs_to_90", "sgd_sn_test_bpb", "adam_test_bpb", "sgd_sn_sn_active_frac", "sgd_sn_failures",
+             "adam_failures"]
 DTF_VIEW = ["study", "dataset", "optimizer", "axis", "points_tried", "deepest_trained", "first_failing", "failure_kinds",
             "skipped", "selected_lrs"]
 ABLATION_VIEW = ["variant", "arch", "depth", "optimizer", "reparam", "sn_mode", "sn_sigma", "sn_power_iters", "sn_conv",
                  "batch_norm", "residual", "lr", "n_seeds", "n_diverged", "test_acc (mean ± std)", "val_acc_mean",
-                 "wall_time_s_mean", "sigma_max_max_mean", "sn_violations_total", "frozen"]
+                 "wall_time_s_mean", "sigma_max_max_mean", "sn_active_frac_mean", "sn_violations_total", "frozen"]
 BEST_VIEW = ["dataset", "optimizer", "point", "lr", "n_seeds", "n_completed", "n_diverged", "failures", "val_acc_mean",
              "val_loss_mean", "test_acc_mean", "test_acc_std", "test_bpb_mean", "test_ppl_mean", "wall_time_s_mean",
              "seconds_per_epoch_mean", "epochs_to_90_mean", "n_reached_90", "peak_mem_mb_mean", "step_mem_mb_mean",
@@ -297,8 +298,20 @@ def _answer_line(row: pd.Series) -> str:
             s += f" {name}: {n_bad}{of} selected-LR runs failed ({', '.join(k[0] for k in kinds)})."
     if _is_lm(row) and (pd.notna(row.get(f"{m}_test_bpb")) or pd.notna(row.get(f"{r}_test_bpb"))):
         s += f" Test bits per byte: {m} {_num(row.get(f'{m}_test_bpb'))} vs Adam {_num(row.get(f'{r}_test_bpb'))}."
+    s += _binding_text(row.get(f"{m}_sn_active_frac"))
     s += f" Answer: **{row.get('answer', 'no')}**."
     return s
+
+
+def _binding_text(frac: Any) -> str:
+    """How often the projection changed the weights in the method's selected runs."""
+    if frac is None or pd.isna(frac):
+        return ""
+    frac = float(frac)
+    if frac == 0.0:
+        return (f" The projection never acted in these runs (every projected layer kept σ ≤ 1), so {METHOD} "
+                "trained exactly as plain SGD at the same LR.")
+    return f" The projection changed the weights at {_pct(frac)} of steps."
 
 
 def _verdict_view(v: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
