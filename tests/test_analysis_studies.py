@@ -567,3 +567,13 @@ def test_report_says_when_the_projection_never_acted() -> None:
     assert "never acted" in _binding_text(0.0) and "exactly as plain SGD" in _binding_text(0.0)
     assert _binding_text(0.25) == " The projection changed the weights at 25.0% of steps."
     assert _binding_text(float("nan")) == "" and _binding_text(None) == ""
+    from optlab.analysis.report import _answers
+
+    rows = pd.DataFrame([
+        {"study": "gpt", "dataset": "markov", "point": "depth=2", "ratio_of_means": 1.0, "meets_95pct": True,
+         "answer": "yes", "sgd_sn_sn_active_frac": 0.0, "sgd_sn_test_acc": 0.5, "adam_test_acc": 0.5, "n_pairs": 3},
+        {"study": "mlp_depth", "dataset": "digits", "point": "depth=2", "ratio_of_means": 0.8, "meets_95pct": False,
+         "answer": "no", "sgd_sn_sn_active_frac": 1.0, "sgd_sn_test_acc": 0.4, "adam_test_acc": 0.5, "n_pairs": 3},
+    ]).assign(ratio_median=1.0, ratio_q25=1.0, ratio_q75=1.0)
+    overall = _answers(rows)[-1]
+    assert "In gpt / markov, depth 2 the projection never acted" in overall and "mlp_depth" not in overall.split("In ")[-1]

@@ -237,6 +237,11 @@ def _answers(v: pd.DataFrame) -> list[str]:
     summary = (f"- **Overall**: {meets} of {n} task{'s' if n != 1 else ''} reached the 95% bar; "
                f"{len(yes)} of {n} also won on wall time, memory or depth tolerance (answer yes)")
     summary += (": " + "; ".join(_task_name(row) for _, row in yes.iterrows()) + ".") if len(yes) else "."
+    col = f"{m}_sn_active_frac"
+    idle = v[pd.to_numeric(v[col], errors="coerce") == 0.0] if col in v else v.iloc[0:0]
+    if len(idle):
+        summary += (f" In {'; '.join(_task_name(row) for _, row in idle.iterrows())} the projection never acted, "
+                    f"so there {m} is plain SGD and says nothing about spectral normalization.")
     return out + [summary]
 
 
