@@ -195,3 +195,27 @@ def test_engine_records_how_often_the_projection_acted(toy_splits):
     plain = train(RunConfig(optimizer="sgd", lr=1.0, **base), data=toy_splits, progress=False)
     assert 0.5 < hot.final["sn_active_frac"] <= 1.0  # orthogonal init at sigma 1: lr 1 pushes above it
     assert plain.final["sn_active_frac"] is None
+
+
+def test_exact_sigma_of_a_diverged_matrix_is_inf_not_an_exception():
+    w = torch.randn(4, 6, 5)
+    w[1, 2, 3] = float("nan")
+    w[2, 0, 0] = float("inf")
+    w[3] *= 1e30  # finite, but its Gram overflows
+    s = spectral_norm_exact(w)
+    assert torch.isinf(s[1:]).all()
+    assert torch.allclose(s[0].double(), torch.linalg.matrix_norm(w[0].double(), ord=2), rtol=1e-5)
+
+
+def test_a_run_whose_weights_blow_up_ends_as_diverged_not_as_a_crash(toy_splits):
+    """Plain SGD at a huge LR: the exact sigma check meets non-finite weights before the loss
+    flush does; the run is recorded as diverged."""
+    from optlab.config import RunConfig, SNConfig
+    from optlab.engine import train
+
+    for opt, act, lr in (("sgd", "relu", 1e3), ("sgd", "tanh", 1e20), ("sgd_sn", "relu", 1e20)):
+        cfg = RunConfig(optimizer=opt, lr=lr, arch="mlp", dataset="digits", depth=3, width=16, epochs=2, batch_size=32,
+                        activation=act, device="cpu", checkpoint_every=0, log_every=50, init="kaiming",
+                        sn=SNConfig(check_every=1))
+        res = train(cfg, data=toy_splits, progress=False)  # these raised LinAlgError in eigvalsh before
+        assert res.status == "diverged", (opt, act, lr)

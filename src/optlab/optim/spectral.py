@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterable
 
+import math
+
 import torch
 
 
@@ -49,8 +51,15 @@ def spectral_norm_exact(w: torch.Tensor, chunk_bytes: int = EXACT_CHUNK_BYTES) -
 
 
 def _sigma_gram(wf: torch.Tensor) -> torch.Tensor:
+    """sqrt(lambda_max) of each Gram matrix; ``inf`` for a matrix whose Gram is not finite (a
+    diverged weight, or one so large its Gram overflows). The eigensolver would raise on those,
+    turning a divergence into a crash; here it sees zeros instead and the run's loss reports
+    the divergence. No host sync."""
     gram = wf @ wf.transpose(-2, -1) if wf.shape[-2] <= wf.shape[-1] else wf.transpose(-2, -1) @ wf
-    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+    bad = ~torch.isfinite(gram).all(dim=-1).all(dim=-1)
+    gram = torch.where(bad[..., None, None], torch.zeros((), dtype=gram.dtype, device=gram.device), gram)
+    sigma = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+    return torch.where(bad, torch.full((), math.inf, dtype=sigma.dtype, device=sigma.device), sigma)
 
 
 def power_iteration(
