@@ -282,3 +282,13 @@ def test_sgd_sn_step_is_sgd_then_exact_rescale_of_each_kernel():
             assert torch.allclose(p1.detach(), expect, atol=1e-6), n
         elif p1.dim() == 1:
             assert torch.allclose(p1.detach(), p2.detach(), atol=1e-6), n
+
+
+def test_lanczos_on_a_diverged_kernel_returns_a_nonfinite_sigma_instead_of_raising():
+    from optlab.optim.conv_spectral import ConvSpec, conv_operator_lanczos
+
+    w = torch.randn(3, 2, 3, 3)
+    w[1, 0, 1, 1] = float("nan")
+    spec = ConvSpec(input_hw=(5, 5), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+    sigma, _ = conv_operator_lanczos(w, spec, None, 10)
+    assert not torch.isfinite(sigma).all()
