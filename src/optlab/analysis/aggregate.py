@@ -620,11 +620,15 @@ def _failure_text(chosen: pd.DataFrame) -> str:
     return ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
 
 
+MEM_BASES = (("peak", "peak_mem_mb"), ("step", "step_mem_mb"))
+"""Memory measures in order of preference (``mem_basis``); ``state`` (``state_mem_mb``) is the fallback."""
+
+
 def _mem_pair(a: pd.Series, b: pd.Series) -> tuple[str, float, float]:
     """(basis, memory of a, memory of b): ``peak`` (CUDA allocator peak) where both recorded it,
     else ``step`` (peak of one profiled training step, CPU), else ``state`` (training-state size)."""
-    for basis, col in (("peak", "peak_mem_mb_mean"), ("step", "step_mem_mb_mean")):
-        pa, pb = a.get(col, math.nan), b.get(col, math.nan)
+    for basis, col in MEM_BASES:
+        pa, pb = a.get(f"{col}_mean", math.nan), b.get(f"{col}_mean", math.nan)
         if pd.notna(pa) and pd.notna(pb):
             return basis, float(pa), float(pb)
     sa, sb = a.get("state_mem_mb_mean", math.nan), b.get("state_mem_mb_mean", math.nan)
@@ -873,7 +877,7 @@ def context_table(runs: pd.DataFrame) -> pd.DataFrame:
         done = g[g["status"] == "completed"]
         mean = lambda c: float(pd.to_numeric(done[c], errors="coerce").mean()) if c in done and len(done) else math.nan  # noqa: E731
         basis, mem = "state", mean("state_mem_mb")
-        for b, col in (("peak", "peak_mem_mb"), ("step", "step_mem_mb")):
+        for b, col in MEM_BASES:
             if col in done and len(done) and pd.to_numeric(done[col], errors="coerce").notna().all():
                 basis, mem = b, mean(col)
                 break

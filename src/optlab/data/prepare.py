@@ -60,15 +60,12 @@ def _digits_source(spec: DatasetSpec, _: _FetchArgs) -> _Source:
     )
 
 
+def _fetch(spec: DatasetSpec, args: _FetchArgs) -> dict[str, Path]:
+    return fetch(spec, args.raw_dir, args.mirror, download=args.download, base_url=args.base_url, progress=args.progress)
+
+
 def _idx_source(spec: DatasetSpec, args: _FetchArgs) -> _Source:
-    paths = fetch(
-        spec,
-        args.raw_dir,
-        args.mirror,
-        download=args.download,
-        base_url=args.base_url,
-        progress=args.progress,
-    )
+    paths = _fetch(spec, args)
 
     def pair(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         img_file = spec.file(f"{split}_images").name
@@ -96,14 +93,7 @@ def _idx_source(spec: DatasetSpec, args: _FetchArgs) -> _Source:
 def _cifar_source(spec: DatasetSpec, args: _FetchArgs) -> _Source:
     from .cifar import read_cifar10
 
-    paths = fetch(
-        spec,
-        args.raw_dir,
-        args.mirror,
-        download=args.download,
-        base_url=args.base_url,
-        progress=args.progress,
-    )
+    paths = _fetch(spec, args)
     f = spec.file("archive")
     x, y, test_x, test_y = read_cifar10(paths[f.name], f.md5, work_dir=args.raw_dir)
     return _Source(x, y, test_x, test_y, {f.name: f.md5}, per_feature=False, per_channel=True)

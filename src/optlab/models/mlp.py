@@ -187,10 +187,8 @@ class DeepMLP(nn.Module):
         k = self.checkpoint_segments
         if k > 0 and self.training and torch.is_grad_enabled():
             # keep only segment boundaries; recompute each segment's activations in backward
-            step = -(-self.depth // k)
-            for a in range(0, self.depth, step):
-                n = min(step, self.depth - a)
-                h = checkpoint(self._segment, h, *ws[a : a + n], *bs[a : a + n], use_reentrant=False)
+            for a, z in _segments(self.depth, k):
+                h = checkpoint(self._segment, h, *ws[a:z], *bs[a:z], use_reentrant=False)
             return self.head(h)
         for w, b in zip(ws, bs):
             h = self.act(F.linear(h, w, b))

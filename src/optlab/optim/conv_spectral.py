@@ -47,7 +47,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .spectral import power_iteration, spectral_norm_exact
+from .spectral import power_iteration, seeded_unit_vectors, spectral_norm_exact
 
 FORMS = ("operator", "matrix")
 
@@ -371,9 +371,7 @@ class ConvSpectralProjection:
         else:
             mats = w.reshape(w.shape[0], w.shape[1], -1)
             if u is None:
-                g = torch.Generator(device=w.device).manual_seed(self.seed + gi)
-                u = torch.randn(mats.shape[0], mats.shape[1], generator=g, device=w.device, dtype=torch.float32)
-                u = torch.nn.functional.normalize(u, dim=-1)
+                u = seeded_unit_vectors(mats.shape[0], mats.shape[1], self.seed + gi, w.device)
                 n = max(n, self.warmup_iters)
             sigma, u = power_iteration(mats, u, n)
         self.u[gi] = u

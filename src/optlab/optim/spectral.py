@@ -79,6 +79,12 @@ def power_iteration(
     return sigma, u
 
 
+def seeded_unit_vectors(b: int, m: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``(b, m)`` random unit vectors from ``seed``: the cold start of a power iteration."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(b, m, generator=g, device=device, dtype=torch.float32), dim=-1)
+
+
 class SpectralProjection:
     """Post-step projection of weight matrices onto {sigma <= 1} (clip) or {sigma = 1} (normalize)."""
 
@@ -119,9 +125,7 @@ class SpectralProjection:
         u = self.u[gi]
         iters = self.power_iters
         if u is None:
-            g = torch.Generator(device=w.device).manual_seed(self.seed + gi)
-            u = torch.randn(w.shape[0], w.shape[1], generator=g, device=w.device, dtype=torch.float32)
-            u = torch.nn.functional.normalize(u, dim=-1)
+            u = seeded_unit_vectors(w.shape[0], w.shape[1], self.seed + gi, w.device)
             iters = max(iters, self.warmup_iters)
         sigma, u = power_iteration(w, u, iters)
         self.u[gi] = u
