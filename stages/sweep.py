@@ -1,4 +1,4 @@
-"""DVC stage `sweep@<study>-<optimizer>`: thin entry point; the work is optlab.pipeline.sweep."""
+"""DVC stage `<study>@<method>`: thin entry point; the work is optlab.pipeline.sweep."""
 
 import os
 import sys
@@ -7,7 +7,7 @@ from optlab.pipeline import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    opt = args[args.index("--optimizer") + 1] if "--optimizer" in args else "?"
+    method = args[args.index("--method") + 1] if "--method" in args else "?"
     study = args[args.index("--study") + 1] if "--study" in args else "?"
-    os.environ.setdefault("OPTLAB_DVC_STAGE", f"sweep@{study}-{opt}")
+    os.environ.setdefault("OPTLAB_DVC_STAGE", f"{study}@{method}")
     sys.exit(main(["sweep", *args]))

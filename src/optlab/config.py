@@ -1,31 +1,37 @@
-"""Typed run configuration and params.yaml resolution.
+"""Typed, nested run configuration (pydantic v2) and params.yaml resolution.
 
-A run is described by a :class:`RunConfig`. ``params.yaml`` holds every knob; the values
-for one run are resolved in three layers, later wins:
+A run is described by a :class:`RunConfig` with nested sections: the model keys, the optimizer
+(``optimizer`` + ``optimizer_options`` + the ``sn`` projection section), the training-step
+method (``step_method`` + ``method_options``), the probes (name -> options) and the data keys.
+Vocabularies (optimizers, step methods, probes, datasets, architectures) come from their
+registries. Every bad key or value raises :class:`ConfigError` with one line naming the key
+path and what is allowed (with a close match for a misspelling), before anything is written.
 
-1. the dataclass defaults below,
-2. the profile selected by ``scale`` (``profiles.quick`` or ``profiles.full``),
-3. explicit top-level keys that are not ``null`` (``optimizer``, ``depth``, ...).
+params.yaml resolves in layers, later wins:
 
-``lr: null`` means "the optimizer's default from ``default_lr``", so
-``dvc exp run -S optimizer=adam`` trains the headline configuration with Adam at its own
-learning rate. Every bad key or value raises :class:`ConfigError` with one line naming the
-key and what is allowed, before anything is written.
+- headline run (stage ``train``): defaults <- ``profiles[scale]`` <- top-level keys that are
+  not null (``lr: null`` means ``default_lr[optimizer]``, so ``dvc exp run -S optimizer=adam``
+  trains the headline configuration with Adam at its own learning rate);
+- a study slice (stage ``<study>@<method>``): defaults <- the study's ``set`` (its common part,
+  then its ``quick``/``full`` part) <- the grid point <- the method section ``methods.<name>``
+  <- the study's ``sn`` <- (dataset, lr, seed). Only the engine keys (device, amp, compile,
+  log_every, checkpoint_every, diverge_loss, phase) come from the top level, so a headline
+  experiment never changes a study's runs, and a slice depends only on its study's and its
+  method's params sections.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "adamw", "sgd_sn")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .registry import UnknownName, unknown_message
+
 ARCHS = ("mlp", "resnet18", "gpt")
-CLASSIFICATION_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
-LM_DATASETS = ("markov", "tinyshakespeare", "tinystories")
-DATASETS = CLASSIFICATION_DATASETS + LM_DATASETS
 RESNET18_DEPTH = 18  # weighted layers of ResNet-18 (the run key `depth` for arch resnet18)
 ARCH_TASK = {"mlp": "classification", "resnet18": "classification", "gpt": "lm"}
 ACTIVATIONS = ("tanh", "relu", "gelu")
@@ -38,66 +44,181 @@ SN_CONV = ("operator", "matrix")
 ROLES = ("input", "hidden", "output")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16")
+LR_POLICIES = ("search", "fixed")
+DIRECTIONS = ("up", "down")
+DEFAULT_PROBES: dict[str, dict[str, Any]] = {"grad_norm": {"every": 25}, "sigma_max": {"every": 25}}
+
+
+def optimizer_names() -> tuple[str, ...]:
+    from .optim import optimizer_names as names
+
+    return tuple(names())
+
+
+def method_names() -> tuple[str, ...]:
+    from .methods import method_names as names
+
+    return names()
+
+
+def probe_names() -> tuple[str, ...]:
+    from .probes import probe_names as names
+
+    return names()
+
+
+def dataset_names(kind: str | None = None) -> tuple[str, ...]:
+    from .tasks import dataset_names as names
+
+    return names(kind)
 
 
 class ConfigError(ValueError):
     """A bad key or value in the run configuration (one line, names key and allowed values)."""
 
 
-@dataclass(frozen=True)
-class SNConfig:
+def _one_line(exc: ValidationError, prefix: str, model: type[BaseModel]) -> ConfigError:
+    """The first pydantic error as one line: key path, what is wrong, what is allowed."""
+    err = exc.errors()[0]
+    original = (err.get("ctx") or {}).get("error")
+    if isinstance(original, ConfigError):
+        return original
+    if isinstance(original, UnknownName):
+        return ConfigError(str(original))
+    loc = [str(p) for p in err.get("loc", ())]
+    key = ".".join([prefix] * bool(prefix) + loc) or prefix or model.__name__
+    if err.get("type") == "extra_forbidden":
+        allowed = tuple(_fields_of(model, loc[:-1]))
+        hint = difflib.get_close_matches(loc[-1], allowed, n=1) if loc else []
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return ConfigError(f"{key}: unknown key{extra}; allowed: {', '.join(allowed)}")
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return ConfigError(f"{key}: {msg}, got {err.get('input')!r}")
+
+
+def _fields_of(model: type[BaseModel], path: list[str]) -> list[str]:
+    m: Any = model
+    for p in path:
+        f = getattr(m, "model_fields", {}).get(p)
+        ann = getattr(f, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        m = ann
+    return list(getattr(m, "model_fields", {}))
+
+
+def pydantic_options(cls: type[BaseModel], options: dict[str, Any] | None, key: str) -> BaseModel:
+    """Validate a plug-in's options mapping into its pydantic model; ConfigError (one line) if bad."""
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {options!r}")
+    try:
+        return cls.model_validate(dict(options or {}))
+    except ValidationError as exc:
+        raise _one_line(exc, key, cls) from None
+
+
+class _Section(BaseModel):
+    """A frozen config section that refuses unknown keys and reports errors in one line."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _one_line(exc, type(self)._where(), type(self)) from None
+
+    @classmethod
+    def _where(cls) -> str:
+        return ""
+
+
+class SNConfig(_Section):
     """Spectral normalization applied after every optimizer step (``sgd_sn``)."""
 
     mode: str = "clip"  # clip: W / max(1, sigma); normalize: W / sigma
     sigma: str = "exact"  # exact: batched eigensolver (strict); power: persistent power iteration
     power_iters: int = 1  # power iterations per step
-    check_every: int = 25  # exact sigma_max of every layer logged every K steps
     conv: str = "operator"  # conv weights: true operator norm at the layer's input size, or reshaped-kernel matrix norm
     roles: tuple[str, ...] = ("input", "hidden", "output")  # which weight matrices are projected
 
+    @classmethod
+    def _where(cls) -> str:
+        return "sn"
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything one training run needs. Validated by :meth:`validate`."""
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _roles_tuple(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
 
+    def model_post_init(self, _ctx: Any) -> None:
+        _choice("sn.mode", self.mode, SN_MODES)
+        _choice("sn.sigma", self.sigma, SN_SIGMAS)
+        _choice("sn.conv", self.conv, SN_CONV)
+        if not self.roles:
+            raise ConfigError(f"sn.roles: expected a non-empty list from {', '.join(ROLES)}, got {list(self.roles)!r}")
+        for r in self.roles:
+            _choice("sn.roles", r, ROLES)
+        _int_at_least("sn.power_iters", self.power_iters, 1)
+
+
+class RunConfig(_Section):
+    """Everything one training run needs; validated on construction (``validate()`` re-checks)."""
+
+    # optimizer and training-step method
     optimizer: str = "sgd_sn"
+    optimizer_options: dict[str, Any] = Field(default_factory=dict)
     lr: float = 0.1
+    sn: SNConfig = Field(default_factory=SNConfig)
+    step_method: str = "backprop"
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    method: str = ""  # the study's name for this (optimizer, step method, options) bundle; "" = optimizer
+    probes: dict[str, dict[str, Any]] = Field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_PROBES.items()})
+    # model
     arch: str = "mlp"
-    dataset: str = "digits"
     depth: int = 16
     width: int = 64
     activation: str = "tanh"
     init: str = "orthogonal"
-    epochs: int = 10
-    batch_size: int = 64
     residual: bool = True  # resnet18: identity shortcuts
     batch_norm: bool = True  # resnet18: batch norm layers
     n_head: int = 4  # gpt: attention heads (depth = layers, width = embedding size)
+    act_checkpoint: int = 0  # mlp: activation checkpointing in this many segments (0: off; ~sqrt(depth) saves most)
+    reparam: str = "none"  # none | spectral_norm (forward reparametrization W / sigma, for the ablation)
+    # data and schedule
+    dataset: str = "digits"
+    epochs: int = 10
+    batch_size: int = 64
     block_size: int = 128  # gpt: context length
     steps_per_epoch: int = 0  # lm: steps per epoch (0: one pass worth of tokens)
-    act_checkpoint: int = 0  # mlp: activation checkpointing in this many segments (0: off; ~sqrt(depth) saves most)
     max_steps: int = 0  # stop after this many steps (0: no cap; a smoke test of a full-size config)
     eval_tokens: int = 0  # lm: tokens evaluated per split (0: all)
+    prepared_dir: str = "data/prepared"
     seed: int = 0
+    # engine
     device: str = "auto"
     amp: str = "none"
     compile: bool = False
-    reparam: str = "none"  # none | spectral_norm (forward reparametrization W / sigma, for the ablation)
-    sn: SNConfig = field(default_factory=SNConfig)
     log_every: int = 10  # steps between host syncs (loss check, metric batch)
     checkpoint_every: int = 0  # steps between checkpoints (0: off)
     diverge_loss: float = 100.0  # a training loss above this ends the run as diverged
-    prepared_dir: str = "data/prepared"
+    # provenance
     study: str = "adhoc"
     scale: str = "quick"
     phase: str = "debug"
     frozen_commit: str | None = None
     run_id: str = "run"
 
-    def validate(self) -> "RunConfig":
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
+    def model_post_init(self, _ctx: Any) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        from .tasks import task_kind
+
+        _choice("optimizer", self.optimizer, optimizer_names())
+        _choice("step_method", self.step_method, method_names())
         _choice("arch", self.arch, ARCHS)
-        _choice("dataset", self.dataset, DATASETS)
+        _choice("dataset", self.dataset, dataset_names())
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("init", self.init, INITS)
         _choice("scale", self.scale, SCALES)
@@ -105,55 +226,55 @@ class RunConfig:
         _choice("device", self.device, DEVICES)
         _choice("amp", self.amp, AMP)
         _choice("reparam", self.reparam, ("none", "spectral_norm"))
-        _choice("sn.mode", self.sn.mode, SN_MODES)
-        _choice("sn.sigma", self.sn.sigma, SN_SIGMAS)
-        _choice("sn.conv", self.sn.conv, SN_CONV)
-        if not isinstance(self.sn.roles, (list, tuple)) or not self.sn.roles:
-            raise ConfigError(f"sn.roles: expected a non-empty list from {', '.join(ROLES)}, got {self.sn.roles!r}")
-        for r in self.sn.roles:
-            _choice("sn.roles", r, ROLES)
         task = ARCH_TASK[self.arch]
-        allowed = CLASSIFICATION_DATASETS if task == "classification" else LM_DATASETS
-        if self.dataset not in allowed:
+        if task_kind(self.dataset) != task:
+            allowed = dataset_names(task)
             raise ConfigError(
                 f"dataset: {self.dataset!r} does not fit arch {self.arch!r} ({task}); allowed with {self.arch}: {', '.join(allowed)}"
             )
         _positive("lr", self.lr)
         _positive("diverge_loss", self.diverge_loss)
-        _int_at_least("depth", self.depth, 1)
-        _int_at_least("width", self.width, 1)
-        _int_at_least("epochs", self.epochs, 1)
-        _int_at_least("batch_size", self.batch_size, 1)
-        _int_at_least("seed", self.seed, 0)
-        _int_at_least("log_every", self.log_every, 1)
-        _int_at_least("checkpoint_every", self.checkpoint_every, 0)
-        _int_at_least("sn.power_iters", self.sn.power_iters, 1)
-        _int_at_least("sn.check_every", self.sn.check_every, 1)
-        _int_at_least("n_head", self.n_head, 1)
-        _int_at_least("block_size", self.block_size, 2)
-        _int_at_least("steps_per_epoch", self.steps_per_epoch, 0)
-        _int_at_least("max_steps", self.max_steps, 0)
-        _int_at_least("act_checkpoint", self.act_checkpoint, 0)
-        _int_at_least("eval_tokens", self.eval_tokens, 0)
-        for key in ("compile", "residual", "batch_norm"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"{key}: expected true or false, got {getattr(self, key)!r}")
+        for key, low in (("depth", 1), ("width", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0), ("log_every", 1),
+                         ("checkpoint_every", 0), ("n_head", 1), ("block_size", 2), ("steps_per_epoch", 0),
+                         ("max_steps", 0), ("act_checkpoint", 0), ("eval_tokens", 0)):
+            _int_at_least(key, getattr(self, key), low)
         if self.arch == "gpt" and self.width % self.n_head:
             raise ConfigError(f"width: {self.width} must be divisible by n_head={self.n_head} for arch gpt")
+        from .methods import validate_options as method_options
+        from .probes import validate_options as probe_options
+
+        method_options(self.step_method, dict(self.method_options))
+        for name, opts in self.probes.items():
+            _choice("probes", name, probe_names())
+            probe_options(name, opts)
+
+    def validate(self) -> "RunConfig":
+        self._check()
         return self
 
+    @property
+    def method_name(self) -> str:
+        """The method's name in tables and stage names (the optimizer's when not set)."""
+        return self.method or self.optimizer
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = self.model_dump()
+        d["sn"]["roles"] = tuple(d["sn"]["roles"])
+        return d
 
     def flat(self) -> dict[str, Any]:
         """The config as one flat mapping (``sn.mode`` becomes ``sn_mode``), for records."""
         out: dict[str, Any] = {}
         for k, v in self.to_dict().items():
-            if isinstance(v, dict):
-                out.update({f"{k}_{kk}": vv for kk, vv in v.items()})
+            if k == "sn":
+                out.update({f"sn_{kk}": vv for kk, vv in v.items()})
             else:
                 out[k] = v
+        out["method"] = self.method_name
         return out
+
+    def replace(self, **kw: Any) -> "RunConfig":
+        return RunConfig(**{**self.to_dict(), **kw})
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -161,9 +282,7 @@ class RunConfig:
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        hint = difflib.get_close_matches(str(value), allowed, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"{key}: unknown value {value!r}{extra}; allowed: {', '.join(allowed)}")
+        raise ConfigError(unknown_message(key, value, allowed))
 
 
 def _number(key: str, value: Any) -> float:
@@ -185,56 +304,10 @@ def _int_at_least(key: str, value: Any, low: int) -> None:
         raise ConfigError(f"{key}: must be an integer >= {low}, got {value!r}")
 
 
-# ---------------------------------------------------------------- params.yaml
-
-# Top-level keys of params.yaml and the profile keys that may override run fields.
-RUN_KEYS = tuple(f.name for f in fields(RunConfig) if f.name not in ("sn", "run_id", "prepared_dir"))
-PARAMS_KEYS = RUN_KEYS + ("sn", "data", "tracking", "default_lr", "profiles", "sweep")
-SN_KEYS = tuple(f.name for f in fields(SNConfig))
-DATA_KEYS = ("mirror", "val_fraction", "test_fraction", "prepared_dir")
-TRACKING_KEYS = ("experiment",)
-PROFILE_KEYS = RUN_KEYS + ("datasets", "studies", "sn", "ablate")
-ABLATE_KEYS = ("seeds", "base", "variants")
-SWEEP_KEYS = ("optimizers", "studies")
-STUDY_KEYS = ("arch", "datasets", "grid", "lrs", "search_seeds", "seeds", "set", "sn", "select", "stop_on_failure",
-              "verdict")
-GRID_AXES = ("depth", "width", "block_size", "batch_size", "residual", "batch_norm", "activation", "init")
-
-
-@dataclass(frozen=True)
-class StudySpec:
-    """One study of the sweep: a grid searched per optimizer.
-
-    For each point of ``datasets`` x ``grid`` (in order; depth ascending), the learning rates
-    are searched with ``search_seeds`` and the best one is selected on the validation split
-    (``select``: val_acc, or val_loss for language models); the selected LR is then rerun on
-    the remaining ``seeds``. With ``stop_on_failure`` a grid point whose selected run fails
-    (diverged, vanishing signal, or accuracy near chance) ends the search along the first grid
-    axis for that dataset: the depth-to-failure search. ``verdict: false`` marks a cost study
-    (memory and throughput, e.g. the context-length sweep): its runs are reported in their own
-    table and left out of the accuracy verdict.
-    """
-
-    name: str
-    arch: str
-    datasets: tuple[str, ...]
-    grid: dict[str, list]
-    lrs: tuple[float, ...]
-    search_seeds: tuple[int, ...]
-    seeds: tuple[int, ...]
-    fixed: dict[str, Any]
-    sn: dict[str, Any]
-    select: str
-    stop_on_failure: bool
-    verdict: bool = True
-
-    def points(self) -> list[dict[str, Any]]:
-        """Grid points (dicts of RunConfig overrides), the first axis varying slowest."""
-        axes = list(self.grid)
-        out = [{}]
-        for ax in axes:
-            out = [dict(p, **{ax: v}) for p in out for v in self.grid[ax]]
-        return out
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
 
 
 def _check_keys(where: str, mapping: Any, allowed: tuple[str, ...]) -> None:
@@ -246,6 +319,93 @@ def _check_keys(where: str, mapping: Any, allowed: tuple[str, ...]) -> None:
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             name = f"{where}.{key}" if where != "params" else str(key)
             raise ConfigError(f"{name}: unknown key{extra}; allowed: {', '.join(allowed)}")
+
+
+def make_run(values: dict[str, Any], where: str = "") -> RunConfig:
+    """A RunConfig from plain values (YAML), lists turned into the tuples the model keeps."""
+    values = dict(values)
+    if isinstance(values.get("sn"), dict):
+        sn = dict(values["sn"])
+        if isinstance(sn.get("roles"), list):
+            sn["roles"] = tuple(sn["roles"])
+        values["sn"] = SNConfig(**sn)
+    if isinstance(values.get("probes"), dict):
+        values["probes"] = {k: dict(v or {}) for k, v in values["probes"].items()}
+    try:
+        return RunConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+# ---------------------------------------------------------------- params.yaml
+
+# Run keys settable from params (everything but the identity fields the pipeline sets).
+RUN_KEYS = tuple(k for k in RunConfig.model_fields if k not in ("sn", "run_id", "prepared_dir", "method"))
+# Keys a study slice takes from the top level of params.yaml (the engine, not the experiment).
+ENGINE_KEYS = ("device", "amp", "compile", "log_every", "checkpoint_every", "diverge_loss", "phase", "frozen_commit", "scale")
+PARAMS_KEYS = RUN_KEYS + ("sn", "data", "tracking", "default_lr", "profiles", "methods", "studies", "datasets")
+SN_KEYS = tuple(SNConfig.model_fields)
+DATA_KEYS = ("mirror", "val_fraction", "test_fraction", "prepared_dir")
+TRACKING_KEYS = ("experiment",)
+PROFILE_KEYS = RUN_KEYS + ("sn", "ablate")
+ABLATE_KEYS = ("seeds", "base", "variants")
+METHOD_KEYS = ("optimizer", "optimizer_options", "step_method", "method_options", "sn", "probes", "lr")
+STUDY_SCALE_KEYS = ("datasets", "grid", "lrs", "lr_policy", "search_seeds", "seeds", "set", "sn", "select",
+                    "stop_on_failure", "probes")
+STUDY_KEYS = ("analysis", "arch", "methods", "verdict") + STUDY_SCALE_KEYS + SCALES
+VERDICT_KEYS = ("method", "reference", "metric", "direction", "bar")
+GRID_AXES = ("depth", "width", "block_size", "batch_size", "residual", "batch_norm", "activation", "init")
+
+
+class StudySpec(BaseModel):
+    """One study: its methods, each searched (or run at fixed LRs) over the datasets x grid.
+
+    For each point of ``datasets`` x ``grid`` (in order; the first axis varies slowest), the
+    learning rates are searched with ``search_seeds`` and the best one is selected on the
+    validation split (``select``: the task's, val_acc or val_loss); the selected LR is then rerun
+    on the remaining ``seeds``. ``lr_policy: fixed`` runs every LR of ``lrs`` with every seed and
+    selects nothing. With ``stop_on_failure`` a grid point whose selected run fails (diverged,
+    vanishing signal, or accuracy near chance) ends the search along the first grid axis: the
+    depth-to-failure search. ``verdict`` names the method, the reference, the metric (default:
+    the task's primary) and the bar of "method reaches bar x reference"; ``verdict: false`` marks
+    a cost study (memory and throughput): its runs are reported in their own table and left out
+    of the verdict. ``analysis`` names the registered analysis that reports the study.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    analysis: str
+    arch: str
+    methods: tuple[str, ...]
+    datasets: tuple[str, ...]
+    grid: dict[str, list]
+    lrs: tuple[float, ...]
+    lr_policy: str
+    search_seeds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    fixed: dict[str, Any]
+    sn: dict[str, Any]
+    select: str
+    select_direction: str
+    stop_on_failure: bool
+    probes: dict[str, Any] | None
+    verdict_spec: dict[str, Any] | None  # None: a cost study
+    primary: tuple[str, str]
+
+    @property
+    def verdict(self) -> bool:
+        return self.verdict_spec is not None
+
+    def points(self) -> list[dict[str, Any]]:
+        """Grid points (dicts of RunConfig overrides), the first axis varying slowest."""
+        out: list[dict[str, Any]] = [{}]
+        for ax in self.grid:
+            out = [dict(p, **{ax: v}) for p in out for v in self.grid[ax]]
+        return out
+
+    def confirm_seeds(self) -> list[int]:
+        return [sd for sd in self.seeds if sd not in self.search_seeds]
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -272,27 +432,24 @@ def validate_params(params: dict[str, Any]) -> None:
     _check_keys("sn", params.get("sn") or {}, SN_KEYS)
     _check_keys("data", params.get("data") or {}, DATA_KEYS)
     _check_keys("tracking", params.get("tracking") or {}, TRACKING_KEYS)
-    _check_keys("default_lr", params.get("default_lr") or {}, OPTIMIZERS)
+    _check_keys("default_lr", params.get("default_lr") or {}, optimizer_names())
     profiles = params.get("profiles") or {}
     _check_keys("profiles", profiles, SCALES)
     for name, prof in profiles.items():
         _check_keys(f"profiles.{name}", prof or {}, PROFILE_KEYS)
-        for study, spec in ((prof or {}).get("studies") or {}).items():
-            _check_keys(f"profiles.{name}.studies.{study}", spec or {}, STUDY_KEYS)
         _check_keys(f"profiles.{name}.sn", (prof or {}).get("sn") or {}, SN_KEYS)
-    _check_keys("sweep", params.get("sweep") or {}, SWEEP_KEYS)
+    datasets = params.get("datasets") or {}
+    _check_keys("datasets", datasets, SCALES)
+    for scale, names in datasets.items():
+        for ds in names or []:
+            _choice(f"datasets.{scale}", ds, dataset_names())
     scale = params.get("scale", "quick")
     _choice("scale", scale, SCALES)
     for opt, lr in (params.get("default_lr") or {}).items():
         _positive(f"default_lr.{opt}", lr)
-    sweep = params.get("sweep") or {}
-    for opt in sweep.get("optimizers") or []:
-        _choice("sweep.optimizers", opt, OPTIMIZERS)
-    studies = profile(params).get("studies") or {}
-    for name in sweep.get("studies") or []:
-        if name not in studies:
-            raise ConfigError(f"sweep.studies: {name!r} is not defined in profiles.{scale}.studies; defined: {', '.join(studies) or 'none'}")
-    for name in studies:
+    for name in params.get("methods") or {}:
+        resolve_method(params, name)
+    for name in params.get("studies") or {}:
         resolve_study(params, name)
     resolve_ablation(params)
 
@@ -303,54 +460,157 @@ def profile(params: dict[str, Any]) -> dict[str, Any]:
     return dict((params.get("profiles") or {}).get(scale) or {})
 
 
+def resolve_method(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """The run overrides of method section ``methods.<name>`` (validated)."""
+    methods = params.get("methods") or {}
+    if name not in methods:
+        raise ConfigError(unknown_message("method", name, tuple(methods)).replace("unknown value", "no section for"))
+    where = f"methods.{name}"
+    spec = dict(methods[name] or {})
+    _check_keys(where, spec, METHOD_KEYS)
+    if "optimizer" not in spec:
+        raise ConfigError(f"{where}.optimizer: missing; allowed: {', '.join(optimizer_names())}")
+    _choice(f"{where}.optimizer", spec["optimizer"], optimizer_names())
+    _choice(f"{where}.step_method", spec.get("step_method", "backprop"), method_names())
+    _check_keys(f"{where}.sn", spec.get("sn") or {}, SN_KEYS)
+    if "lr" in spec and spec["lr"] is not None:
+        _positive(f"{where}.lr", spec["lr"])
+    return spec
+
+
 def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
-    """The validated study ``name`` from the selected profile."""
+    """The validated study ``name`` at the selected scale (its common keys, then its scale's)."""
+    from .tasks import task_class
+
     scale = params.get("scale", "quick")
-    studies = profile(params).get("studies") or {}
+    studies = params.get("studies") or {}
     if name not in studies:
-        raise ConfigError(f"study: {name!r} is not defined in profiles.{scale}.studies; defined: {', '.join(studies) or 'none'}")
-    where = f"profiles.{scale}.studies.{name}"
-    spec = studies[name] or {}
-    _check_keys(where, spec, STUDY_KEYS)
+        raise ConfigError(f"study: {name!r} is not defined in studies; defined: {', '.join(studies) or 'none'}")
+    where = f"studies.{name}"
+    raw = dict(studies[name] or {})
+    _check_keys(where, raw, STUDY_KEYS)
+    for sc in SCALES:
+        _check_keys(f"{where}.{sc}", raw.get(sc) or {}, STUDY_SCALE_KEYS)
+    if not raw.get(scale):
+        raise ConfigError(f"{where}.{scale}: the study has no section for scale {scale!r}")
+    spec = {k: v for k, v in raw.items() if k not in SCALES}
+    for k, v in (raw.get(scale) or {}).items():
+        spec[k] = {**(spec.get(k) or {}), **v} if k in ("set", "sn") and isinstance(v, dict) else v
+    wscale = f"{where}.{scale}"
     arch = spec.get("arch", "mlp")
     _choice(f"{where}.arch", arch, ARCHS)
+    methods = tuple(spec.get("methods") or ())
+    if not methods:
+        raise ConfigError(f"{where}.methods: give at least one method; defined: {', '.join(params.get('methods') or {})}")
+    for m in methods:
+        if m not in (params.get("methods") or {}):
+            raise ConfigError(unknown_message(f"{where}.methods", m, tuple(params.get("methods") or {})))
     datasets = tuple(spec.get("datasets") or ())
     if not datasets:
-        raise ConfigError(f"{where}.datasets: give at least one dataset; allowed: {', '.join(DATASETS)}")
+        raise ConfigError(f"{wscale}.datasets: give at least one dataset; allowed: {', '.join(dataset_names(ARCH_TASK[arch]))}")
+    prepared = tuple((params.get("datasets") or {}).get(scale) or ())
     for ds in datasets:
-        _choice(f"{where}.datasets", ds, DATASETS)
+        _choice(f"{wscale}.datasets", ds, dataset_names(ARCH_TASK[arch]))
+        if params.get("datasets") is not None and ds not in prepared:
+            raise ConfigError(f"{wscale}.datasets: {ds!r} is not prepared at scale {scale}; add it to datasets.{scale}")
     grid = dict(spec.get("grid") or {})
-    _check_keys(f"{where}.grid", grid, GRID_AXES)
+    _check_keys(f"{wscale}.grid", grid, GRID_AXES)
     for ax, vals in grid.items():
         if not isinstance(vals, list) or not vals:
-            raise ConfigError(f"{where}.grid.{ax}: expected a non-empty list, got {vals!r}")
+            raise ConfigError(f"{wscale}.grid.{ax}: expected a non-empty list, got {vals!r}")
     lrs = tuple(spec.get("lrs") or ())
     if not lrs:
-        raise ConfigError(f"{where}.lrs: give a learning-rate grid (a non-empty list)")
+        raise ConfigError(f"{wscale}.lrs: give a learning-rate grid (a non-empty list)")
     for lr in lrs:
-        _positive(f"{where}.lrs", lr)
+        _positive(f"{wscale}.lrs", lr)
+    policy = spec.get("lr_policy", "search")
+    _choice(f"{wscale}.lr_policy", policy, LR_POLICIES)
     seeds = tuple(spec.get("seeds") or (0,))
-    search = tuple(spec.get("search_seeds") or seeds[:1])
+    search = tuple(spec.get("search_seeds") or seeds[:1]) if policy == "search" else ()
     for sd in seeds + search:
-        _int_at_least(f"{where}.seeds", sd, 0)
+        _int_at_least(f"{wscale}.seeds", sd, 0)
     fixed = dict(spec.get("set") or {})
-    _check_keys(f"{where}.set", fixed, RUN_KEYS)
+    _check_keys(f"{wscale}.set", fixed, RUN_KEYS)
     sn = dict(spec.get("sn") or {})
-    _check_keys(f"{where}.sn", sn, SN_KEYS)
-    task = ARCH_TASK[arch]
-    select = spec.get("select", "val_acc" if task == "classification" else "val_loss")
-    _choice(f"{where}.select", select, ("val_acc", "val_loss"))
+    _check_keys(f"{wscale}.sn", sn, SN_KEYS)
+    task = task_class(datasets[0])
+    select = spec.get("select", task.select)
+    _choice(f"{wscale}.select", select, ("val_acc", "val_loss"))
+    probes = spec.get("probes")
+    if probes is not None:
+        _check_keys(f"{where}.probes", probes, probe_names())
+    verdict = spec.get("verdict", {})
+    vspec: dict[str, Any] | None
+    if verdict is False:
+        vspec = None
+    else:
+        _check_keys(f"{where}.verdict", verdict or {}, VERDICT_KEYS)
+        vspec = {"method": methods[-1], "reference": methods[0], "metric": task.primary[0],
+                 "direction": task.primary[1], "bar": 0.95, **(verdict or {})}
+        for role in ("method", "reference"):
+            _choice(f"{where}.verdict.{role}", vspec[role], methods)
+        _choice(f"{where}.verdict.direction", vspec["direction"], DIRECTIONS)
+        _positive(f"{where}.verdict.bar", vspec["bar"])
+    analysis = spec.get("analysis", name)
+    if not isinstance(analysis, str) or not analysis:
+        raise ConfigError(f"{where}.analysis: expected the name of a registered analysis, got {analysis!r}")
     return StudySpec(
-        name=name, arch=arch, datasets=datasets, grid=grid, lrs=lrs, search_seeds=search, seeds=seeds,
-        fixed=fixed, sn=sn, select=select, stop_on_failure=_flag(f"{where}.stop_on_failure", spec.get("stop_on_failure", False)),
-        verdict=_flag(f"{where}.verdict", spec.get("verdict", True)),
+        name=name, analysis=analysis, arch=arch, methods=methods, datasets=datasets, grid=grid, lrs=lrs, lr_policy=policy,
+        search_seeds=search, seeds=seeds, fixed=fixed, sn=sn, select=select,
+        select_direction="up" if select == "val_acc" else "down",
+        stop_on_failure=_flag(f"{wscale}.stop_on_failure", spec.get("stop_on_failure", False)),
+        probes=probes, verdict_spec=vspec, primary=task.primary,
     )
 
 
-def _flag(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    return value
+def study_run(params: dict[str, Any], spec: StudySpec, method: str, *, dataset: str, point: dict[str, Any],
+              lr: float, seed: int, run_id: str) -> RunConfig:
+    """The RunConfig of one run of a study slice (see the module docstring for the layers)."""
+    if method not in spec.methods:
+        raise ConfigError(unknown_message(f"studies.{spec.name}.methods", method, spec.methods))
+    msec = resolve_method(params, method)
+    values: dict[str, Any] = {k: params[k] for k in ENGINE_KEYS if params.get(k) is not None}
+    data = params.get("data") or {}
+    if data.get("prepared_dir"):
+        values["prepared_dir"] = data["prepared_dir"]
+    values.update(spec.fixed)
+    values.update(point)
+    values.update({k: v for k, v in msec.items() if k not in ("sn", "lr")})
+    sn = {**(msec.get("sn") or {}), **spec.sn}
+    if spec.probes is not None:
+        values["probes"] = spec.probes
+    values.update(arch=spec.arch, dataset=dataset, lr=lr, seed=seed, study=spec.name, run_id=run_id, method=method, sn=sn)
+    if values["arch"] == "resnet18":
+        values["depth"] = RESNET18_DEPTH
+    return make_run(values)
+
+
+def datasets_to_prepare(params: dict[str, Any]) -> list[str]:
+    """Datasets the prepare stage builds: ``datasets[scale]`` (else every dataset that is used)."""
+    scale = params.get("scale", "quick")
+    listed = (params.get("datasets") or {}).get(scale)
+    if listed is not None:
+        names = list(listed)
+    else:
+        names = []
+        for study in params.get("studies") or {}:
+            names += list(resolve_study(params, study).datasets)
+    used = [params.get("dataset") or profile(params).get("dataset")]
+    used += [v.get("dataset") for v in resolve_ablation(params).values()]
+    for ds in used:
+        if ds and ds not in names:
+            if listed is not None:
+                raise ConfigError(f"datasets.{scale}: {ds!r} is used by the headline or ablation runs; add it to datasets.{scale}")
+            names.append(ds)
+    out: list[str] = []
+    for ds in names:
+        _choice("datasets", ds, dataset_names())
+        if ds not in out:
+            out.append(ds)
+    return out
+
+
+prepared_datasets = datasets_to_prepare
 
 
 def resolve_ablation(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -377,28 +637,8 @@ def ablation_seeds(params: dict[str, Any]) -> list[int]:
     return list((profile(params).get("ablate") or {}).get("seeds") or [0])
 
 
-def sweep_optimizers(params: dict[str, Any]) -> list[str]:
-    return list((params.get("sweep") or {}).get("optimizers") or ["sgd", "sgd_momentum", "adam", "sgd_sn"])
-
-
-def prepared_datasets(params: dict[str, Any]) -> list[str]:
-    """Datasets the prepare stage builds: the profile's ``datasets`` plus every dataset used."""
-    prof = profile(params)
-    names = list(prof.get("datasets") or [])
-    used = [params.get("dataset") or prof.get("dataset")]
-    used += [v.get("dataset") for v in resolve_ablation(params).values()]
-    for study in (params.get("sweep") or {}).get("studies") or []:
-        used += list(resolve_study(params, study).datasets)
-    for ds in used:
-        if ds and ds not in names:
-            names.append(ds)
-    for ds in names:
-        _choice("datasets", ds, DATASETS)
-    return names
-
-
 def resolve_run(params: dict[str, Any], **overrides: Any) -> RunConfig:
-    """Build the validated RunConfig for one run: defaults <- profile <- top-level <- overrides."""
+    """The headline (or an ablation variant's) RunConfig: defaults <- profile <- top-level <- overrides."""
     validate_params(params)
     prof = profile(params)
     values: dict[str, Any] = {}
@@ -420,19 +660,18 @@ def resolve_run(params: dict[str, Any], **overrides: Any) -> RunConfig:
         elif val is not None:
             values[key] = val
     if values.get("lr") is None:
-        opt = values.get("optimizer", RunConfig.optimizer)
-        _choice("optimizer", opt, OPTIMIZERS)
+        opt = values.get("optimizer", RunConfig.model_fields["optimizer"].default)
+        _choice("optimizer", opt, optimizer_names())
         default_lr = params.get("default_lr") or {}
         if opt not in default_lr:
             raise ConfigError(f"lr: null needs default_lr.{opt}; set lr or default_lr.{opt}")
         values["lr"] = default_lr[opt]
-    values = {k: v for k, v in values.items() if k in RunConfig.__dataclass_fields__}
+    values = {k: v for k, v in values.items() if k in RunConfig.model_fields}
     if values.get("arch") == "resnet18":
         values["depth"] = RESNET18_DEPTH  # fixed by the architecture; recorded so tables do not show the MLP's depth
-    if "roles" in sn and isinstance(sn["roles"], list):
-        sn["roles"] = tuple(sn["roles"])
-    return RunConfig(**values, sn=SNConfig(**sn)).validate()
+    values["sn"] = sn
+    return make_run(values)
 
 
 def with_overrides(cfg: RunConfig, **kw: Any) -> RunConfig:
-    return replace(cfg, **kw).validate()
+    return cfg.replace(**kw)

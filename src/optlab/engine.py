@@ -10,8 +10,14 @@ and at the sigma/gradient checks. A run ends as
   is recorded and the run stops there. This is a result, not an error.
 - ``failed``: an exception (a bug); recorded, then re-raised.
 
-Outputs in ``run_dir``: ``metrics.json``, ``curves.csv`` (step, epoch, metric, value) and
-``layers.csv`` (step, epoch, layer, role, grad_norm, sigma_max).
+What one step does is the run's training-step method (:mod:`optlab.methods`; backprop by
+default); diagnostics are probes (:mod:`optlab.probes`) with their own cadence and point in the
+step; batching, loss and evaluation are the task's (:mod:`optlab.tasks`). The loop has no
+branch for any method, optimizer or probe.
+
+Outputs in ``run_dir``: ``metrics.json``, ``curves.csv`` (step, epoch, metric, value: losses,
+epoch metrics, the method's per-step statistics, whole-model probe values) and ``layers.csv``
+(step, epoch, layer, role, metric, value: one row per layer and probe metric).
 """
 
 from __future__ import annotations
@@ -33,13 +39,16 @@ from typing import Any, Iterable, Protocol
 import torch
 import torch.nn.functional as F
 
-from . import models, optim
+from . import methods as methods_
+from . import models
+from . import probes as probes_
+from . import tasks as tasks_
 from .config import RunConfig
-from .tasks import build_task
-from .metrics.layers import LayerIndex, layer_grad_norms, layer_sigma_max
+from .metrics.layers import LayerIndex
 from .metrics.memory import live_state_bytes, step_peak_bytes
+from .probes.spectral import SN_TOL  # noqa: F401  (re-exported: a projected layer above 1 + SN_TOL is a violation)
 
-SN_TOL = 1e-4  # a projected layer above 1 + SN_TOL counts as a violation
+LAYER_COLUMNS = ("step", "epoch", "layer", "role", "metric", "value")
 # measurements of the machine, not of the optimization: excluded from determinism checks
 TIMING_KEYS = frozenset({"wall_time_s", "peak_mem_mb", "step_mem_mb", "peak_rss_mb", "seconds_per_epoch", "epoch_time_s",
                          "examples_per_s", "tokens_per_s"})
@@ -64,7 +73,7 @@ class RunResult:
     failure: str | None = None  # nonfinite | exploding | vanishing | chance (see classify_failure)
     sweep: dict[str, Any] | None = None  # study, role (search|confirm), grid point
     curves: list[tuple[int, int, str, float]] = field(default_factory=list)
-    layers: list[tuple[int, int, int, str, float, float]] = field(default_factory=list)
+    layers: list[tuple[int, int, int, str, str, float]] = field(default_factory=list)  # LAYER_COLUMNS
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -112,17 +121,15 @@ def peak_rss_mb() -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def state_memory_mb(model: torch.nn.Module, opt: Any) -> float:
+def state_memory_mb(model: torch.nn.Module | list[torch.nn.Module], opt: Any) -> float:
     """Exact size of the training state: parameters, gradients, buffers and optimizer state (MB)."""
     return live_state_bytes(model, opt) / 2**20
 
 
 def load_prepared(prepared_dir: str | Path, dataset: str, device: torch.device) -> Any:
     """A prepared dataset: classification splits, or a token stream for language models."""
-    from .config import LM_DATASETS
-
     path = Path(prepared_dir) / f"{dataset}.pt"
-    if dataset in LM_DATASETS:
+    if tasks_.task_kind(dataset) == "lm":
         from .data.text import load_text
 
         return load_text(path, device=device)
@@ -175,7 +182,7 @@ class _Recorder:
     def __init__(self, sinks: Iterable[Sink]) -> None:
         self.sinks = list(sinks)
         self.curves: list[tuple[int, int, str, float]] = []
-        self.layers: list[tuple[int, int, int, str, float, float]] = []
+        self.layers: list[tuple[int, int, int, str, str, float]] = []
         self._pending: list[tuple[str, float, int]] = []
 
     def metric(self, step: int, epoch: int, key: str, value: float) -> None:
@@ -183,9 +190,10 @@ class _Recorder:
         if math.isfinite(value):
             self._pending.append((key, value, step))
 
-    def layer_rows(self, step: int, epoch: int, roles: list[str], grad: list[float], sigma: list[float]) -> None:
-        for i, (r, g, s) in enumerate(zip(roles, grad, sigma)):
-            self.layers.append((step, epoch, i, r, g, s))
+    def layer_rows(self, step: int, epoch: int, metric: str, roles: list[str], values: list[float]) -> None:
+        """One long-format row per layer: (step, epoch, layer, role, metric, value)."""
+        for i, (r, v) in enumerate(zip(roles, values)):
+            self.layers.append((step, epoch, i, r, metric, float(v)))
 
     def flush(self) -> None:
         if self._pending:
@@ -239,6 +247,8 @@ def train(
         "device": str(device),
         "torch_version": torch.__version__,
         "optimizer": cfg.optimizer,
+        "method": cfg.method_name,
+        "step_method": cfg.step_method,
         "run_id": cfg.run_id,
     }
     base_tags.update(tags or {})
@@ -343,8 +353,8 @@ class Checkpointer:
         try:
             doc = json.loads(path.read_text())
             curves = [(int(a), int(b), str(c), float("nan") if d is None else float(d)) for a, b, c, d in doc.pop("curves")]
-            layers = [(int(a), int(b), int(c), str(d), float("nan") if f is None else float(f), float("nan") if g is None else float(g))
-                      for a, b, c, d, f, g in doc.pop("layers")]
+            layers = [(int(a), int(b), int(c), str(d), str(m), float("nan") if v is None else float(v))
+                      for a, b, c, d, m, v in doc.pop("layers")]
             final = {k: (math.nan if v is None and k not in ("sn_violations", "sn_active_frac", "epochs_to_90") else v) for k, v in doc["final"].items()}
             return RunResult(run_id=doc["run_id"], status=doc["status"], config=doc["config"], final=final,
                              diverged_step=doc["diverged_step"], diverge_reason=doc["diverge_reason"], error=doc["error"],
@@ -355,7 +365,7 @@ class Checkpointer:
             return None
 
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 class _Loop:
@@ -363,19 +373,17 @@ class _Loop:
 
     def __init__(self, cfg: RunConfig, data: Any, device: torch.device, rec: _Recorder, result: RunResult, progress: bool, ckpt: Checkpointer | None) -> None:
         self.cfg, self.data, self.device, self.rec, self.result, self.ckpt = cfg, data, device, rec, result, ckpt
-        self.task = build_task(cfg, data, device)
+        self.task = tasks_.build(cfg, data, device)
         self.model = models.build(cfg.arch, **model_kwargs(cfg, self.task)).to(device)
         if cfg.reparam == "spectral_norm":
             from .optim.reparam import apply_spectral_norm_reparam
 
             apply_spectral_norm_reparam(self.model, tuple(cfg.sn.roles))
-        sn = {"sn_mode": cfg.sn.mode, "sn_sigma": cfg.sn.sigma, "sn_power_iters": cfg.sn.power_iters,
-              "sn_roles": tuple(cfg.sn.roles), "seed": cfg.seed}
-        if any(p.dim() == 4 for p in self.model.parameters()):
-            sn["sn_conv"] = cfg.sn.conv
-        self.opt = optim.build(cfg.optimizer, self.model, lr=cfg.lr, **(sn if cfg.optimizer == "sgd_sn" else {}))
-        self.projected = cfg.optimizer == "sgd_sn"
+        self.method = methods_.build(cfg, self.model, self.task, device)
         self.index = LayerIndex.of(self.model)
+        env = probes_.ProbeEnv(model=self.model, index=self.index, method=self.method, task=self.task, cfg=cfg, device=device)
+        self.probes = probes_.build(cfg.probes, env)
+        self.at: dict[str, list[Any]] = {p: [pr for pr in self.probes if pr.point == p] for p in probes_.POINTS}
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.steps_per_epoch = self.task.steps_per_epoch
@@ -383,22 +391,26 @@ class _Loop:
         if cfg.max_steps > 0:
             self.total = min(self.total, cfg.max_steps)
         self.progress = progress
+        sel_metric, sel_dir = self.task.select.removeprefix("val_"), self.task.select_direction
+        self.best_key, self.best_sign = f"best_val_{sel_metric}", (1.0 if sel_dir == "up" else -1.0)
         # loop state (everything a checkpoint must carry)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
         self.epoch_gen_state = self.gen.get_state()
-        self.best_val = -math.inf
-        self.epochs_to_90: int | None = None
-        self.violations = 0
-        self.sigma_max_max = math.nan
+        self.best_val = -math.inf  # best validation select-metric, signed so that larger is better
+        self.best_acc = -math.inf  # best validation accuracy (tasks that report one)
+        self.milestone_epoch: int | None = None
         self.loss_buf: list[torch.Tensor] = []
-        self.epoch_loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device)
+        self.stat_buf: list[dict[str, torch.Tensor]] = []
+        self.sums: dict[str, torch.Tensor] = {}
         self.seen = 0
         self.wall_before = 0.0
         self.diverged = False
         self.step_mem_mb = math.nan  # CPU: peak of one profiled step (see metrics.memory)
+
+    def state_modules(self) -> list[torch.nn.Module]:
+        return [self.model, *self.method.modules()]
 
     # -- checkpoint state
     def state(self) -> dict[str, Any]:
@@ -411,18 +423,17 @@ class _Loop:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "method": self.method.state_dict(),
+            "probes": {p.name: p.state_dict() for p in self.probes},
             "best_val": self.best_val,
-            "epochs_to_90": -1 if self.epochs_to_90 is None else self.epochs_to_90,
-            "violations": self.violations,
-            "sigma_max_max": self.sigma_max_max,
+            "best_acc": self.best_acc,
+            "milestone_epoch": -1 if self.milestone_epoch is None else self.milestone_epoch,
             "loss_buf": [t.cpu() for t in self.loss_buf],
-            "epoch_loss": self.epoch_loss.cpu(),
-            "correct": self.correct.cpu(),
+            "stat_buf": [{k: v.cpu() for k, v in d.items()} for d in self.stat_buf],
+            "sums": {k: v.cpu() for k, v in self.sums.items()},
             "seen": self.seen,
             "wall": self.wall_before + (time.perf_counter() - self.t0),
             "curves": [list(c) for c in self.rec.curves],
-            "layer_index": self.index.state_dict(),
             "layers": [list(r) for r in self.rec.layers],
         }
 
@@ -433,20 +444,21 @@ class _Loop:
         if self.device.type == "cuda" and st["cuda_rng"]:
             torch.cuda.set_rng_state_all(st["cuda_rng"])
         self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["optimizer"])
-        self.best_val, self.violations, self.sigma_max_max = st["best_val"], int(st["violations"]), st["sigma_max_max"]
-        self.epochs_to_90 = None if int(st["epochs_to_90"]) < 0 else int(st["epochs_to_90"])
+        self.method.load_state_dict(st["method"])
+        for p in self.probes:
+            if p.name in st["probes"]:
+                p.load_state_dict(st["probes"][p.name])
+        self.best_val, self.best_acc = st["best_val"], st["best_acc"]
+        self.milestone_epoch = None if int(st["milestone_epoch"]) < 0 else int(st["milestone_epoch"])
         self.loss_buf = [t.to(self.device) for t in st["loss_buf"]]
-        self.epoch_loss = st["epoch_loss"].to(self.device)
-        self.correct = st["correct"].to(self.device)
+        self.stat_buf = [{k: v.to(self.device) for k, v in d.items()} for d in st["stat_buf"]]
+        self.sums = {k: v.to(self.device) for k, v in st["sums"].items()}
         self.seen = int(st["seen"])
         self.wall_before = float(st["wall"])
         # the records so far: re-sent to the sinks in one batch, so the resumed run is complete
         for s, e, k, v in st["curves"]:
             self.rec.metric(int(s), int(e), str(k), float(v))
-        if st.get("layer_index") is not None:
-            self.index.load_state_dict(st["layer_index"])
-        self.rec.layers = [(int(a), int(b), int(c), str(d), float(f), float(g)) for a, b, c, d, f, g in st["layers"]]
+        self.rec.layers = [(int(a), int(b), int(c), str(d), str(m), float(v)) for a, b, c, d, m, v in st["layers"]]
         self.rec.flush()
 
     # -- the loop
@@ -461,7 +473,6 @@ class _Loop:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
-        pending_grad: torch.Tensor | None = None
         start_epoch = self.epoch
         for epoch in range(start_epoch, cfg.epochs):
             if self.step >= self.total and epoch > start_epoch:
@@ -470,8 +481,7 @@ class _Loop:
             if not (epoch == start_epoch and resume is not None):
                 self.epoch_gen_state = self.gen.get_state()
                 self.batch_in_epoch = 0
-                self.correct.zero_()
-                self.epoch_loss.zero_()
+                self.sums = {}
                 self.seen = 0
             self.gen.set_state(self.epoch_gen_state)
             batches = self.task.epoch_batches(self.gen)
@@ -481,31 +491,32 @@ class _Loop:
                 if self.step >= self.total:
                     break
                 xb, yb = self.task.batch(idx)
-                check = (self.step + 1) % cfg.sn.check_every == 0
+                due = [p for p in self.probes if p.point in ("after_backward", "after_step") and p.due(self.step)]
+                ctx = methods_.StepContext(forward=self.fwd, amp=amp, step=self.step, epoch=epoch,
+                                           after_backward=lambda due=due: _measure(due, "after_backward"))
                 if self.device.type == "cpu" and math.isnan(self.step_mem_mb) and (self.step >= 1 or self.total == 1):
                     # one step (the second: optimizer state exists) under the allocation profiler
-                    (logits, loss, grad), peak, overhead = step_peak_bytes(
-                        lambda: self._train_step(xb, yb, amp, check), self.model, self.opt, self.device)
+                    out, peak, overhead = step_peak_bytes(
+                        lambda: self.method.step(xb, yb, ctx), self.state_modules(), self.method.optimizers(), self.device)
                     self.step_mem_mb = peak / 2**20
                     self.t0 += overhead  # the profiler's own start/stop/parse time is not the run's
                     t_epoch += overhead
                 else:
-                    logits, loss, grad = self._train_step(xb, yb, amp, check)
-                if check:
-                    pending_grad = grad
+                    out = self.method.step(xb, yb, ctx)
+                _measure(due, "after_step")
                 self.step += 1
                 self.batch_in_epoch += 1
-                det = loss.detach()
+                det = out.loss.detach()
                 self.loss_buf.append(det)
-                n_items = self.task.n_items(yb)
-                self.epoch_loss += det * n_items
-                self.correct += self.task.n_correct(logits, yb)
-                self.seen += n_items
-                if check and pending_grad is not None:
-                    self._layer_check(pending_grad)
+                if out.stats:
+                    self.stat_buf.append({k: v.detach() for k, v in out.stats.items()})
+                for k, v in self.task.step_sums(det, out.outputs, yb).items():
+                    self.sums[k] = self.sums[k] + v if k in self.sums else torch.zeros((), device=self.device) + v
+                self.seen += self.task.n_items(yb)
+                for p in due:
+                    p.emit(self.step, epoch, rec)
                 if self.step % cfg.log_every == 0 or self.step == self.total:
-                    bad = _flush_losses(self.loss_buf, self.step, epoch, cfg, rec, self.result)
-                    self.loss_buf = []
+                    bad = self._flush(epoch)
                     if bar is not None:
                         bar.update(self.step - bar.n)
                     if bad:
@@ -516,57 +527,58 @@ class _Loop:
             if self.diverged:
                 break
             if self.loss_buf:
-                if _flush_losses(self.loss_buf, self.step, epoch, cfg, rec, self.result):
+                if self._flush(epoch):
                     self.diverged = True
                     break
-                self.loss_buf = []
             self._end_epoch(epoch, time.perf_counter() - t_epoch, len(batches))
             if bar is not None:
-                bar.set_postfix(val_acc=f"{self.last_val_acc:.3f}")
+                bar.set_postfix({self.task.select: f"{self.last_val:.3f}"})
         wall = self.wall_before + (time.perf_counter() - self.t0)
         if bar is not None:
             bar.close()
-        if self.step % cfg.sn.check_every != 0 and self.step > 0:
-            self._layer_check(layer_grad_norms(self.index))
+        if self.step > 0:  # a last measurement where the final step was not a probe step
+            for p in self.probes:
+                if p.point in ("after_backward", "after_step") and p.options.at_end and self.step % p.every != 0:
+                    p.measure()
+                    p.emit(self.step, self.epoch, rec)
+        for p in self.at["run_end"]:
+            p.measure()
+            p.emit(self.step, self.epoch, rec)
         rec.flush()
         self._final(wall)
 
-    def _train_step(self, xb: torch.Tensor, yb: torch.Tensor, amp: Any, check: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Forward, backward, (per-layer gradient norms on check steps), optimizer step."""
-        with amp:
-            logits = self.fwd(xb)
-        loss = self.task.loss(logits, yb)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad = layer_grad_norms(self.index) if check else None
-        self.opt.step()
-        return logits, loss, grad
-
-    def _layer_check(self, grad: torch.Tensor) -> None:
-        # conv kernels: the operator norm where the projection bounds it, else the reshaped-matrix norm
-        sig = layer_sigma_max(self.index, operator=self.projected and self.cfg.sn.conv == "operator")
-        s_list = sig.tolist()
-        self.rec.layer_rows(self.step, self.epoch, self.index.roles, grad.tolist(), s_list)
-        self.sigma_max_max = max(s_list)
-        self.rec.metric(self.step, self.epoch, "sigma_max", self.sigma_max_max)
-        if self.projected and not self.sigma_max_max <= 1.0 + SN_TOL:
-            self.violations += 1
+    def _flush(self, epoch: int) -> bool:
+        """Losses and the method's per-step statistics to the host in one transfer each; True if diverged."""
+        stats, self.stat_buf = self.stat_buf, []
+        bad = _flush_losses(self.loss_buf, self.step, epoch, self.cfg, self.rec, self.result, stats)
+        self.loss_buf = []
+        return bad
 
     def _end_epoch(self, epoch: int, seconds: float, n_batches: int) -> None:
-        """Epoch-end records: train loss/accuracy, validation metrics, throughput (one sync each)."""
-        tr = torch.stack([self.epoch_loss / max(1, self.seen), self.correct / max(1, self.seen)]).tolist()
+        """Epoch-end records: train sums, validation metrics, throughput (one sync each)."""
+        keys = [k for k in self.task.EPOCH_KEYS if k in self.sums]
+        tr = torch.stack([self.sums[k] / max(1, self.seen) for k in keys]).tolist() if keys else []
         val = self.task.evaluate(self.model, "val")
-        self.best_val = max(self.best_val, val["acc"])
-        self.last_val_acc = val["acc"]
-        if self.epochs_to_90 is None and val["acc"] >= 0.9:
-            self.epochs_to_90 = epoch + 1
-        rows = [("epoch_train_loss", tr[0]), ("train_acc", tr[1])]
+        sel = val.get(self.task.select.removeprefix("val_"), math.nan)
+        self.best_val = max(self.best_val, self.best_sign * sel)
+        if "acc" in val:
+            self.best_acc = max(self.best_acc, val["acc"])
+        self.last_val = sel
+        if self.task.milestone is not None and self.milestone_epoch is None:
+            m, thr = self.task.milestone
+            if val.get(m, -math.inf) >= thr:
+                self.milestone_epoch = epoch + 1
+        rows = [(self.task.EPOCH_KEYS[k], v) for k, v in zip(keys, tr)]
         rows += [(f"val_{k}", v) for k, v in val.items()]
         rows += [("lr", self.cfg.lr), ("epoch_time_s", seconds)]
         if seconds > 0 and n_batches > 0:
-            rows.append((f"{self.task.unit}_per_s", n_batches * self.cfg.batch_size * (self.cfg.block_size if self.task.kind == "lm" else 1) / seconds))
+            rows.append((f"{self.task.unit}_per_s", n_batches * self.task.items_per_batch / seconds))
         for key, val_ in rows:
             self.rec.metric(self.step, epoch, key, float(val_))
+        for i, p in enumerate(self.at["epoch_end"]):
+            if (epoch + 1) % p.every == 0:
+                p.measure()
+                p.emit(self.step, epoch, self.rec)
         self.rec.flush()
 
     def _final(self, wall: float) -> None:
@@ -577,14 +589,17 @@ class _Loop:
             "peak_mem_mb": peak_memory_mb(self.device),
             "step_mem_mb": self.step_mem_mb,
             "peak_rss_mb": peak_rss_mb(),
-            "state_mem_mb": state_memory_mb(self.model, self.opt),
-            "best_val_acc": self.best_val if self.best_val > -math.inf else math.nan,
-            "sigma_max_max": self.sigma_max_max,
-            "sn_violations": self.violations if self.projected else None,
-            # fraction of steps at which the projection changed some weight (0: it never bound)
-            "sn_active_frac": (self.opt.active_steps / self.step if self.step else math.nan) if self.projected else None,
+            "state_mem_mb": state_memory_mb(self.state_modules(), self.method.optimizers()),
+            "best_val_acc": self.best_acc if self.best_acc > -math.inf else math.nan,
         }
-        final["epochs_to_90"] = self.epochs_to_90
+        if self.best_key != "best_val_acc":
+            final[self.best_key] = self.best_sign * self.best_val if self.best_val > -math.inf else math.nan
+        for p in self.probes:
+            final.update(p.summary(self.step))
+        final.update(self.method.summary())
+        if self.task.milestone is not None:
+            m, thr = self.task.milestone
+            final[f"epochs_to_{round(thr * 100)}"] = self.milestone_epoch
         epoch_times = [v for (_, _, k, v) in self.rec.curves if k == "epoch_time_s"]
         final["seconds_per_epoch"] = sum(epoch_times) / len(epoch_times) if epoch_times else math.nan
         rates = [v for (_, _, k, v) in self.rec.curves if k == f"{self.task.unit}_per_s"]
@@ -603,6 +618,12 @@ class _Loop:
         self.result.final = final
 
 
+def _measure(probes: list[Any], point: str) -> None:
+    for p in probes:
+        if p.point == point:
+            p.measure()
+
+
 VANISHING_RATIO = 1e-8
 CHANCE_MARGIN = 0.02
 
@@ -618,10 +639,11 @@ def classify_failure(result: RunResult, data: Any) -> str | None:
         return result.diverge_reason
     if result.status != "completed":
         return None
-    if result.layers:
-        last = max(r[0] for r in result.layers)
-        rows = sorted((r for r in result.layers if r[0] == last), key=lambda r: r[2])
-        g_first, g_last = rows[0][4], rows[-1][4]
+    grads = [r for r in result.layers if r[4] == "grad_norm"]
+    if grads:
+        last = max(r[0] for r in grads)
+        rows = sorted((r for r in grads if r[0] == last), key=lambda r: r[2])
+        g_first, g_last = rows[0][5], rows[-1][5]
         if math.isfinite(g_first) and math.isfinite(g_last) and g_last > 0 and g_first < VANISHING_RATIO * g_last:
             return "vanishing"
     n_classes = getattr(data, "meta", {}).get("n_classes")
@@ -645,12 +667,22 @@ def model_kwargs(cfg: RunConfig, task: Any) -> dict[str, Any]:
     raise ValueError(f"arch: unknown {cfg.arch!r}")
 
 
-def _flush_losses(buf: list[torch.Tensor], step: int, epoch: int, cfg: RunConfig, rec: _Recorder, result: RunResult) -> bool:
-    """Move buffered losses to the host in one transfer; detect divergence. True if diverged."""
+def _flush_losses(buf: list[torch.Tensor], step: int, epoch: int, cfg: RunConfig, rec: _Recorder, result: RunResult,
+                  stats: list[dict[str, torch.Tensor]] | None = None) -> bool:
+    """Move buffered losses (and the method's per-step statistics, one row per step and key) to
+    the host in one transfer each; detect divergence. True if diverged."""
     if not buf:
         return False
     losses = torch.stack(buf).float().cpu().tolist()
     first = step - len(losses) + 1
+    if stats:
+        keys = sorted({k for d in stats for k in d})
+        nan = torch.tensor(float("nan"), device=buf[0].device)
+        table = torch.stack([torch.stack([d.get(k, nan).float().reshape(()) for k in keys]) for d in stats]).cpu().tolist()
+        s0 = step - len(table) + 1
+        for i, row in enumerate(table):
+            for k, v in zip(keys, row):
+                rec.metric(s0 + i, epoch, k, v)
     for i, v in enumerate(losses):
         s = first + i
         if not math.isfinite(v) or v > cfg.diverge_loss:
@@ -684,7 +716,7 @@ def write_run(result: RunResult, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_text(run_dir / "metrics.json", json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
     _atomic_csv(run_dir / "curves.csv", ("step", "epoch", "metric", "value"), result.curves)
-    _atomic_csv(run_dir / "layers.csv", ("step", "epoch", "layer", "role", "grad_norm", "sigma_max"), result.layers)
+    _atomic_csv(run_dir / "layers.csv", LAYER_COLUMNS, result.layers)
     _atomic_csv(run_dir / "epochs.csv", ("epoch", "step") + EPOCH_METRICS, epoch_table(result.curves))
 
 

@@ -30,7 +30,7 @@ from .config import (
     resolve_ablation,
     resolve_run,
     resolve_study,
-    sweep_optimizers,
+    study_run,
 )
 
 
@@ -168,53 +168,55 @@ def _score(results: list[engine.RunResult], select: str) -> float:
     return sum(vals) / len(vals) if vals else -math.inf
 
 
-def sweep(study: str, optimizer: str, params_path: str = "params.yaml", out_root: str = "runs/sweep") -> list[engine.RunResult]:
-    """One slice of a study: ``optimizer`` over the study's datasets x grid, LR search then seeds.
+def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: str = "runs/sweep") -> list[engine.RunResult]:
+    """One slice of a study: ``method`` over the study's datasets x grid, LR search then seeds.
 
     For each grid point the learning rates are tried with the search seeds, the best is
-    selected on the validation split, and the selected LR is rerun with the other seeds
-    (stage ``sweep@<study>-<optimizer>``). With ``stop_on_failure``, the first grid point whose
-    selected configuration fails (named in metrics.json: nonfinite, exploding, vanishing,
-    chance) ends the search along the first grid axis: the depth-to-failure search.
+    selected on the validation split (the task's select metric), and the selected LR is rerun
+    with the other seeds (stage ``<study>@<method>``); ``lr_policy: fixed`` runs every LR with
+    every seed. With ``stop_on_failure``, the first grid point whose selected configuration
+    fails (named in metrics.json: nonfinite, exploding, vanishing, chance) ends the search along
+    the first grid axis: the depth-to-failure search. ``summary.json`` records, per point, the
+    selected LR, whether it sits at an edge of the LR grid, and the study's verdict spec, so the
+    analysis reads everything from run directories.
     """
     params = load_params(params_path)
     spec = resolve_study(params, study)
-    optimizers = sweep_optimizers(params)
-    if optimizer not in optimizers:
-        raise ConfigError(f"sweep: optimizer {optimizer!r} is not in sweep.optimizers; allowed: {', '.join(optimizers)}")
+    if method not in spec.methods:
+        raise ConfigError(f"{study}: method {method!r} is not in studies.{study}.methods; allowed: {', '.join(spec.methods)}")
 
     def cfg_for(dataset: str, point: dict[str, Any], lr: float, seed: int, run_id: str) -> RunConfig:
-        return resolve_run(
-            params, **{**spec.fixed, **point}, arch=spec.arch, optimizer=optimizer, dataset=dataset, lr=lr, seed=seed,
-            study=study, run_id=run_id, sn=spec.sn,
-        )
+        return study_run(params, spec, method, dataset=dataset, point=point, lr=lr, seed=seed, run_id=run_id)
 
     points = spec.points()
     # validate every configuration before anything is written
     for ds in spec.datasets:
         for pt in points:
             cfg_for(ds, pt, spec.lrs[0], spec.seeds[0], "check")
-    first = cfg_for(spec.datasets[0], points[0], spec.lrs[0], spec.seeds[0], f"sweep@{study}-{optimizer}")
-    stage = f"sweep@{study}-{optimizer}"
+    stage = f"{study}@{method}"
+    first = cfg_for(spec.datasets[0], points[0], spec.lrs[0], spec.seeds[0], stage)
+    searching = spec.lr_policy == "search"
     tags, prov = _provenance(first, seeds_per_config=len(set(spec.seeds) | set(spec.search_seeds)), stage=stage)
     tags["frozen"] = str(bool(prov.get("frozen"))).lower()
     device = engine.resolve_device(first.device)
     cache = {ds: engine.load_prepared(first.prepared_dir, ds, device) for ds in spec.datasets}
-    out = Path(out_root) / study / optimizer
+    out = Path(out_root) / study / method
     out.mkdir(parents=True, exist_ok=True)
     results: list[engine.RunResult] = []
     errors: list[str] = []
     summary: list[dict[str, Any]] = []
-    confirm_seeds = [sd for sd in spec.seeds if sd not in spec.search_seeds]
-    total = len(spec.datasets) * len(points) * (len(spec.lrs) * len(spec.search_seeds) + len(confirm_seeds))
-    bar = _outer_bar(total, stage)
+    confirm_seeds = spec.confirm_seeds() if searching else list(spec.seeds)
+    per_point = len(spec.lrs) * len(spec.search_seeds) + len(confirm_seeds) if searching else len(spec.lrs) * len(spec.seeds)
+    bar = _outer_bar(len(spec.datasets) * len(points) * per_point, stage)
     first_axis = next(iter(spec.grid), None)
-    slice_ckpt = _checkpoint_dir() / "sweep" / study / optimizer
+    slice_ckpt = _checkpoint_dir() / "sweep" / study / method
+    prefix = method
 
     def run(dataset: str, point: dict[str, Any], lr: float, seed: int, role: str, parent: Any) -> engine.RunResult | None:
-        run_id = f"{optimizer}-{dataset}-{_point_id(point)}-lr{lr:g}-s{seed}"
+        run_id = f"{prefix}-{dataset}-{_point_id(point)}-lr{lr:g}-s{seed}"
         cfg = cfg_for(dataset, point, lr, seed, run_id)
-        meta = {"study": study, "role": role, "point": point, "select": spec.select, "verdict": spec.verdict}
+        meta = {"study": study, "method": method, "role": role, "point": point, "select": spec.select,
+                "verdict": spec.verdict, "analysis": spec.analysis}
         try:
             res = engine.train(
                 cfg, sinks=_sink(params, run_id, parent_run_id=parent), run_dir=out / run_id, data=cache[dataset],
@@ -232,7 +234,7 @@ def sweep(study: str, optimizer: str, params_path: str = "params.yaml", out_root
             results.append(res)
         return res
 
-    with _parent(params, stage, {**tags, "seed": ",".join(map(str, spec.seeds))}) as parent:
+    with _parent(params, stage, {**tags, "method": method, "seed": ",".join(map(str, spec.seeds))}) as parent:
         for dataset in spec.datasets:
             stopped_at: Any = None
             for point in points:
@@ -240,18 +242,29 @@ def sweep(study: str, optimizer: str, params_path: str = "params.yaml", out_root
                     summary.append({"dataset": dataset, "point": point, "skipped": f"{first_axis} beyond failure at {stopped_at}"})
                     continue
                 by_lr: dict[float, list[engine.RunResult]] = {}
+                role = "search" if searching else "confirm"
                 for lr in spec.lrs:
-                    by_lr[lr] = [r for sd in spec.search_seeds if (r := run(dataset, point, lr, sd, "search", parent))]
+                    seeds = spec.search_seeds if searching else spec.seeds
+                    by_lr[lr] = [r for sd in seeds if (r := run(dataset, point, lr, sd, role, parent))]
                 best_lr = max(spec.lrs, key=lambda lr: (_score(by_lr[lr], spec.select), -lr))
-                chosen = by_lr[best_lr] + [r for sd in confirm_seeds if (r := run(dataset, point, best_lr, sd, "confirm", parent))]
+                chosen = by_lr[best_lr]
+                if searching:
+                    chosen = chosen + [r for sd in confirm_seeds if (r := run(dataset, point, best_lr, sd, "confirm", parent))]
                 failures = sorted({r.failure for r in chosen if r.failure})
                 summary.append({"dataset": dataset, "point": point, "selected_lr": best_lr, "select": spec.select,
-                                "score": _score(by_lr[best_lr], spec.select), "failures": failures})
+                                "score": _score(by_lr[best_lr], spec.select), "failures": failures,
+                                "lr_edge": lr_edge(best_lr, spec.lrs),
+                                "search_scores": {f"{lr:g}": _finite(_score(by_lr[lr], spec.select)) for lr in spec.lrs}})
                 if spec.stop_on_failure and failures and first_axis is not None and stopped_at is None:
                     stopped_at = point[first_axis]
     if bar is not None:
         bar.close()
-    (out / "summary.json").write_text(json.dumps({"study": study, "optimizer": optimizer, "verdict": spec.verdict, "points": summary}, indent=2) + "\n")
+    doc = {"study": study, "method": method, "optimizer": first.optimizer, "step_method": first.step_method,
+           "analysis": spec.analysis, "verdict": spec.verdict_spec if spec.verdict else False,
+           "primary": {"metric": spec.primary[0], "direction": spec.primary[1]}, "select": spec.select,
+           "lr_policy": spec.lr_policy, "lrs": list(spec.lrs), "search_seeds": list(spec.search_seeds),
+           "seeds": list(spec.seeds), "points": summary}
+    (out / "summary.json").write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
     if not errors:  # the slice is complete: its finished-run records are no longer needed
         shutil.rmtree(slice_ckpt, ignore_errors=True)
     for r in results:
@@ -259,6 +272,28 @@ def sweep(study: str, optimizer: str, params_path: str = "params.yaml", out_root
     if errors:
         raise RuntimeError("failed runs (bugs, see metrics.json): " + "; ".join(errors))
     return results
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return str(v)
+
+
+def lr_edge(lr: float, lrs: tuple[float, ...] | list[float]) -> str | None:
+    """``"high"`` / ``"low"`` when ``lr`` is the largest / smallest of a grid of 2+ values, else None:
+    a selected LR at an edge means the grid may not contain the best one."""
+    if len(set(lrs)) < 2:
+        return None
+    if lr == max(lrs):
+        return "high"
+    if lr == min(lrs):
+        return "low"
+    return None
 
 
 def ablate(params_path: str = "params.yaml", out_root: str = "runs/ablate") -> list[engine.RunResult]:
@@ -354,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train")
     sp = sub.add_parser("sweep")
     sp.add_argument("--study", required=True)
-    sp.add_argument("--optimizer", required=True)
+    sp.add_argument("--method", required=True)
     sub.add_parser("ablate")
     sub.add_parser("aggregate")
     sub.add_parser("plot")
@@ -366,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "train":
             train_headline(args.params)
         elif args.cmd == "sweep":
-            sweep(args.study, args.optimizer, args.params)
+            sweep(args.study, args.method, args.params)
         elif args.cmd == "ablate":
             ablate(args.params)
         elif args.cmd == "aggregate":

@@ -167,9 +167,10 @@ def allocation_window(device: torch.device) -> Iterator[AllocationWindow]:
     win.overhead_s += time.perf_counter() - t
 
 
-def live_state_bytes(model: torch.nn.Module, opt: Any, grads: bool = True) -> int:
+def live_state_bytes(model: torch.nn.Module | list[torch.nn.Module], opt: Any, grads: bool = True) -> int:
     """Bytes of the training state now: parameters, their gradients (unless ``grads=False``),
-    buffers, optimizer state and projection vectors (each storage counted once)."""
+    buffers, optimizer state and projection vectors (each storage counted once). ``model`` may be
+    a list of modules (the model and a method's own modules), ``opt`` a list of optimizers."""
     seen: set[tuple[str, int]] = set()
     total = 0
 
@@ -182,22 +183,24 @@ def live_state_bytes(model: torch.nn.Module, opt: Any, grads: bool = True) -> in
                 seen.add(key)
                 total += st.nbytes()
 
-    for p in model.parameters():
-        add(p)
-        if grads:
-            add(p.grad)
-    for b in model.buffers():
-        add(b)
-    for st in getattr(opt, "state", {}).values():
-        for v in st.values():
-            add(v)
-    for proj in getattr(opt, "projections", []):
-        for u in getattr(proj, "u", []):
-            add(u)
+    for mod in model if isinstance(model, (list, tuple)) else [model]:
+        for p in mod.parameters():
+            add(p)
+            if grads:
+                add(p.grad)
+        for b in mod.buffers():
+            add(b)
+    for o in opt if isinstance(opt, (list, tuple)) else [opt]:
+        for st in getattr(o, "state", {}).values():
+            for v in st.values():
+                add(v)
+        for proj in getattr(o, "projections", []):
+            for u in getattr(proj, "u", []):
+                add(u)
     return total
 
 
-def step_peak_bytes(step: Callable[[], T], model: torch.nn.Module, opt: Any, device: torch.device) -> tuple[T, int, float]:
+def step_peak_bytes(step: Callable[[], T], model: torch.nn.Module | list[torch.nn.Module], opt: Any, device: torch.device) -> tuple[T, int, float]:
     """Run ``step()`` once under the allocation window: (its result, the step's peak bytes including
     the training state live at its start, the profiler's overhead in seconds).
 
@@ -208,8 +211,9 @@ def step_peak_bytes(step: Callable[[], T], model: torch.nn.Module, opt: Any, dev
     """
     base = live_state_bytes(model, opt, grads=False)
     with allocation_window(device) as win:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad = p.grad.clone()
+        for mod in model if isinstance(model, (list, tuple)) else [model]:
+            for p in mod.parameters():
+                if p.grad is not None:
+                    p.grad = p.grad.clone()
         out = step()
     return out, base + win.peak_bytes, win.overhead_s

@@ -7,6 +7,10 @@ n_layer, n_head, n_embd, dropout, bias; anything else is refused). Models with c
 also provide ``conv_specs()`` (conv weight name -> stride, padding, dilation, groups,
 input_hw), which the conv spectral projection uses.
 
+Every model runs under ``torch.func.jvp`` + ``functional_call`` in eval mode;
+:func:`optlab.models.functional.jvp_outputs` gives a model's outputs and their derivative along a
+parameter direction without touching its buffers.
+
 Roles: ``input``, ``hidden``, ``output`` (weight matrices, or stacks of them) and
 ``bias_norm`` (biases and normalization parameters). Optimizers, constraints and
 per-layer metrics select parameters by role, never by name.
@@ -20,6 +24,7 @@ from torch import nn
 
 from .mlp import DeepMLP
 from .gpt import GPT, GPTConfig, build_gpt
+from .functional import jvp_outputs
 
 ROLES = ("input", "hidden", "output", "bias_norm")
 WEIGHT_ROLES = ("input", "hidden", "output")

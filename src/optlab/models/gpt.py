@@ -18,7 +18,11 @@ Design choices, each made so that every parameter has exactly one role:
 - Init: every Linear and Embedding weight ~ N(0, 0.02); the two residual projections
   (``attn.proj``, ``mlp.proj``) ~ N(0, 0.02 / sqrt(2 * n_layer)); biases zero; LayerNorm 1/0.
 - Attention is ``F.scaled_dot_product_attention(..., is_causal=True)``, which picks a fused
-  kernel (flash / memory-efficient on CUDA) where one applies.
+  kernel (flash / memory-efficient on CUDA) where one applies. Under forward-mode AD
+  (``torch.func.jvp``, ``torch.autograd.forward_ad``), which the CPU flash kernel does not
+  support, or when ``explicit_attention`` is set on a :class:`CausalSelfAttention`, attention is
+  written out instead (:func:`causal_attention`: masked softmax of q k^T / sqrt(head_dim), times v),
+  equal to SDPA within float rounding.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .functional import forward_ad_active
 
 
 @dataclass
@@ -53,7 +59,20 @@ class GPTConfig:
             raise ValueError(f"gpt: dropout must be in [0, 1), got {self.dropout!r}")
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v, written out: what SDPA with ``is_causal=True`` computes."""
+    T, S = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    att = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    if dropout_p > 0.0:
+        att = F.dropout(att, p=dropout_p)
+    return att @ v
+
+
 class CausalSelfAttention(nn.Module):
+    explicit_attention: bool = False  # True: always causal_attention, never SDPA
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
@@ -65,9 +84,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, n_head, T, head_dim)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        p = self.dropout if self.training else 0.0
+        if self.explicit_attention or (not torch.compiler.is_compiling() and forward_ad_active(q, k, v)):
+            y = causal_attention(q, k, v, dropout_p=p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, C)  # concatenate the heads
         return self.resid_drop(self.proj(y))
 

@@ -11,7 +11,8 @@ transient copy of the whole weight gradient (2.4 GiB at 10,000 x 256 x 256), the
 the step's peak memory. The function also does the activation checkpointing (only segment
 boundaries are kept; each segment is recomputed in backward). Its gradients are checked
 against autograd through ``unbind`` (:meth:`DeepMLP.forward_autograd`, the reference path, also
-used under autocast and torch.compile) in ``tests/test_models.py``.
+used under autocast, torch.compile, forward-mode AD and ``torch.func`` transforms, which the
+function does not support) in ``tests/test_models.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .functional import forward_ad_active, functorch_active
 
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu}
 _GAINS = {"tanh": 5.0 / 3.0, "relu": math.sqrt(2.0), "gelu": math.sqrt(2.0)}
@@ -174,7 +177,8 @@ class DeepMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.hidden.weight, self.hidden.bias
         if (not torch.is_grad_enabled() or torch.is_autocast_enabled() or torch.compiler.is_compiling()
-                or w.dtype != b.dtype):
+                or w.dtype != b.dtype or functorch_active()
+                or forward_ad_active(x, self.input.weight, self.input.bias, w, b)):
             return self.forward_autograd(x)
         h = self.act(self.input(x))
         k = self.checkpoint_segments if self.training else 0

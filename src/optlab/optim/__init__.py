@@ -42,10 +42,26 @@ __all__ = [
 
 _NAMES = ("sgd", "sgd_momentum", "adam", "adamw", "sgd_sn")
 CONV_WARMUP_ITERS = 100  # Lanczos steps for each conv's operator norm at construction
+# optimizers that read the run's ``sn`` section (the post-step spectral projection)
+_USES_SN = frozenset({"sgd_sn"})
 
 
 def optimizer_names() -> list[str]:
     return list(_NAMES)
+
+
+def run_options(cfg: Any, model: nn.Module) -> dict[str, Any]:
+    """``build`` keyword options for the run config ``cfg``: its ``optimizer_options`` plus, for an
+    optimizer with a spectral projection, the ``sn`` section (the conv form only for models with
+    conv kernels)."""
+    opts: dict[str, Any] = dict(getattr(cfg, "optimizer_options", None) or {})
+    if cfg.optimizer in _USES_SN:
+        sn = cfg.sn
+        opts.update(sn_mode=sn.mode, sn_sigma=sn.sigma, sn_power_iters=sn.power_iters, sn_roles=tuple(sn.roles),
+                    seed=cfg.seed)
+        if any(p.dim() == 4 for p in model.parameters()):
+            opts["sn_conv"] = sn.conv
+    return opts
 
 
 def _params(model: nn.Module | Any) -> list[torch.Tensor]:

@@ -1,0 +1,89 @@
+"""The training-step method interface: what one step does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class NoOptions(BaseModel):
+    """A method without options (``method_options`` must be empty)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class StepContext:
+    """What the engine hands a method for one step.
+
+    ``forward`` is the (maybe compiled) model call; ``amp`` the autocast context;
+    ``after_backward()`` runs the probes declared for that point (a method calls it once its
+    gradients, or its own parameter updates in ``.grad``, are in place and before the optimizer
+    steps; a method that never calls it gets no after-backward probes).
+    """
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    amp: Any
+    after_backward: Callable[[], None]
+    step: int  # steps completed before this one
+    epoch: int
+
+
+@dataclass
+class StepOutput:
+    """A step's loss (scalar, on the device), the model outputs for the task's per-step sums,
+    and device-side per-step statistics the engine buffers and flushes with the losses."""
+
+    loss: torch.Tensor
+    outputs: torch.Tensor
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of training-step methods (registered in :data:`optlab.methods.METHODS`).
+
+    A method owns its optimizer(s) and any extra modules (feedback matrices, bridge networks);
+    they are checkpointed through :meth:`state_dict` and counted in memory through
+    :meth:`optimizers` and :meth:`modules`. ``optimizer`` is the optimizer of the model's own
+    parameters (probes read projection state from it).
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    replaces_backprop: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, task: Any, cfg: Any, device: torch.device, options: BaseModel) -> None:
+        self.model, self.task, self.cfg, self.device, self.options = model, task, cfg, device, options
+
+    optimizer: Any = None
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, ctx: StepContext) -> StepOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def optimizers(self) -> list[Any]:
+        return [self.optimizer] if self.optimizer is not None else []
+
+    def modules(self) -> list[nn.Module]:
+        """Modules the method owns beyond the model (trained or fixed)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers()],
+                "modules": [m.state_dict() for m in self.modules()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        opts, mods = self.optimizers(), self.modules()
+        if len(state["optimizers"]) != len(opts) or len(state["modules"]) != len(mods):
+            raise ValueError(f"method {self.name}: checkpoint state does not match this method's optimizers/modules")
+        for o, st in zip(opts, state["optimizers"]):
+            o.load_state_dict(st)
+        for m, st in zip(mods, state["modules"]):
+            m.load_state_dict(st)
+
+    def summary(self) -> dict[str, Any]:
+        """Final metrics the method contributes (host syncs allowed: called once at run end)."""
+        return {}

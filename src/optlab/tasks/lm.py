@@ -1,0 +1,91 @@
+"""Next-token prediction on a 1-D token stream (Tiny Shakespeare, TinyStories, the synthetic
+Markov language) with random windows of ``block_size``. Evaluation reports loss in nats/token,
+perplexity and bits per byte (bits per character for character-level data)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import TASKS
+from .base import Task
+
+
+@TASKS.register("lm")
+class LMTask(Task):
+    kind = "lm"
+    unit = "tokens"
+    primary = ("test_loss", "down")
+    select = "val_loss"
+    select_direction = "down"
+    milestone = None
+
+    def __init__(self, data: Any, cfg: Any, device: torch.device) -> None:
+        self.data, self.batch_size, self.block_size, self.device = data, cfg.batch_size, cfg.block_size, device
+        self.tokens = data.train.to(device).long()
+        n = self.tokens.numel()
+        if n < self.block_size + 2:
+            raise ValueError(f"block_size: {self.block_size} is too long for a training split of {n} tokens")
+        full = max(1, n // (self.batch_size * self.block_size))
+        self.steps_per_epoch = min(full, cfg.steps_per_epoch) if cfg.steps_per_epoch > 0 else full
+        self.eval_tokens = cfg.eval_tokens
+        self.items_per_batch = self.batch_size * self.block_size
+        self._arange = torch.arange(self.block_size + 1, device=device)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"vocab_size": int(self.data.meta["vocab_size"]), "block_size": self.block_size}
+
+    def epoch_batches(self, gen: torch.Generator) -> list[torch.Tensor]:
+        hi = self.tokens.numel() - self.block_size - 1
+        offsets = torch.randint(0, hi + 1, (self.steps_per_epoch, self.batch_size), generator=gen)
+        return list(offsets.to(self.device).unbind(0))
+
+    def batch(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        win = self.tokens[offsets[:, None] + self._arange]  # one gather, (B, T+1)
+        return win[:, :-1], win[:, 1:]
+
+    @staticmethod
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.PROBE_SEED)
+        hi = self.tokens.numel() - self.block_size - 1
+        n = max(1, self.PROBE_SIZE // self.block_size)
+        return self.batch(torch.randint(0, hi + 1, (n,), generator=gen).to(self.device))
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, float]:
+        """Loss over non-overlapping windows covering the split (or its first ``eval_tokens``)."""
+        toks = getattr(self.data, split).to(self.device).long()
+        n_avail = toks.numel() - 1
+        if self.eval_tokens > 0:
+            n_avail = min(n_avail, self.eval_tokens)
+        T = self.block_size
+        n_win = max(1, n_avail // T)
+        starts = torch.arange(n_win, device=self.device) * T
+        was = model.training
+        model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        ar = torch.arange(T + 1, device=self.device)
+        for i in range(0, n_win, self.batch_size):
+            win = toks[starts[i : i + self.batch_size, None] + ar]
+            logits = model(win[:, :-1]).float()
+            loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), win[:, 1:].reshape(-1), reduction="sum")
+            correct += (logits.argmax(-1) == win[:, 1:]).sum()
+        model.train(was)
+        n_tok = n_win * T
+        loss, acc = torch.stack([loss_sum / n_tok, correct / n_tok]).tolist()
+        meta = self.data.meta
+        # bits per byte of the text these tokens cover (bits per character for ASCII char-level data)
+        bytes_per_token = float(meta["n_bytes"][split]) / float(meta["n_tokens"][split])
+        return {
+            "loss": float(loss),
+            "acc": float(acc),
+            "ppl": math.exp(min(float(loss), 700.0)),
+            "bpb": float(loss) / (math.log(2) * bytes_per_token),
+        }
