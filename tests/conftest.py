@@ -28,3 +28,8 @@ def make_splits(n_train: int = 256, n_val: int = 64, n_test: int = 64, dim: int 
 @pytest.fixture
 def toy_splits() -> Splits:
     return make_splits()
+
+
+def every(k: int) -> dict:
+    """The default probes (gradient norms, exact sigma_max) every ``k`` steps."""
+    return {"grad_norm": {"every": k}, "sigma_max": {"every": k}}

@@ -29,7 +29,7 @@ def test_profile_then_top_level_then_overrides(params):
     assert resolve_run(p, depth=7).depth == 7
     p["scale"] = "full"
     assert resolve_run(p).width == params["profiles"]["full"]["width"]
-    assert resolve_study(p, "mlp_depth").grid["depth"] == params["profiles"]["full"]["studies"]["mlp_depth"]["grid"]["depth"]
+    assert resolve_study(p, "mlp_depth").grid["depth"] == params["studies"]["mlp_depth"]["full"]["grid"]["depth"]
 
 
 def test_lr_null_takes_optimizer_default(params):
@@ -48,15 +48,21 @@ def test_lr_null_takes_optimizer_default(params):
         ({"lr": 0}, r"lr: must be a finite number > 0"),
         ({"lr": "fast"}, r"lr: expected a number"),
         ({"depth": 0}, r"depth: must be an integer >= 1"),
-        ({"depth": 2.5}, r"depth: expected an integer >= 1"),
+        ({"depth": 2.5}, r"depth: expected an integer, got 2.5"),
         ({"optimzer": "sgd"}, r"optimzer: unknown key \(did you mean 'optimizer'\?\); allowed: "),
         ({"sn": {"mode": "clamp"}}, r"sn.mode: unknown value 'clamp'.*allowed: clip, normalize"),
-        ({"sn": {"iters": 3}}, r"sn.iters: unknown key.*allowed: mode, sigma, power_iters, check_every"),
+        ({"sn": {"iters": 3}}, r"sn.iters: unknown key.*allowed: mode, sigma, power_iters, conv, roles"),
         ({"scale": "huge"}, r"scale: unknown value 'huge'; allowed: quick, full"),
         ({"phase": "final"}, r"phase: unknown value 'final'; allowed: debug, pilot, frozen"),
         ({"activation": "sigmoid"}, r"activation: unknown value 'sigmoid'; allowed: tanh, relu, gelu"),
-        ({"sweep": {"optimizers": ["sgd", "rmsprop"], "studies": []}}, r"sweep.optimizers: unknown value 'rmsprop'"),
-        ({"sweep": {"optimizers": ["sgd"], "studies": ["nope"]}}, r"sweep.studies: 'nope' is not defined in profiles.quick.studies"),
+        ({"methods": {"rms": {"optimizer": "rmsprop"}}}, r"methods.rms.optimizer: unknown value 'rmsprop'"),
+        ({"methods": {"x": {"optimizer": "sgd", "step_method": "backprob"}}}, r"methods.x.step_method: unknown value 'backprob' \(did you mean 'backprop'\?\)"),
+        ({"methods": {"x": {"optimiser": "sgd"}}}, r"methods.x.optimiser: unknown key \(did you mean 'optimizer'\?\)"),
+        ({"studies": {"s": {"methods": ["nope"], "quick": {"datasets": ["digits"], "lrs": [0.1]}}}}, r"studies.s.methods: unknown value 'nope'"),
+        ({"studies": {"s": {"methods": ["sgd"], "quick": {"datasets": ["digits"], "lrs": [0.1], "seeds": "x"}}}}, r"studies.s.quick.seeds"),
+        ({"probes": {"grad_norm": {"evry": 2}}}, r"probes.grad_norm.evry: unknown key \(did you mean 'every'\?\)"),
+        ({"probes": {"sigma": {"every": 2}}}, r"probes: unknown value 'sigma' \(did you mean 'sigma_max'\?\)"),
+        ({"step_method": "dfa"}, r"step_method: unknown value 'dfa'; allowed: backprop"),
         ({"compile": "yes"}, r"compile: expected true or false"),
     ],
 )
@@ -83,8 +89,8 @@ def test_cost_study_flag(params):
     assert resolve_study(params, "gpt_context").verdict is False
     assert resolve_study(params, "mlp_depth").verdict is True
     p = copy.deepcopy(params)
-    p["profiles"]["quick"]["studies"]["gpt_context"]["verdict"] = "no"
-    with pytest.raises(ConfigError, match=r"profiles\.quick\.studies\.gpt_context\.verdict: expected true or false, got 'no'"):
+    p["studies"]["gpt_context"]["quick"]["stop_on_failure"] = "no"
+    with pytest.raises(ConfigError, match=r"studies\.gpt_context\.quick\.stop_on_failure: expected true or false, got 'no'"):
         resolve_study(p, "gpt_context")
 
 

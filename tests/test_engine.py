@@ -9,12 +9,13 @@ import torch
 from optlab import engine
 from optlab.config import RunConfig, SNConfig
 from tests.conftest import make_splits
+from conftest import every
 
 
 def _cfg(**kw) -> RunConfig:
     base = dict(optimizer="sgd", lr=0.1, depth=3, width=16, epochs=2, batch_size=32, log_every=3, device="cpu")
     base.update(kw)
-    return RunConfig(sn=SNConfig(check_every=4), **base)
+    return RunConfig(probes=every(4), **base)
 
 
 def _metrics(res: engine.RunResult) -> list[tuple]:

@@ -73,7 +73,7 @@ def test_full_size_mlp_10000_layers_takes_a_step():
     assert depth == 10_000
     cfg = resolve_run(FULL, **{**spec.fixed, "arch": "mlp", "optimizer": "sgd", "dataset": "mnist", "depth": depth,
                                "lr": 0.01, "seed": 0, "run_id": "deep", "max_steps": 1, "epochs": 1, "device": "cpu",
-                               "batch_size": 16, "sn": {"check_every": 1000}})
+                               "batch_size": 16, "probes": {"grad_norm": {"every": 1000}, "sigma_max": {"every": 1000}}})
     res = engine.train(cfg, data=_data("mnist"), progress=False)
     assert res.final["steps"] == 1 and res.status == "completed"
     assert res.final["state_mem_mb"] > 10_000 * 256 * 256 * 4 * 2 / 2**20  # weights + grads of the stack

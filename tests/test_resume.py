@@ -17,6 +17,7 @@ import yaml
 from optlab import engine
 from optlab.config import RunConfig, SNConfig
 from tests.conftest import make_splits
+from conftest import every
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = engine.TIMING_KEYS
@@ -26,7 +27,7 @@ def _cfg(**kw) -> RunConfig:
     base = dict(optimizer="sgd_sn", lr=0.2, depth=3, width=16, epochs=4, batch_size=32, log_every=3,
                 checkpoint_every=5, device="cpu", run_id="r")
     base.update(kw)
-    return RunConfig(sn=SNConfig(check_every=4, sigma="power"), **base)
+    return RunConfig(sn=SNConfig(sigma="power"), probes=every(4), **base)
 
 
 def _comparable(res: engine.RunResult) -> tuple:

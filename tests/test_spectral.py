@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import every
 from optlab import models, optim
 from optlab.optim.spectral import SpectralProjection, power_iteration, spectral_norm_exact
 
@@ -190,7 +191,7 @@ def test_engine_records_how_often_the_projection_acted(toy_splits):
     from optlab.engine import train
 
     base = dict(arch="mlp", dataset="digits", depth=3, width=16, epochs=2, batch_size=32, device="cpu",
-                checkpoint_every=0, sn=SNConfig(check_every=4))
+                checkpoint_every=0, probes=every(4))
     hot = train(RunConfig(optimizer="sgd_sn", lr=1.0, **base), data=toy_splits, progress=False)
     plain = train(RunConfig(optimizer="sgd", lr=1.0, **base), data=toy_splits, progress=False)
     assert 0.5 < hot.final["sn_active_frac"] <= 1.0  # orthogonal init at sigma 1: lr 1 pushes above it
@@ -216,6 +217,6 @@ def test_a_run_whose_weights_blow_up_ends_as_diverged_not_as_a_crash(toy_splits)
     for opt, act, lr in (("sgd", "relu", 1e3), ("sgd", "tanh", 1e20), ("sgd_sn", "relu", 1e20)):
         cfg = RunConfig(optimizer=opt, lr=lr, arch="mlp", dataset="digits", depth=3, width=16, epochs=2, batch_size=32,
                         activation=act, device="cpu", checkpoint_every=0, log_every=50, init="kaiming",
-                        sn=SNConfig(check_every=1))
+                        probes=every(1))
         res = train(cfg, data=toy_splits, progress=False)  # these raised LinAlgError in eigvalsh before
         assert res.status == "diverged", (opt, act, lr)

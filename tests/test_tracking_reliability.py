@@ -28,6 +28,7 @@ from optlab.config import RunConfig, SNConfig
 from optlab.tracking.sink import REQUIRED_TAGS
 from tests.conftest import make_splits
 from tests.repo_copy import tiny_repo
+from conftest import every
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW_CLI = Path(sys.executable).parent / "mlflow"
@@ -54,7 +55,7 @@ def tiny_cfg(**kw) -> RunConfig:
     base = dict(optimizer="sgd", lr=0.1, depth=2, width=8, epochs=4, batch_size=32, log_every=1,
                 device="cpu", run_id="outage")
     base.update(kw)
-    return RunConfig(sn=SNConfig(check_every=8), **base)
+    return RunConfig(probes=every(8), **base)
 
 
 def base_tags(**extra) -> dict:
@@ -425,7 +426,7 @@ data = make_splits(seed=seed)
 out.with_suffix(".ready").write_text("ready")
 while not go.exists():
     time.sleep(0.01)
-cfg = RunConfig(sn=SNConfig(check_every=8), optimizer="sgd", lr=0.1, depth=2, width=8, epochs=6,
+cfg = RunConfig(probes={"grad_norm": {"every": 8}, "sigma_max": {"every": 8}}, optimizer="sgd", lr=0.1, depth=2, width=8, epochs=6,
                 batch_size=16, log_every=1, device="cpu", seed=seed, run_id=f"par{{seed}}")
 sink = MlflowSink(run_name=f"par{{seed}}", flush_every=20)
 res = engine.train(cfg, data=data, sinks=[sink], progress=False)

@@ -92,7 +92,11 @@ def _one_line(exc: ValidationError, prefix: str, model: type[BaseModel]) -> Conf
         hint = difflib.get_close_matches(loc[-1], allowed, n=1) if loc else []
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         return ConfigError(f"{key}: unknown key{extra}; allowed: {', '.join(allowed)}")
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    words = {"int_type": "expected an integer", "int_from_float": "expected an integer", "int_parsing": "expected an integer",
+             "float_type": "expected a number", "float_parsing": "expected a number", "bool_type": "expected true or false",
+             "bool_parsing": "expected true or false", "string_type": "expected a string", "dict_type": "expected a mapping",
+             "tuple_type": "expected a list", "list_type": "expected a list"}
+    msg = words.get(str(err.get("type")), str(err.get("msg", "invalid value")).removeprefix("Value error, "))
     return ConfigError(f"{key}: {msg}, got {err.get('input')!r}")
 
 

@@ -46,6 +46,7 @@ from . import tasks as tasks_
 from .config import RunConfig
 from .metrics.layers import LayerIndex
 from .metrics.memory import live_state_bytes, step_peak_bytes
+from .numerics import machine_numerics
 from .probes.spectral import SN_TOL  # noqa: F401  (re-exported: a projected layer above 1 + SN_TOL is a violation)
 
 LAYER_COLUMNS = ("step", "epoch", "layer", "role", "metric", "value")
@@ -251,6 +252,8 @@ def train(
         "step_method": cfg.step_method,
         "run_id": cfg.run_id,
     }
+    numerics = machine_numerics(device)
+    base_tags.update({f"numerics.{k}": v for k, v in numerics.items()})
     base_tags.update(tags or {})
     if data is None:  # bad input (a missing file) fails here, before any record is written
         data = load_prepared(cfg.prepared_dir, cfg.dataset, device)
@@ -272,6 +275,7 @@ def train(
         "git_commit": base_tags.get("git_commit"),
         "git_dirty": base_tags.get("git_dirty") == "true" if "git_dirty" in base_tags else None,
         "frozen": base_tags.get("frozen", str(cfg.phase == "frozen").lower()) == "true",
+        "numerics": numerics,
     }
     try:
         _Loop(cfg, data, device, rec, result, progress, ckpt).run(resume)

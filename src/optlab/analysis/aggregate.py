@@ -1,13 +1,29 @@
-"""Read run directories into pandas tables and write the study's summary tables.
+"""The generic core of the analysis: run directories -> pandas tables, for every study.
 
 Every run found is kept: diverged and failed runs are results and appear in ``runs.csv`` and
 ``divergence.csv``. Learning rates are selected on the validation split only, never on test.
 
-Layout read: ``runs/sweep/<study>/<optimizer>/<run_id>/metrics.json`` (``sweep`` key: study,
-role search|confirm, grid point, select metric), each slice's ``summary.json`` (selected LR,
-failures, skipped points per grid point), ``runs/ablate/<variant>/<variant>-s<seed>/`` and the
-headline run ``runs/train``. Older trees without the ``sweep`` key are read too (the grid point
-is then the run's depth).
+Layout read (the run-directory contract):
+
+- ``runs/sweep/<study>/<method>/<run_id>/metrics.json``: ``config`` (flat; ``method`` is the
+  study's method section name, the column runs are grouped by, falling back to ``optimizer``;
+  ``step_method``, ``probes``), ``sweep`` (study, method, role search|confirm, grid point,
+  select, verdict, analysis), ``final``. ``curves.csv`` (step, epoch, metric, value) and
+  ``layers.csv``, long (step, epoch, layer, role, metric, value; the older wide files with one
+  column per metric are read too).
+- ``runs/sweep/<study>/<method>/summary.json``: the slice's analysis, verdict spec (method,
+  reference, metric, bar) or ``false`` for a cost study, primary metric and direction, the LR
+  grid and seeds, and per grid point the selected LR, failures or the reason it was skipped.
+- ``runs/ablate/<variant>/<variant>-s<seed>/`` and the headline run ``runs/train``.
+
+Older trees (no ``sweep`` key, no ``method``, no summaries) are read too: the grid point is then
+the run's depth and the method its optimizer. A run's ``analysis`` is its ``sweep.analysis``, else
+its slice summary's, else that of the registered study analysis that claims unlabelled runs
+(see :mod:`optlab.analysis.studies`).
+
+``aggregate`` writes the core tables (runs, best_lr, divergence), then each study analysis's own
+tables, and ``analyses.json``: which analyses ran, on which studies, with which tables (the report
+reads it to dispatch).
 """
 
 from __future__ import annotations
@@ -15,26 +31,36 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
-CONFIG_KEYS = ("study", "dataset", "optimizer", "depth", "lr", "seed")
+from .. import stats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .studies import StudyAnalysis
+
+CONFIG_KEYS = ("study", "dataset", "method", "optimizer", "step_method", "depth", "lr", "seed")
 """Config columns that every runs frame has (NaN where a run's config lacks them)."""
 
-GROUP_KEYS = ("study", "dataset", "optimizer", "depth", "point")
+GROUP_KEYS = ("study", "dataset", "method", "depth", "point")
 """One best-LR row per value of these keys."""
 
 TASK_KEYS = ("study", "dataset", "depth", "point")
-"""A task of the verdict: one grid point of a study on one dataset."""
+"""A task of a verdict: one grid point of a study on one dataset."""
 
-RUN_TAGS = ("run_dir", "run_id", "study", "dataset", "optimizer", "depth", "lr", "seed")
+RUN_TAGS = ("run_dir", "run_id", "study", "dataset", "method", "optimizer", "depth", "lr", "seed")
 """Run columns copied onto every curves/layers row."""
 
-TOP_KEYS = ("run_id", "run_dir", "kind", "status", "diverged_step", "diverge_reason", "error", "failure", "role",
-            "point", "select", "variant", "axis", "axis_value", "task", "in_verdict")
+LAYER_KEYS = ("step", "epoch", "layer", "role")
+LAYER_COLS = (*LAYER_KEYS, "metric", "value")
+"""``layers.csv`` (long): one row per (step, layer, metric)."""
+
+TOP_KEYS = ("run_id", "run_dir", "kind", "analysis", "status", "diverged_step", "diverge_reason", "error", "failure",
+            "role", "point", "select", "variant", "axis", "axis_value", "task", "in_verdict")
 
 FINAL_NUMERIC = (
     "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "test_loss", "test_acc",
@@ -46,27 +72,21 @@ FINAL_NUMERIC = (
 FAILURE_KINDS = ("nonfinite", "exploding", "vanishing", "chance")
 """The engine's names for a run that did not train (metrics.json ``failure``)."""
 
-ADVANTAGES = ("wall_time", "seconds_per_epoch", "memory", "depth_tolerance", "epochs_to_90")
-"""Advantage metrics of the verdict, in the order they are listed."""
-
-QUESTION_ADVANTAGES = ("wall_time", "memory", "depth_tolerance")
-"""The advantages the study's question names: >= 95% of Adam's accuracy while winning on one of these."""
-
-TARGET_RATIO = 0.95
+DOWN_HINTS = ("loss", "bpb", "ppl", "perplexity", "error", "time", "mem")
+"""A metric whose name contains one of these is lower-is-better when no direction is given."""
 
 HEADLINE_DIR = "train"
 ABLATE_DIR = "ablate"
 DEFAULT_N_CLASSES = 10
 TRAINABLE_MARGIN = 0.02  # accuracy (fraction) above chance that counts as "trained"
+DEFAULT_PRIMARY = "test_acc"
 
-TABLE_FILES = (
-    "runs.csv", "best_lr.csv", "best_lr.md", "verdict.csv", "verdict.md", "depth_to_failure.csv",
-    "depth_to_failure.md", "ablation.csv", "ablation.md", "depth_tolerance.csv", "depth_tolerance.md",
-    "divergence.csv", "divergence.md",
-)
+CORE_TABLES = ("runs", "best_lr", "divergence")
+MANIFEST = "analyses.json"
+"""Written beside the tables: the analyses that ran, their studies and tables."""
 
 
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- loading runs
 
 
 def load_runs(root: Path | str, *, series: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -75,8 +95,9 @@ def load_runs(root: Path | str, *, series: bool = True) -> tuple[pd.DataFrame, p
     ``run_dir`` is the run's directory relative to ``root``'s parent (``runs/sweep/mlp_depth/adam/x``).
     ``kind`` is ``headline`` for a directory named ``train``, ``ablation`` under ``ablate/``, else
     ``sweep``. A metrics file that cannot be parsed becomes a ``failed`` row with the parse error.
-    Missing or empty ``curves.csv``/``layers.csv`` are tolerated. ``series=False`` skips reading
-    them (the curves and layers frames are then empty; see :func:`load_series`).
+    Missing or empty ``curves.csv``/``layers.csv`` are tolerated; layers come back long
+    (:data:`LAYER_COLS`). ``series=False`` skips reading them (empty frames; see :func:`load_series`).
+    The ``analysis`` column holds only the runs' own labels here (see :func:`assign_analyses`).
     """
     root = Path(root)
     base = root.resolve().parent
@@ -88,7 +109,10 @@ def load_runs(root: Path | str, *, series: bool = True) -> tuple[pd.DataFrame, p
 
 
 def load_series(root: Path | str, runs: pd.DataFrame | list) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The (curves, layers) frames of the given runs (rows of a runs frame), tagged with RUN_TAGS."""
+    """The (curves, layers) frames of the given runs (rows of a runs frame), tagged with RUN_TAGS.
+
+    Layers are long (step, epoch, layer, role, metric, value); old wide files are melted.
+    """
     base = Path(root).resolve().parent
     curves: list[pd.DataFrame] = []
     layers: list[pd.DataFrame] = []
@@ -96,13 +120,57 @@ def load_series(root: Path | str, runs: pd.DataFrame | list) -> tuple[pd.DataFra
     for row in rows:
         run_dir = base / row["run_dir"]
         tags = {k: row.get(k, np.nan) for k in RUN_TAGS}
-        for name, sink in (("curves.csv", curves), ("layers.csv", layers)):
-            frame = _read_csv(run_dir / name)
-            if frame is not None and len(frame):
-                sink.append(_tagged(frame, tags))
+        frame = read_csv(run_dir / "curves.csv")
+        if frame is not None and len(frame):
+            curves.append(_tagged(frame, tags))
+        frame = read_csv(run_dir / "layers.csv")
+        if frame is not None and len(frame):
+            layers.append(_tagged(long_layers(frame), tags))
     curve_cols = [*RUN_TAGS, "step", "epoch", "metric", "value"]
-    layer_cols = [*RUN_TAGS, "step", "epoch", "layer", "role", "grad_norm", "sigma_max"]
-    return _concat(curves, curve_cols, ("value",)), _concat(layers, layer_cols, ("grad_norm", "sigma_max"))
+    layer_cols = [*RUN_TAGS, *LAYER_COLS]
+    return _concat(curves, curve_cols, ("value",)), _concat(layers, layer_cols, ("value",))
+
+
+def long_layers(frame: pd.DataFrame) -> pd.DataFrame:
+    """A layers frame in the long format (``metric``, ``value``); a wide one (a column per
+    metric, the format before probes) is melted, its other columns kept as identifiers."""
+    if "metric" in frame.columns and "value" in frame.columns:
+        out = frame.copy()
+    else:
+        ids = [c for c in frame.columns if c in (*LAYER_KEYS, *RUN_TAGS)]
+        values = [c for c in frame.columns if c not in ids]
+        out = frame.melt(id_vars=ids, value_vars=values, var_name="metric", value_name="value")
+    out["value"] = pd.to_numeric(out["value"], errors="coerce").astype(float)
+    for c in LAYER_KEYS:
+        if c not in out.columns:
+            out[c] = np.nan
+    return out
+
+
+def wide_layers(frame: pd.DataFrame, metrics: Iterable[str]) -> pd.DataFrame:
+    """Long layer rows -> one row per (run, step, layer) with a float column per metric in
+    ``metrics`` (NaN where a step has no row for it: probes have their own cadences)."""
+    metrics = list(metrics)
+    long = long_layers(frame)
+    long = long[long["metric"].isin(metrics)]
+    keys = [c for c in long.columns if c not in ("metric", "value")]
+    if long.empty:
+        out = long[keys].copy()
+        for m in metrics:
+            out[m] = pd.Series(dtype=float)
+        return out
+    filled = long.assign(**{k: long[k].astype(object).where(long[k].notna(), "\0") for k in keys})
+    wide = (filled.drop_duplicates([*keys, "metric"], keep="last").set_index([*keys, "metric"])["value"]
+            .unstack("metric").reset_index())
+    wide.columns.name = None
+    for k in keys:
+        wide[k] = wide[k].where(wide[k] != "\0", np.nan)
+    for c in ("step", "epoch", "layer"):
+        if c in wide:
+            wide[c] = pd.to_numeric(wide[c], errors="coerce").astype(float)
+    for m in metrics:
+        wide[m] = pd.to_numeric(wide[m], errors="coerce").astype(float) if m in wide else np.nan
+    return wide[[*keys, *metrics]]
 
 
 def _tagged(frame: pd.DataFrame, tags: dict[str, Any]) -> pd.DataFrame:
@@ -144,20 +212,26 @@ def _run_row(mpath: Path, rel: str) -> dict[str, Any]:
             row[k] = m[k]
     row["failure_recorded"] = "failure" in m  # False for runs that predate the engine's classification
     sw = m.get("sweep") or {}
+    cfg = m.get("config") or {}
     row["role"] = sw.get("role")
     row["select"] = sw.get("select")
-    row["in_verdict"] = sw.get("verdict", True) is not False  # False: a cost study (see StudySpec.verdict)
+    row["in_verdict"] = sw.get("verdict", True) is not False  # False: a cost study
     row["variant"] = sw.get("variant") or (Path(rel).parent.name if row["kind"] == "ablation" else None)
+    row["analysis"] = sw.get("analysis") if isinstance(sw.get("analysis"), str) else None
+    method = next((v for v in (sw.get("method"), cfg.get("method"), cfg.get("optimizer")) if isinstance(v, str) and v), None)
+    row["method"] = method
     point = sw.get("point") or {}
     row["point"] = point_label(point) or None
     if point:
         axis, value = next(iter(point.items()))
         row["axis"], row["axis_value"] = axis, _axis_number(value)
-    for k, v in _flatten(m.get("config") or {}).items():
+    for k, v in _flatten(cfg).items():
         if k not in row:
             row[k] = v
-        elif k not in ("run_id",) and row[k] != v:
+        elif k not in ("run_id", "method") and row[k] != v:
             row[f"config_{k}"] = v
+    if not isinstance(row.get("study"), str) and isinstance(sw.get("study"), str):
+        row["study"] = sw["study"]
     final = m.get("final") or {}
     for k, v in _flatten(final).items():
         row[k if k not in row else f"final_{k}"] = v
@@ -226,23 +300,24 @@ def _runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     for col in ("depth", "seed", "width", "diverged_step", "n_classes", "epochs", "batch_size", "block_size"):
         if col in df.columns:
-            df[col] = _maybe_int(df[col])
+            df[col] = maybe_int(df[col])
     df["frozen"] = df["frozen"].fillna(False).astype(bool)
     df["in_verdict"] = df["in_verdict"].map(lambda v: v is not False).astype(bool)
+    for col in ("analysis", "method", "point", "axis"):
+        df[col] = df[col].astype(object)
     if len(df):
         # runs written before the sweep key: the grid point is the depth
         legacy = (df["kind"] == "sweep") & df["point"].isna() & df["role"].isna() & df["depth"].notna()
-        for col in ("point", "axis"):
-            df[col] = df[col].astype(object)
         df.loc[legacy, "point"] = [f"depth={int(d)}" for d in df.loc[legacy, "depth"]]
         df.loc[legacy, "axis"] = "depth"
         df.loc[legacy, "axis_value"] = df.loc[legacy, "depth"].astype(float)
+        df["method"] = df["method"].where(df["method"].notna(), df["optimizer"])
     first = [*TOP_KEYS, *CONFIG_KEYS]
     rest = [c for c in df.columns if c not in first]
     return df[first + rest]
 
 
-def _maybe_int(s: pd.Series) -> pd.Series:
+def maybe_int(s: pd.Series) -> pd.Series:
     """Integer-valued numeric column -> nullable Int64; anything else unchanged."""
     num = pd.to_numeric(s, errors="coerce")
     if num.notna().sum() != s.notna().sum():
@@ -253,7 +328,8 @@ def _maybe_int(s: pd.Series) -> pd.Series:
     return num.astype("Int64")
 
 
-def _read_csv(path: Path) -> pd.DataFrame | None:
+def read_csv(path: Path) -> pd.DataFrame | None:
+    """A run's CSV file, or None when missing, empty or unreadable (with a warning)."""
     if not path.is_file():
         return None
     try:
@@ -277,45 +353,158 @@ def _concat(frames: list[pd.DataFrame], cols: list[str], numeric: Iterable[str])
     return df[cols + [c for c in df.columns if c not in cols]]
 
 
-SUMMARY_COLS = ["study", "optimizer", "dataset", "point", "axis", "axis_value", "selected_lr", "select", "score",
-                "failures", "skipped", "source"]
+# ---------------------------------------------------------------- slice summaries and verdict specs
 
 
-def load_summaries(root: Path | str) -> pd.DataFrame:
-    """Every sweep slice's ``summary.json`` under ``root``: one row per (slice, dataset, grid point).
+def infer_direction(metric: str) -> stats.Direction:
+    """``down`` for losses, bits per byte, perplexities, errors, times and memory; else ``up``."""
+    return "down" if any(h in str(metric) for h in DOWN_HINTS) else "up"
 
-    ``failures`` is the space-separated failure kinds of the selected configuration (empty when it
-    trained); ``skipped`` is the reason a point was not run (beyond a failure), else None.
-    """
+
+@dataclass(frozen=True)
+class VerdictSpec:
+    """A study's verdict: does ``method`` reach ``bar`` of ``reference`` on ``metric``?"""
+
+    method: str
+    reference: str
+    metric: str = DEFAULT_PRIMARY
+    bar: float = 0.95
+    direction: stats.Direction = "up"
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any], primary: Mapping[str, Any] | None = None) -> "VerdictSpec":
+        """From summary.json's ``verdict`` object; the direction is the verdict's own, else the
+        primary metric's when it is the same metric, else inferred from the metric's name."""
+        metric = str(doc.get("metric") or (primary or {}).get("metric") or DEFAULT_PRIMARY)
+        direction = doc.get("direction")
+        if direction is None and primary and primary.get("metric") == metric:
+            direction = primary.get("direction")
+        if direction not in ("up", "down"):
+            direction = infer_direction(metric)
+        return cls(str(doc["method"]), str(doc["reference"]), metric, float(doc.get("bar", 0.95)), direction)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "reference": self.reference, "metric": self.metric, "bar": self.bar,
+                "direction": self.direction}
+
+
+@dataclass(frozen=True)
+class SliceSummary:
+    """One ``summary.json``: a (study, method) slice of the sweep."""
+
+    study: str
+    method: str
+    optimizer: str | None
+    analysis: str | None
+    verdict: VerdictSpec | None  # None: no spec given
+    in_verdict: bool  # False: a cost study (``verdict: false``)
+    primary_metric: str | None
+    primary_direction: str | None
+    select: str | None
+    lrs: tuple[float, ...]
+    search_seeds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    points: tuple[dict[str, Any], ...]
+    source: str
+
+
+def load_slices(root: Path | str) -> list[SliceSummary]:
+    """Every sweep slice's ``summary.json`` under ``root`` (unreadable ones skipped with a warning)."""
     root = Path(root)
     base = root.resolve().parent
-    rows: list[dict[str, Any]] = []
+    out: list[SliceSummary] = []
     for path in sorted(root.rglob("summary.json")):
         try:
             doc = json.loads(path.read_text())
             points = doc["points"]
             if not isinstance(points, list):
                 raise ValueError("points is not a list")
+            primary = doc.get("primary") if isinstance(doc.get("primary"), dict) else None
+            v = doc.get("verdict", None)
+            spec = VerdictSpec.from_doc(v, primary) if isinstance(v, dict) else None
+            lrs = tuple(float(x) for x in (doc.get("lrs") or []))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             warnings.warn(f"{path}: unreadable summary ({exc}); skipped", stacklevel=2)
             continue
-        study = doc.get("study") or path.parent.parent.name
-        optimizer = doc.get("optimizer") or path.parent.name
-        for p in points:
+        method = doc.get("method") or doc.get("optimizer") or path.parent.name
+        out.append(SliceSummary(
+            study=str(doc.get("study") or path.parent.parent.name), method=str(method),
+            optimizer=doc.get("optimizer"), analysis=doc.get("analysis") if isinstance(doc.get("analysis"), str) else None,
+            verdict=spec, in_verdict=v is not False,
+            primary_metric=(primary or {}).get("metric"), primary_direction=(primary or {}).get("direction"),
+            select=doc.get("select"), lrs=lrs,
+            search_seeds=tuple(int(s) for s in doc.get("search_seeds") or []),
+            seeds=tuple(int(s) for s in doc.get("seeds") or []),
+            points=tuple(p for p in points if isinstance(p, dict)),
+            source=path.resolve().relative_to(base).as_posix(),
+        ))
+    return out
+
+
+SUMMARY_COLS = ["study", "method", "optimizer", "analysis", "dataset", "point", "axis", "axis_value", "selected_lr",
+                "select", "score", "failures", "skipped", "lr_edge", "source"]
+
+
+def load_summaries(root: Path | str | None = None, slices: list[SliceSummary] | None = None) -> pd.DataFrame:
+    """The slices' grid points: one row per (slice, dataset, grid point).
+
+    ``failures`` is the space-separated failure kinds of the selected configuration (empty when it
+    trained); ``skipped`` is the reason a point was not run (beyond a failure), else None.
+    """
+    slices = load_slices(root) if slices is None else slices
+    rows: list[dict[str, Any]] = []
+    for s in slices:
+        for p in s.points:
             pt = p.get("point") or {}
             axis, value = next(iter(pt.items())) if pt else (None, None)
             rows.append({
-                "study": study, "optimizer": optimizer, "dataset": p.get("dataset"),
-                "point": point_label(pt) or None, "axis": axis, "axis_value": _axis_number(value),
-                "selected_lr": p.get("selected_lr"), "select": p.get("select"), "score": p.get("score"),
-                "failures": " ".join(sorted(p.get("failures") or [])),
-                "skipped": p.get("skipped") or None,
-                "source": path.resolve().relative_to(base).as_posix(),
+                "study": s.study, "method": s.method, "optimizer": s.optimizer, "analysis": s.analysis,
+                "dataset": p.get("dataset"), "point": point_label(pt) or None, "axis": axis,
+                "axis_value": _axis_number(value), "selected_lr": p.get("selected_lr"), "select": p.get("select"),
+                "score": p.get("score"), "failures": " ".join(sorted(p.get("failures") or [])),
+                "skipped": p.get("skipped") or None, "lr_edge": p.get("lr_edge"), "source": s.source,
             })
     df = pd.DataFrame(rows, columns=SUMMARY_COLS)
     for c in ("axis_value", "selected_lr", "score"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     return df
+
+
+def verdict_specs(slices: Iterable[SliceSummary]) -> dict[str, VerdictSpec]:
+    """study -> its verdict spec, from the slices' summaries (the first slice that gives one;
+    a study whose slices disagree keeps the first, with a warning)."""
+    out: dict[str, VerdictSpec] = {}
+    for s in slices:
+        if s.verdict is None or not s.in_verdict:
+            continue
+        if s.study in out and out[s.study] != s.verdict:
+            warnings.warn(f"{s.source}: verdict {s.verdict} differs from {out[s.study]} for study {s.study}; "
+                          "the first is used", stacklevel=2)
+            continue
+        out.setdefault(s.study, s.verdict)
+    return out
+
+
+def cost_studies(runs: pd.DataFrame, slices: Iterable[SliceSummary] = ()) -> set[str]:
+    """Studies marked ``verdict: false`` (in a run's sweep key or a slice summary)."""
+    out = {s.study for s in slices if not s.in_verdict}
+    if len(runs):
+        out |= set(runs.loc[~runs["in_verdict"].astype(bool), "study"].dropna())
+    return out
+
+
+def assign_analyses(runs: pd.DataFrame, slices: Iterable[SliceSummary], claimer: str | None) -> pd.DataFrame:
+    """``runs`` with ``analysis`` filled: the run's own label, else its slice summary's, else
+    ``claimer`` (the analysis that claims unlabelled runs; None leaves them unassigned)."""
+    runs = runs.copy()
+    by_slice = {(s.study, s.method): s.analysis for s in slices if s.analysis}
+    if len(runs):
+        own = runs["analysis"].astype(object)
+        from_slice = pd.Series([by_slice.get((st, me)) for st, me in zip(runs["study"], runs["method"])],
+                               index=runs.index, dtype=object)
+        filled = own.where(own.notna(), from_slice)
+        runs["analysis"] = filled.where(filled.notna(), claimer)
+    return runs
 
 
 def read_ablation_order(params: Path | str | None) -> list[str]:
@@ -373,17 +562,34 @@ def run_failure(row: pd.Series | dict) -> str | None:
     if status == "failed":
         return "error"
     recorded = row.get("failure_recorded")
-    legacy = recorded is not None and not _isna(recorded) and not bool(recorded)
+    legacy = recorded is not None and not isna(recorded) and not bool(recorded)
     if legacy and status == "completed" and row.get("task") != "lm":
         acc, n = row.get("test_acc"), row.get("n_classes")
-        chance = 1.0 / float(n) if not _isna(n) and float(n) > 0 else 1.0 / DEFAULT_N_CLASSES
-        if not _isna(acc) and float(acc) < chance + TRAINABLE_MARGIN:
+        chance = 1.0 / float(n) if not isna(n) and float(n) > 0 else 1.0 / DEFAULT_N_CLASSES
+        if not isna(acc) and float(acc) < chance + TRAINABLE_MARGIN:
             return "chance"
     return None
 
 
-def best_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (study, dataset, optimizer, depth, point): the LR selected on validation.
+def failure_text(chosen: pd.DataFrame) -> str:
+    """``"chance 1, nonfinite 2"``: failure kinds (with counts) of a configuration's runs; '' if none."""
+    kinds = [f for f in (run_failure(r) for r in chosen.to_dict("records")) if f]
+    return ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
+
+
+BEST_COLS = [
+    *GROUP_KEYS, "analysis", "optimizer", "lr", "lr_edge", "n_lrs", "n_seeds", "n_completed", "n_diverged", "n_failed",
+    "select", "val_score", "val_acc_mean", "val_loss_mean", "test_acc_mean", "test_acc_std", "test_acc_min",
+    "test_acc_max", "test_acc_median", "test_acc_q25", "test_acc_q75", "primary_metric", "primary_direction",
+    "primary_mean", "primary_median", "primary_q25", "primary_q75", "test_bpb_mean", "test_ppl_mean",
+    "wall_time_s_mean", "wall_time_s_median", "seconds_per_epoch_mean", "seconds_per_epoch_median", "epochs_to_90_mean",
+    "n_reached_90", "peak_mem_mb_mean", "step_mem_mb_mean", "state_mem_mb_mean", "sn_active_frac_mean",
+    *(f"n_{k}" for k in FAILURE_KINDS), "task", "frozen", "seeds",
+]
+
+
+def best_lr_table(runs: pd.DataFrame, slices: Iterable[SliceSummary] = ()) -> pd.DataFrame:
+    """One row per (study, dataset, method, depth, point): the LR selected on validation.
 
     The selection score ``val_score`` is over the LR-search runs (role ``search``; all runs in
     trees without roles): mean final ``val_acc`` with diverged/failed (NaN) runs counted as 0,
@@ -391,36 +597,66 @@ def best_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
     An LR that has confirmation runs is the one the sweep selected and wins; else ties go to
     fewer non-completed runs, then the smaller LR. Statistics for the chosen LR are over its
     completed seeds (search and confirmation); test metrics never enter the selection.
-    ``epochs_to_90_mean`` is inf when a completed seed never reached 90% validation accuracy
-    (``n_reached_90`` counts those that did); ``n_<kind>`` count runs by failure kind.
+    ``*_median``/``*_q25``/``*_q75``: median and quartiles over those seeds
+    (:func:`optlab.stats.spread`), for test accuracy and the study's primary metric (from the
+    slice summary, default test accuracy). ``lr_edge``: ``high``/``low`` when the selected LR is
+    the highest/lowest of the LR grid (the summary's ``lrs``, else the LRs the runs tried; empty
+    for a fixed LR), i.e. the best LR may lie outside the grid. ``epochs_to_90_mean`` is inf when a
+    completed seed never reached 90% validation accuracy (``n_reached_90`` counts those that did);
+    ``n_<kind>`` count runs by failure kind.
     """
-    cols = [
-        *GROUP_KEYS, "lr", "n_seeds", "n_completed", "n_diverged", "n_failed", "select", "val_score",
-        "val_acc_mean", "val_loss_mean", "test_acc_mean", "test_acc_std", "test_acc_min", "test_acc_max",
-        "test_bpb_mean", "test_ppl_mean", "wall_time_s_mean", "wall_time_s_median", "seconds_per_epoch_mean",
-        "seconds_per_epoch_median", "epochs_to_90_mean",
-        "n_reached_90", "peak_mem_mb_mean", "step_mem_mb_mean", "state_mem_mb_mean", "sn_active_frac_mean", *(f"n_{k}" for k in FAILURE_KINDS), "task",
-        "frozen", "seeds",
-    ]
+    slices = list(slices)
     sw = sweep_runs(runs)
     sw = sw[sw["lr"].notna()]
     if sw.empty:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=BEST_COLS)
+    grids = {(s.study, s.method): s.lrs for s in slices if s.lrs}
+    primary = {(s.study, s.method): (s.primary_metric, s.primary_direction) for s in slices if s.primary_metric}
     per_lr = []
     for key, g in sw.groupby([*GROUP_KEYS, "lr"], dropna=False, sort=True):
-        per_lr.append({**dict(zip([*GROUP_KEYS, "lr"], key)), **_lr_stats(g)})
-    stats = pd.DataFrame(per_lr)
-    stats["_bad"] = stats["n_seeds"] - stats["n_completed"]
-    stats = stats.sort_values(["_confirmed", "val_score", "_bad", "lr"], ascending=[False, False, True, True],
-                              kind="mergesort")
-    best = stats.groupby(list(GROUP_KEYS), dropna=False, sort=True).head(1)
-    best = best.sort_values(list(GROUP_KEYS), kind="mergesort").reset_index(drop=True)
-    for c in ("depth",):
-        best[c] = _maybe_int(best[c])
-    return best[cols]
+        k = dict(zip([*GROUP_KEYS, "lr"], key))
+        metric, direction = primary.get((k["study"], k["method"]), (None, None))
+        per_lr.append({**k, **_lr_stats(g, metric or DEFAULT_PRIMARY, direction)})
+    lr_stats = pd.DataFrame(per_lr)
+    lr_stats["_bad"] = lr_stats["n_seeds"] - lr_stats["n_completed"]
+    lr_stats = lr_stats.sort_values(["_confirmed", "val_score", "_bad", "lr"], ascending=[False, False, True, True],
+                                    kind="mergesort")
+    group = list(GROUP_KEYS)
+    tried = lr_stats.groupby(group, dropna=False, sort=False)["lr"].agg(lambda s: tuple(sorted(set(s.astype(float)))))
+    best = lr_stats.groupby(group, dropna=False, sort=True).head(1)
+    best = best.sort_values(group, kind="mergesort").reset_index(drop=True)
+    edges, n_lrs = [], []
+    for r in best.itertuples(index=False):
+        key = tuple(getattr(r, c) for c in group)
+        grid = grids.get((r.study, r.method)) or _lookup(tried, key) or ()
+        edges.append(lr_edge(r.lr, grid))
+        n_lrs.append(len(set(grid)))
+    best["lr_edge"], best["n_lrs"] = edges, n_lrs
+    best["depth"] = maybe_int(best["depth"])
+    return best[BEST_COLS]
 
 
-def _lr_stats(g: pd.DataFrame) -> dict[str, Any]:
+def _lookup(series: pd.Series, key: tuple) -> Any:
+    for k, v in series.items():
+        k = k if isinstance(k, tuple) else (k,)
+        if all((isna(a) and isna(b)) or a == b for a, b in zip(k, key)):
+            return v
+    return None
+
+
+def lr_edge(lr: Any, grid: Iterable[float]) -> str | None:
+    """``high`` / ``low`` when ``lr`` is the largest / smallest of a grid of at least 2 LRs, else None."""
+    grid = sorted({float(x) for x in grid if not isna(x)})
+    if isna(lr) or len(grid) < 2:
+        return None
+    if np.isclose(float(lr), grid[-1], rtol=1e-9, atol=0.0):
+        return "high"
+    if np.isclose(float(lr), grid[0], rtol=1e-9, atol=0.0):
+        return "low"
+    return None
+
+
+def _lr_stats(g: pd.DataFrame, primary: str, direction: str | None) -> dict[str, Any]:
     done = g[g["status"] == "completed"]
     # selection uses the LR-search runs only (the selected LR also has confirmation seeds)
     search = g[g["role"] == "search"] if "role" in g and (g["role"] == "search").any() else g
@@ -433,6 +669,9 @@ def _lr_stats(g: pd.DataFrame) -> dict[str, Any]:
     def median(col: str) -> float:
         return float(done[col].median()) if col in done and done[col].notna().any() else math.nan
 
+    def col(c: str) -> np.ndarray:
+        return pd.to_numeric(done[c], errors="coerce").to_numpy(dtype=float) if c in done else np.array([])
+
     if select == "val_loss":
         vl = search["val_loss"] if "val_loss" in search else pd.Series(np.nan, index=search.index)
         score = float(-vl.astype(float).fillna(np.inf).mean())
@@ -443,7 +682,12 @@ def _lr_stats(g: pd.DataFrame) -> dict[str, Any]:
     failures = [run_failure(r) for r in g.to_dict("records")]
     e90 = done["epochs_to_90"] if "epochs_to_90" in done else pd.Series(dtype=float)
     tasks = g["task"].dropna().unique() if "task" in g else []
+    acc, prim = stats.spread(col("test_acc")), stats.spread(col(primary))
+    opts = sorted({str(o) for o in g["optimizer"].dropna()}) if "optimizer" in g else []
+    analyses = sorted({str(a) for a in g["analysis"].dropna()}) if "analysis" in g else []
     return {
+        "analysis": " ".join(analyses) if analyses else math.nan,
+        "optimizer": " ".join(opts) if opts else math.nan,
         "n_seeds": len(g),
         "n_completed": len(done),
         "n_diverged": int((g["status"] == "diverged").sum()),
@@ -456,6 +700,9 @@ def _lr_stats(g: pd.DataFrame) -> dict[str, Any]:
         "test_acc_std": float(test.std(ddof=1)) if test.notna().sum() > 1 else math.nan,
         "test_acc_min": float(test.min()) if test.notna().any() else math.nan,
         "test_acc_max": float(test.max()) if test.notna().any() else math.nan,
+        "test_acc_median": acc.median, "test_acc_q25": acc.q25, "test_acc_q75": acc.q75,
+        "primary_metric": primary, "primary_direction": direction or infer_direction(primary),
+        "primary_mean": mean(primary), "primary_median": prim.median, "primary_q25": prim.q25, "primary_q75": prim.q75,
         "test_bpb_mean": mean("test_bpb"),
         "test_ppl_mean": mean("test_ppl"),
         "wall_time_s_mean": mean("wall_time_s"),
@@ -497,189 +744,128 @@ def _merge_key(s: pd.Series) -> pd.Series:
     return s.astype(object).where(s.notna(), "<NA>").astype(str)
 
 
-def _match(df: pd.DataFrame, **kv: Any) -> pd.DataFrame:
+def match(df: pd.DataFrame, **kv: Any) -> pd.DataFrame:
     """Rows of ``df`` whose columns equal ``kv`` (NaN matches NaN)."""
     mask = pd.Series(True, index=df.index)
     for col, v in kv.items():
         if col not in df:
             mask &= pd.isna(v)
             continue
-        mask &= df[col].isna() if _isna(v) else (df[col] == v).fillna(False).astype(bool)
+        mask &= df[col].isna() if isna(v) else (df[col] == v).fillna(False).astype(bool)
     return df[mask]
 
 
-def _isna(v: Any) -> bool:
+def isna(v: Any) -> bool:
     try:
         return bool(pd.isna(v))
     except (TypeError, ValueError):
         return False
 
 
-def verdict_table(runs: pd.DataFrame, best: pd.DataFrame | None = None, method: str = "sgd_sn",
-                  reference: str = "adam", *, failure_depths: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per task (study, dataset, grid point) with both optimizers: ``method`` against ``reference``.
+# ---------------------------------------------------------------- the generic paired verdict
 
-    ``ratio_of_means`` = method's mean test accuracy / reference's (each at its selected LR, over
-    its completed seeds). The per-seed ratio pairs seeds that completed under both; median,
-    quartiles (numpy's linear interpolation) and IQR over those seeds. Advantage metrics hold for
-    ``method`` when strictly better: ``wall_time`` and ``seconds_per_epoch`` (lower medians over
-    completed seeds),
-    ``memory`` (lower mean peak CUDA memory when both have it, else lower training-state size),
-    ``depth_tolerance`` (a deeper deepest-trainable depth in the study/dataset, from
-    :func:`depth_to_failure_table`, with the reference failing at or before it) and
-    ``epochs_to_90`` (every completed seed reached 90% validation accuracy, in fewer epochs on
-    average or where the reference did not). ``meets_95pct``: ratio of means >= 0.95.
-    ``answer``: meets the bar and holds one of the question's advantages (wall time, memory,
-    depth tolerance). ``x_lower``/``depth_deeper`` name the better optimizer, ``tie`` or ``n/a``.
-    Studies marked ``verdict: false`` (cost studies) are left out.
-    """
-    m, r = method, reference
-    cols = [
-        *TASK_KEYS, "task", f"{m}_lr", f"{r}_lr", f"{m}_test_acc", f"{r}_test_acc",
-        "ratio_of_means", "ratio_median", "ratio_q25", "ratio_q75", "ratio_iqr", "n_pairs", "meets_95pct",
-        f"{m}_n_seeds", f"{r}_n_seeds", f"{m}_n_completed", f"{r}_n_completed",
-        f"{m}_n_diverged", f"{r}_n_diverged", f"{m}_failures", f"{r}_failures",
-        f"{m}_wall_time_s", f"{r}_wall_time_s", "time_lower",
-        f"{m}_seconds_per_epoch", f"{r}_seconds_per_epoch", "epoch_time_lower",
-        "mem_basis", f"{m}_mem_mb", f"{r}_mem_mb", f"{m}_peak_mem_mb", f"{r}_peak_mem_mb",
-        f"{m}_state_mem_mb", f"{r}_state_mem_mb", "mem_lower",
-        f"{m}_deepest", f"{r}_deepest", "depth_deeper",
-        f"{m}_epochs_to_90", f"{r}_epochs_to_90", f"{m}_n_reached_90", f"{r}_n_reached_90", "e90_fewer",
-        f"{m}_test_bpb", f"{r}_test_bpb", f"{m}_sn_active_frac", "advantages", "answer", "frozen",
+PairExtra = Callable[[dict[str, Any], pd.Series, pd.Series, pd.DataFrame, pd.DataFrame], dict[str, Any]]
+"""A study analysis's extra verdict columns: (task, method best row, reference best row,
+method's selected runs, reference's selected runs) -> columns."""
+
+
+def verdict_columns(spec: VerdictSpec) -> list[str]:
+    """The columns :func:`paired_verdict_table` writes for ``spec``."""
+    m, r, x = spec.method, spec.reference, spec.metric
+    return [
+        *TASK_KEYS, "task", "method", "reference", "metric", "direction", "bar", f"{m}_lr", f"{r}_lr",
+        f"{m}_lr_edge", f"{r}_lr_edge", f"{m}_{x}", f"{r}_{x}", f"{m}_{x}_median", f"{m}_{x}_q25", f"{m}_{x}_q75",
+        f"{r}_{x}_median", f"{r}_{x}_q25", f"{r}_{x}_q75", "ratio_of_means", "ratio_lo", "ratio_hi", "ratio_median",
+        "ratio_q25", "ratio_q75", "ratio_iqr", "n_pairs", "reaches_bar", "seeds_needed", "verdict_reason",
+        f"{m}_n_seeds", f"{r}_n_seeds", f"{m}_n_completed", f"{r}_n_completed", f"{m}_n_diverged", f"{r}_n_diverged",
+        f"{m}_failures", f"{r}_failures", "frozen",
     ]
-    best = best_lr_table(runs) if best is None else best
-    if failure_depths is None:
-        failure_depths = depth_to_failure_table(runs, best=best)
-    chosen = best_runs(runs, best) if len(best) else runs.iloc[0:0]
-    cost_studies = set(runs.loc[~runs["in_verdict"], "study"].dropna()) if len(runs) else set()
-    best = best[~best["study"].isin(cost_studies)]  # cost studies: in context_table, not the verdict
+
+
+def paired_verdict_table(
+    runs: pd.DataFrame,
+    best: pd.DataFrame,
+    spec: VerdictSpec,
+    *,
+    studies: Iterable[str] | None = None,
+    extra: PairExtra | None = None,
+    n_resamples: int = stats.N_RESAMPLES,
+    seed: int = stats.SEED,
+) -> pd.DataFrame:
+    """Per task (study, dataset, grid point) with both sides: does ``spec.method`` reach
+    ``spec.bar`` of ``spec.reference`` on ``spec.metric``? (:func:`optlab.stats.reaches`)
+
+    Each side runs at its own selected LR; the comparison is over the seeds that completed under
+    both with a finite metric (pairs matched by seed): ``{side}_{metric}`` means and
+    ``_median``/``_q25``/``_q75`` over those seeds, ``ratio_of_means`` (mean(method)/mean(reference),
+    reference/method for a lower-is-better metric), its paired bootstrap 95% interval
+    ``ratio_lo``–``ratio_hi``, the per-seed ratio's median and quartiles, ``reaches_bar``
+    (yes / no / inconclusive) and ``seeds_needed`` (an estimate, for inconclusive answers;
+    ``>1000`` beyond the cap). ``{side}_lr_edge`` flags a selected LR at the edge of its grid.
+    ``extra`` adds a study analysis's own columns. ``studies`` restricts the tasks.
+    """
+    m, r, x = spec.method, spec.reference, spec.metric
+    cols = verdict_columns(spec)
+    if best.empty:
+        return pd.DataFrame(columns=cols)
+    chosen = best_runs(runs, best)
+    best = best if studies is None else best[best["study"].isin(set(studies))]
     out = []
     for key, g in best.groupby(list(TASK_KEYS), dropna=False, sort=True):
-        a, b = g[g["optimizer"] == m], g[g["optimizer"] == r]
+        a, b = g[g["method"] == m], g[g["method"] == r]
         if a.empty or b.empty:
             continue
         a, b = a.iloc[0], b.iloc[0]
         task = dict(zip(TASK_KEYS, key))
-        ra, rb = _match(chosen, **task, optimizer=m), _match(chosen, **task, optimizer=r)
-        pa = ra[ra["status"] == "completed"].groupby("seed")["test_acc"].mean()
-        pb = rb[rb["status"] == "completed"].groupby("seed")["test_acc"].mean()
-        ratios = (pa / pb).dropna()
-        ratios = ratios[np.isfinite(ratios)].to_numpy(dtype=float)
-        q25, med, q75 = np.percentile(ratios, [25, 50, 75]) if len(ratios) else (math.nan,) * 3
-        ratio = _div(a["test_acc_mean"], b["test_acc_mean"])
-        basis, mem_a, mem_b = _mem_pair(a, b)
-        deep_a, deep_b, deeper = _deeper(failure_depths, task["study"], task["dataset"], m, r)
-        e90 = _fewer_epochs(a, b, m, r)
+        ra, rb = match(chosen, **task, method=m), match(chosen, **task, method=r)
+        va, vb = (_per_seed(runs_, x) for runs_ in (ra, rb))
+        v = stats.reaches(va, vb, spec.bar, direction=spec.direction, n_resamples=n_resamples, seed=seed)
+        pm, pr, _ = stats.paired(va, vb)
+        per_seed = pm / pr if spec.direction == "up" else pr / pm
+        per_seed = per_seed[np.isfinite(per_seed)]
+        q = stats.spread(per_seed)
         row = {
-            **task, "task": a.get("task"),
-            f"{m}_lr": a["lr"], f"{r}_lr": b["lr"],
-            f"{m}_test_acc": a["test_acc_mean"], f"{r}_test_acc": b["test_acc_mean"],
-            "ratio_of_means": ratio, "ratio_median": float(med), "ratio_q25": float(q25), "ratio_q75": float(q75),
-            "ratio_iqr": float(q75 - q25), "n_pairs": len(ratios),
-            "meets_95pct": bool(pd.notna(ratio) and ratio >= TARGET_RATIO),
+            **task, "task": a.get("task"), "method": m, "reference": r, "metric": x, "direction": spec.direction,
+            "bar": spec.bar, f"{m}_lr": a["lr"], f"{r}_lr": b["lr"],
+            f"{m}_lr_edge": a.get("lr_edge"), f"{r}_lr_edge": b.get("lr_edge"),
+            f"{m}_{x}": float(pm.mean()) if len(pm) else math.nan, f"{r}_{x}": float(pr.mean()) if len(pr) else math.nan,
+            f"{m}_{x}_median": v.method.median, f"{m}_{x}_q25": v.method.q25, f"{m}_{x}_q75": v.method.q75,
+            f"{r}_{x}_median": v.reference.median, f"{r}_{x}_q25": v.reference.q25, f"{r}_{x}_q75": v.reference.q75,
+            "ratio_of_means": v.estimate, "ratio_lo": v.low, "ratio_hi": v.high,
+            "ratio_median": q.median, "ratio_q25": q.q25, "ratio_q75": q.q75, "ratio_iqr": q.iqr,
+            "n_pairs": v.n_pairs, "reaches_bar": v.answer, "seeds_needed": v.seeds_needed_text,
+            "verdict_reason": v.reason,
             f"{m}_n_seeds": a["n_seeds"], f"{r}_n_seeds": b["n_seeds"],
             f"{m}_n_completed": a["n_completed"], f"{r}_n_completed": b["n_completed"],
             f"{m}_n_diverged": a["n_diverged"], f"{r}_n_diverged": b["n_diverged"],
-            f"{m}_failures": _failure_text(ra), f"{r}_failures": _failure_text(rb),
-            # times: medians over completed seeds (one seed slowed by a shared machine does not decide)
-            f"{m}_wall_time_s": a["wall_time_s_median"], f"{r}_wall_time_s": b["wall_time_s_median"],
-            "time_lower": _lower(a["wall_time_s_median"], b["wall_time_s_median"], m, r),
-            f"{m}_seconds_per_epoch": a.get("seconds_per_epoch_median", math.nan),
-            f"{r}_seconds_per_epoch": b.get("seconds_per_epoch_median", math.nan),
-            "epoch_time_lower": _lower(a.get("seconds_per_epoch_median", math.nan), b.get("seconds_per_epoch_median", math.nan), m, r),
-            # CUDA allocator peak where both measured it, else the profiled step peak (CPU), else the state size
-            "mem_basis": basis, f"{m}_mem_mb": mem_a, f"{r}_mem_mb": mem_b,
-            f"{m}_peak_mem_mb": a["peak_mem_mb_mean"], f"{r}_peak_mem_mb": b["peak_mem_mb_mean"],
-            f"{m}_state_mem_mb": a.get("state_mem_mb_mean", math.nan), f"{r}_state_mem_mb": b.get("state_mem_mb_mean", math.nan),
-            "mem_lower": _lower(mem_a, mem_b, m, r),
-            f"{m}_deepest": deep_a, f"{r}_deepest": deep_b, "depth_deeper": deeper,
-            f"{m}_epochs_to_90": a.get("epochs_to_90_mean", math.nan), f"{r}_epochs_to_90": b.get("epochs_to_90_mean", math.nan),
-            f"{m}_n_reached_90": a.get("n_reached_90", math.nan), f"{r}_n_reached_90": b.get("n_reached_90", math.nan),
-            "e90_fewer": e90,
-            f"{m}_test_bpb": a.get("test_bpb_mean", math.nan), f"{r}_test_bpb": b.get("test_bpb_mean", math.nan),
-            # fraction of steps at which the projection changed a weight (0: sgd_sn was plain SGD)
-            f"{m}_sn_active_frac": a.get("sn_active_frac_mean", math.nan),
+            f"{m}_failures": failure_text(ra), f"{r}_failures": failure_text(rb),
             "frozen": bool(a["frozen"] and b["frozen"]),
         }
-        held = {
-            "wall_time": row["time_lower"] == m, "seconds_per_epoch": row["epoch_time_lower"] == m,
-            "memory": row["mem_lower"] == m, "depth_tolerance": deeper == m, "epochs_to_90": e90 == m,
-        }
-        row["advantages"] = " ".join(k for k in ADVANTAGES if held[k]) or "none"
-        row["answer"] = "yes" if row["meets_95pct"] and any(held[k] for k in QUESTION_ADVANTAGES) else "no"
+        if extra is not None:
+            row.update(extra(task, a, b, ra, rb))
         out.append(row)
-    df = pd.DataFrame(out, columns=cols)
-    for c in ("depth", f"{m}_deepest", f"{r}_deepest"):
-        df[c] = _maybe_int(df[c])
+    extra_cols = [c for row in out for c in row if c not in cols]
+    df = pd.DataFrame(out, columns=[*cols, *dict.fromkeys(extra_cols)])
+    df["depth"] = maybe_int(df["depth"])
     return df
 
 
-def _failure_text(chosen: pd.DataFrame) -> str:
-    """``"chance 1, nonfinite 2"``: failure kinds (with counts) of a configuration's runs; '' if none."""
-    kinds = [f for f in (run_failure(r) for r in chosen.to_dict("records")) if f]
-    return ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
+def _per_seed(chosen: pd.DataFrame, metric: str) -> pd.Series:
+    """seed -> the metric of the completed runs (mean over duplicates), finite values only."""
+    done = chosen[(chosen["status"] == "completed") & chosen["seed"].notna()]
+    if metric not in done or done.empty:
+        return pd.Series(dtype=float)
+    vals = pd.to_numeric(done[metric], errors="coerce").astype(float)
+    s = vals.groupby(done["seed"].astype(int)).mean()
+    return s[np.isfinite(s)]
 
 
-MEM_BASES = (("peak", "peak_mem_mb"), ("step", "step_mem_mb"))
-"""Memory measures in order of preference (``mem_basis``); ``state`` (``state_mem_mb``) is the fallback."""
-
-
-def _mem_pair(a: pd.Series, b: pd.Series) -> tuple[str, float, float]:
-    """(basis, memory of a, memory of b): ``peak`` (CUDA allocator peak) where both recorded it,
-    else ``step`` (peak of one profiled training step, CPU), else ``state`` (training-state size)."""
-    for basis, col in MEM_BASES:
-        pa, pb = a.get(f"{col}_mean", math.nan), b.get(f"{col}_mean", math.nan)
-        if pd.notna(pa) and pd.notna(pb):
-            return basis, float(pa), float(pb)
-    sa, sb = a.get("state_mem_mb_mean", math.nan), b.get("state_mem_mb_mean", math.nan)
-    return "state", float(sa) if pd.notna(sa) else math.nan, float(sb) if pd.notna(sb) else math.nan
-
-
-def _deeper(dtf: pd.DataFrame, study: Any, dataset: Any, m: str, r: str) -> tuple[Any, Any, str]:
-    """Deepest trainable depths of m and r in a study/dataset and which is deeper (or tie / n/a).
-
-    m is deeper only where r demonstrably failed at or before m's deepest depth (a slice that was
-    not run as deep proves nothing), and symmetrically.
-    """
-    if dtf is None or dtf.empty:
-        return pd.NA, pd.NA, "n/a"
-    d = _match(dtf, study=study, dataset=dataset)
-    d = d[d["axis"] == "depth"]
-    rows = {o: d[d["optimizer"] == o] for o in (m, r)}
-    if any(v.empty for v in rows.values()):
-        return pd.NA, pd.NA, "n/a"
-    da, db = (rows[o].iloc[0]["deepest_trained"] for o in (m, r))
-    fa, fb = (rows[o].iloc[0]["first_failing"] for o in (m, r))
-    na, nb = _isna(da), _isna(db)
-    if na and nb:
-        return pd.NA, pd.NA, "n/a"
-    if not na and (nb or float(da) > float(db)):
-        return da, db, m if pd.notna(fb) and float(fb) <= float(da) else "n/a"
-    if not nb and (na or float(db) > float(da)):
-        return da, db, r if pd.notna(fa) and float(fa) <= float(db) else "n/a"
-    return da, db, "tie"
-
-
-def _fewer_epochs(a: pd.Series, b: pd.Series, m: str, r: str) -> str:
-    ea, eb = a.get("epochs_to_90_mean", math.nan), b.get("epochs_to_90_mean", math.nan)
-    if _isna(ea) or _isna(eb) or (math.isinf(ea) and math.isinf(eb)):
-        return "n/a"  # not recorded, or neither reached 90% on every completed seed
-    return _lower(ea, eb, m, r)
-
-
-def _div(a: float, b: float) -> float:
-    return float(a) / float(b) if pd.notna(a) and pd.notna(b) and float(b) != 0.0 else math.nan
-
-
-def _lower(a: float, b: float, na: str, nb: str) -> str:
-    if pd.isna(a) or pd.isna(b):
-        return "n/a"
-    return na if a < b else nb if b < a else "tie"
+# ---------------------------------------------------------------- depth to failure
 
 
 def depth_to_failure_table(runs: pd.DataFrame, summaries: pd.DataFrame | None = None,
                            best: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per (study, dataset, optimizer), along the first grid axis (depth for the depth studies).
+    """Per (study, dataset, method), along the first grid axis (depth for the depth studies).
 
     A point trained when its selected configuration had no failure: the slice's ``summary.json``
     failures together with the failure kinds of the selected LR's runs (``failure``, divergence
@@ -688,22 +874,23 @@ def depth_to_failure_table(runs: pd.DataFrame, summaries: pd.DataFrame | None = 
     point trained; ``first_failing``: the smallest at which one failed, with its kinds;
     ``skipped``: points not run beyond a failure (the depth-to-failure search).
     """
-    cols = ["study", "dataset", "optimizer", "axis", "points_tried", "deepest_trained", "first_failing",
+    cols = ["study", "dataset", "method", "axis", "points_tried", "deepest_trained", "first_failing",
             "failure_kinds", "failing", "skipped", "selected_lrs", "n_runs", "source"]
     best = best_lr_table(runs) if best is None else best
     chosen = best_runs(runs, best) if len(best) else runs.iloc[0:0]
     sw = sweep_runs(runs)
     summaries = summaries if summaries is not None else pd.DataFrame(columns=SUMMARY_COLS)
+    studies = set(sw["study"].dropna())
     recs: dict[tuple, dict[str, Any]] = {}
     for s in summaries.to_dict("records"):
-        if not isinstance(s["axis"], str) or _isna(s["axis_value"]):
+        if not isinstance(s["axis"], str) or isna(s["axis_value"]) or s["study"] not in studies:
             continue
-        k = (s["study"], s["dataset"], s["optimizer"], s["point"])
+        k = (s["study"], s["dataset"], s["method"], s["point"])
         recs[k] = {"axis": s["axis"], "value": s["axis_value"], "lr": s["selected_lr"], "skipped": bool(s["skipped"]),
                    "kinds": set(str(s["failures"]).split()) if isinstance(s["failures"], str) else set(),
                    "source": "summary"}
-    for key, g in best.groupby(["study", "dataset", "optimizer", "point"], dropna=False, sort=False):
-        study, dataset, opt, point = key
+    for key, g in best.groupby(["study", "dataset", "method", "point"], dropna=False, sort=False):
+        study, dataset, meth, point = key
         pt = parse_point(point)
         if not pt:
             continue
@@ -711,15 +898,15 @@ def depth_to_failure_table(runs: pd.DataFrame, summaries: pd.DataFrame | None = 
         rec = recs.setdefault(key, {"axis": axis, "value": _axis_number(value), "lr": g.iloc[0]["lr"], "skipped": False,
                                     "kinds": set(), "source": "runs"})
         lr = rec["lr"] if pd.notna(rec["lr"]) else g.iloc[0]["lr"]
-        sel = _match(sw, study=study, dataset=dataset, optimizer=opt, point=point)
-        sel = sel[np.isclose(sel["lr"].astype(float), float(lr))] if pd.notna(lr) else _match(chosen, study=study, dataset=dataset, optimizer=opt, point=point)
+        sel = match(sw, study=study, dataset=dataset, method=meth, point=point)
+        sel = sel[np.isclose(sel["lr"].astype(float), float(lr))] if pd.notna(lr) else match(chosen, study=study, dataset=dataset, method=meth, point=point)
         rec["kinds"] |= {f for f in (run_failure(r) for r in sel.to_dict("records")) if f}
         rec["skipped"] = rec["skipped"] and sel.empty
     out = []
     by_slice: dict[tuple, list[dict[str, Any]]] = {}
-    for (study, dataset, opt, point), rec in recs.items():
-        by_slice.setdefault((study, dataset, opt, rec["axis"]), []).append(rec)
-    for (study, dataset, opt, axis), pts in sorted(by_slice.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    for (study, dataset, meth, point), rec in recs.items():
+        by_slice.setdefault((study, dataset, meth, rec["axis"]), []).append(rec)
+    for (study, dataset, meth, axis), pts in sorted(by_slice.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
         values = sorted({p["value"] for p in pts})
         state: dict[float, tuple[str, set[str]]] = {}
         for v in values:
@@ -729,219 +916,101 @@ def depth_to_failure_table(runs: pd.DataFrame, summaries: pd.DataFrame | None = 
             state[v] = ("skipped", set()) if not ran else ("failed", kinds) if kinds else ("trained", set())
         trained = [v for v in values if state[v][0] == "trained"]
         failed = [v for v in values if state[v][0] == "failed"]
-        mine = _match(sw, study=study, dataset=dataset, optimizer=opt)
+        mine = match(sw, study=study, dataset=dataset, method=meth)
         n_runs = int((mine["axis"] == axis).sum())
         out.append({
-            "study": study, "dataset": dataset, "optimizer": opt, "axis": axis,
-            "points_tried": " ".join(_num_text(v) for v in values if state[v][0] != "skipped"),
+            "study": study, "dataset": dataset, "method": meth, "axis": axis,
+            "points_tried": " ".join(num_text(v) for v in values if state[v][0] != "skipped"),
             "deepest_trained": max(trained) if trained else math.nan,
             "first_failing": min(failed) if failed else math.nan,
             "failure_kinds": " ".join(sorted(state[min(failed)][1])) if failed else "",
-            "failing": "; ".join(f"{_num_text(v)}: {' '.join(sorted(state[v][1]))}" for v in failed),
-            "skipped": " ".join(_num_text(v) for v in values if state[v][0] == "skipped"),
-            "selected_lrs": " ".join(f"{_num_text(p['value'])}:{format_value(p['lr'])}" for p in
+            "failing": "; ".join(f"{num_text(v)}: {' '.join(sorted(state[v][1]))}" for v in failed),
+            "skipped": " ".join(num_text(v) for v in values if state[v][0] == "skipped"),
+            "selected_lrs": " ".join(f"{num_text(p['value'])}:{format_value(p['lr'])}" for p in
                                      sorted(pts, key=lambda p: p["value"]) if not p["skipped"] and pd.notna(p["lr"])),
             "n_runs": n_runs,
             "source": " ".join(sorted({p["source"] for p in pts})),
         })
     df = pd.DataFrame(out, columns=cols)
     for c in ("deepest_trained", "first_failing"):
-        df[c] = _maybe_int(df[c])
+        df[c] = maybe_int(df[c])
     return df
 
 
-def _num_text(v: Any) -> str:
+def num_text(v: Any) -> str:
     return str(int(v)) if isinstance(v, (int, float, np.floating)) and float(v) == int(v) else str(v)
-
-
-ABLATION_CONFIG = ("arch", "dataset", "depth", "width", "optimizer", "reparam", "sn_mode", "sn_sigma", "sn_power_iters",
-                   "sn_conv", "batch_norm", "residual", "lr")
-
-
-def ablation_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
-    """One row per ablation variant: its configuration and statistics over its seeds.
-
-    Variants come in ``order`` (params.yaml order), others after it by name. Configuration cells
-    that do not apply are NaN (n/a): the projection settings ``sn_*`` exist only for ``sgd_sn``
-    (``sn_power_iters`` only with ``sn_sigma: power``), ``sn_conv``, ``batch_norm`` and
-    ``residual`` only for the ResNet. Means are over completed seeds; ``sn_violations_total``
-    is summed over every seed.
-    """
-    cols = ["variant", *ABLATION_CONFIG, "n_seeds", "n_completed", "n_diverged", "n_failed", "test_acc_mean",
-            "test_acc_std", "val_acc_mean", "wall_time_s_mean", "sigma_max_max_mean", "sn_active_frac_mean",
-            "sn_violations_total", "frozen", "seeds"]
-    ab = ablation_runs(runs)
-    ab = ab[ab["variant"].notna()]
-    if ab.empty:
-        return pd.DataFrame(columns=cols)
-    names = list(dict.fromkeys(ab.sort_values("run_dir")["variant"]))
-    order = [v for v in (order or []) if v in names]
-    names = order + sorted(v for v in names if v not in order)
-    out = []
-    for name in names:
-        g = ab[ab["variant"] == name]
-        done = g[g["status"] == "completed"]
-        row: dict[str, Any] = {"variant": name}
-        for c in ABLATION_CONFIG:
-            vals = g[c].dropna().unique().tolist() if c in g else []
-            row[c] = vals[0] if len(vals) == 1 else (" ".join(map(str, vals)) if vals else math.nan)
-        arch, opt = str(row["arch"]), str(row["optimizer"])
-        if opt != "sgd_sn":
-            row.update(sn_mode=math.nan, sn_sigma=math.nan, sn_power_iters=math.nan)
-        elif row["sn_sigma"] != "power":
-            row["sn_power_iters"] = math.nan
-        if not arch.startswith("resnet"):
-            row.update(batch_norm=math.nan, residual=math.nan, sn_conv=math.nan)
-        elif opt != "sgd_sn":
-            row["sn_conv"] = math.nan
-
-        def mean(col: str) -> float:
-            return float(done[col].mean()) if col in done and done[col].notna().any() else math.nan
-
-        test = done["test_acc"].dropna() if "test_acc" in done else pd.Series(dtype=float)
-        viol = pd.to_numeric(g["sn_violations"], errors="coerce") if "sn_violations" in g else pd.Series(dtype=float)
-        row.update({
-            "n_seeds": len(g), "n_completed": len(done), "n_diverged": int((g["status"] == "diverged").sum()),
-            "n_failed": int((g["status"] == "failed").sum()),
-            "test_acc_mean": float(test.mean()) if len(test) else math.nan,
-            "test_acc_std": float(test.std(ddof=1)) if len(test) > 1 else math.nan,
-            "val_acc_mean": mean("val_acc"), "wall_time_s_mean": mean("wall_time_s"),
-            "sigma_max_max_mean": mean("sigma_max_max"), "sn_active_frac_mean": mean("sn_active_frac"),
-            "sn_violations_total": int(viol.sum()) if viol.notna().any() else math.nan,
-            "frozen": bool(g["frozen"].all()),
-            "seeds": " ".join(str(int(s)) for s in sorted(g["seed"].dropna())),
-        })
-        out.append(row)
-    df = pd.DataFrame(out, columns=cols)
-    for c in ("depth", "width", "sn_power_iters", "sn_violations_total"):
-        df[c] = _maybe_int(df[c])
-    return df
-
-
-def depth_tolerance_table(runs: pd.DataFrame, best: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per (study, dataset, optimizer): the deepest depth whose best-LR config trained.
-
-    Trained = every seed completed and mean test accuracy >= chance + 0.02, with chance =
-    1/n_classes (from config, else 1/10). Status counts are over all of the optimizer's runs.
-    (The accuracy criterion of runs that predate the engine's ``failure``; see
-    :func:`depth_to_failure_table` for the study's depth-to-failure search.)
-    """
-    cols = [
-        "study", "dataset", "optimizer", "deepest_trainable", "test_acc_at_deepest", "depths_trained",
-        "depths_tried", "chance", "n_runs", "n_completed", "n_diverged", "n_failed",
-    ]
-    best = best_lr_table(runs) if best is None else best
-    sw = sweep_runs(runs)
-    sw = sw[sw["optimizer"].notna()]  # a run without a config (unreadable metrics) is only in divergence
-    out = []
-    for key, g in sw.groupby(["study", "dataset", "optimizer"], dropna=False, sort=True):
-        chance = chance_level(g)
-        b = _match(best, **dict(zip(("study", "dataset", "optimizer"), key)))
-        ok = b[(b["n_completed"] == b["n_seeds"]) & (b["test_acc_mean"] >= chance + TRAINABLE_MARGIN - 1e-12)]
-        ok = ok[ok["depth"].notna()]
-        deepest = ok.loc[ok["depth"].astype(float).idxmax()] if len(ok) else None
-        out.append({
-            **dict(zip(("study", "dataset", "optimizer"), key)),
-            "deepest_trainable": deepest["depth"] if deepest is not None else pd.NA,
-            "test_acc_at_deepest": deepest["test_acc_mean"] if deepest is not None else math.nan,
-            "depths_trained": " ".join(str(int(d)) for d in sorted(ok["depth"].dropna().unique())),
-            "depths_tried": " ".join(str(int(d)) for d in sorted(g["depth"].dropna().unique())),
-            "chance": chance,
-            "n_runs": len(g),
-            "n_completed": int((g["status"] == "completed").sum()),
-            "n_diverged": int((g["status"] == "diverged").sum()),
-            "n_failed": int((g["status"] == "failed").sum()),
-        })
-    df = pd.DataFrame(out, columns=cols)
-    df["deepest_trainable"] = _maybe_int(df["deepest_trainable"])
-    return df
-
-
-CONTEXT_COLS = ["study", "dataset", "optimizer", "block_size", "lr", "n_seeds", "n_completed", "mem_basis", "mem_mb",
-                "peak_mem_mb", "step_mem_mb", "state_mem_mb", "tokens_per_s", "seconds_per_epoch", "val_bpb", "failures"]
-
-
-def context_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Memory and throughput along a context-length (``block_size``) grid, per optimizer.
-
-    One row per (study, dataset, optimizer, block_size, lr), means over seeds. ``mem_mb`` is on
-    ``mem_basis``: ``peak`` (CUDA allocator peak) where every run of the row recorded it, else
-    ``step`` (profiled training-step peak, CPU), else ``state`` (training-state size).
-    """
-    sw = sweep_runs(runs)
-    if sw.empty or "block_size" not in sw:
-        return pd.DataFrame(columns=CONTEXT_COLS)
-    sw = sw[(sw["axis"] == "block_size") & sw["block_size"].notna()]
-    out = []
-    for key, g in sw.groupby(["study", "dataset", "optimizer", "block_size", "lr"], dropna=False, sort=True):
-        done = g[g["status"] == "completed"]
-        mean = lambda c: float(pd.to_numeric(done[c], errors="coerce").mean()) if c in done and len(done) else math.nan  # noqa: E731
-        basis, mem = "state", mean("state_mem_mb")
-        for b, col in MEM_BASES:
-            if col in done and len(done) and pd.to_numeric(done[col], errors="coerce").notna().all():
-                basis, mem = b, mean(col)
-                break
-        out.append({
-            **dict(zip(["study", "dataset", "optimizer", "block_size", "lr"], key)),
-            "n_seeds": int(g["seed"].nunique()), "n_completed": len(done), "mem_basis": basis, "mem_mb": mem,
-            "peak_mem_mb": mean("peak_mem_mb"), "step_mem_mb": mean("step_mem_mb"), "state_mem_mb": mean("state_mem_mb"),
-            "tokens_per_s": mean("tokens_per_s"), "seconds_per_epoch": mean("seconds_per_epoch"),
-            "val_bpb": mean("val_bpb"), "failures": _failure_text(g),
-        })
-    df = pd.DataFrame(out, columns=CONTEXT_COLS)
-    df["block_size"] = _maybe_int(df["block_size"])
-    return df
 
 
 def divergence_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every run that did not complete (headline and ablations included), with its step and reason."""
-    cols = ["run_id", "run_dir", "kind", "study", "dataset", "optimizer", "point", "depth", "lr", "seed",
-            "status", "diverged_step", "diverge_reason", "error"]
+    cols = ["run_id", "run_dir", "kind", "analysis", "study", "dataset", "method", "optimizer", "point", "depth", "lr",
+            "seed", "status", "diverged_step", "diverge_reason", "error"]
     bad = runs[runs["status"] != "completed"]
-    bad = bad.sort_values(["study", "optimizer", "depth", "lr", "seed", "run_dir"], kind="mergesort", na_position="last")
+    bad = bad.sort_values(["study", "method", "depth", "lr", "seed", "run_dir"], kind="mergesort", na_position="last")
     return bad[cols].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- output
 
-VERDICT_MD_COLS = [
-    "study", "dataset", "point", "sgd_sn_lr", "adam_lr", "sgd_sn_test_acc", "adam_test_acc", "ratio_of_means",
-    "ratio_median", "ratio_q25", "ratio_q75", "n_pairs", "meets_95pct", "sgd_sn_wall_time_s", "adam_wall_time_s",
-    "sgd_sn_seconds_per_epoch", "adam_seconds_per_epoch", "mem_basis", "sgd_sn_mem_mb", "adam_mem_mb",
-    "sgd_sn_deepest", "adam_deepest", "sgd_sn_epochs_to_90", "adam_epochs_to_90", "sgd_sn_test_bpb",
-    "adam_test_bpb", "advantages", "answer",
-]
+Table = tuple[pd.DataFrame, "list[str] | None"]
+"""A table to write: the frame (all columns go to CSV) and the columns of its Markdown view (None: all)."""
 
 
-def aggregate(runs_root: Path | str, out_dir: Path | str, *, params: Path | str | None = None) -> dict[str, Path]:
-    """Write the runs, best_lr, verdict, depth_to_failure, ablation, depth_tolerance, divergence
-    and context tables (CSV + Markdown) into ``out_dir``.
+def aggregate(
+    runs_root: Path | str,
+    out_dir: Path | str,
+    *,
+    params: Path | str | None = None,
+    analyses: Mapping[str, "StudyAnalysis"] | None = None,
+) -> dict[str, Path]:
+    """Write the core tables (runs, best_lr, divergence), every present study analysis's tables
+    (CSV + Markdown) and ``analyses.json`` into ``out_dir``.
 
-    ``params`` (default: ``params.yaml`` beside ``runs_root``, when present) gives the order of
-    the ablation variants. Returns a mapping from file name (e.g. ``"best_lr.md"``) to its path.
+    The analyses present are those named by the runs and slice summaries (unlabelled runs go to
+    the analysis that claims them); ``analyses`` replaces the registry
+    (:func:`optlab.analysis.studies.registry`), e.g. to add one in a test. ``params`` (default:
+    ``params.yaml`` beside ``runs_root``, when present) gives the order of the ablation variants.
+    Returns a mapping from file name (e.g. ``"best_lr.md"``) to its path.
     """
+    from .studies import AnalysisData, analysis_order, claiming_analysis, registry, resolve
+
+    reg = registry() if analyses is None else dict(analyses)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, _, _ = load_runs(runs_root, series=False)
-    summaries = load_summaries(runs_root)
+    slices = load_slices(runs_root)
+    runs = assign_analyses(runs, slices, claiming_analysis(reg))
     if params is None:
         params = Path(runs_root).resolve().parent / "params.yaml"
-    best = best_lr_table(runs)
-    dtf = depth_to_failure_table(runs, summaries, best)
-    verdict = verdict_table(runs, best, failure_depths=dtf)
-    tables = {
-        "best_lr": (best, None),
-        "verdict": (verdict, VERDICT_MD_COLS),
-        "depth_to_failure": (dtf, None),
-        "ablation": (ablation_table(runs, read_ablation_order(params)), None),
-        "depth_tolerance": (depth_tolerance_table(runs, best), None),
-        "divergence": (divergence_table(runs), None),
-        "context": (context_table(runs), None),
-    }
+    best = best_lr_table(runs, slices)
     written: dict[str, Path] = {}
     path = out_dir / "runs.csv"
     runs.to_csv(path, index=False)
     written[path.name] = path
+    written.update(write_tables(out_dir, {"best_lr": (best, None), "divergence": (divergence_table(runs), None)}))
+    manifest = []
+    taken = set(CORE_TABLES)
+    names = {*runs["analysis"].dropna().astype(str), *(s.analysis for s in slices if s.analysis)}
+    for name in analysis_order(names, reg):
+        analysis = resolve(reg, name)
+        data = AnalysisData.build(name, runs, slices, best, params=params)
+        tables = analysis.tables(data)
+        clash = taken & set(tables)
+        if clash:
+            raise ValueError(f"study analysis {name!r}: table names {sorted(clash)} are already written by another")
+        taken |= set(tables)
+        written.update(write_tables(out_dir, tables))
+        manifest.append({"name": name, "title": analysis.title, "registered": name in reg,
+                         "studies": list(data.studies), "tables": list(tables)})
+    path = out_dir / MANIFEST
+    path.write_text(json.dumps({"analyses": manifest}, indent=2) + "\n")
+    written[path.name] = path
+    return written
+
+
+def write_tables(out_dir: Path, tables: Mapping[str, Table]) -> dict[str, Path]:
+    """``<name>.csv`` (every column) and ``<name>.md`` (the Markdown view) for each table."""
+    written = {}
     for name, (df, md_cols) in tables.items():
         csv_path, md_path = out_dir / f"{name}.csv", out_dir / f"{name}.md"
         df.to_csv(csv_path, index=False)
@@ -952,16 +1021,22 @@ def aggregate(runs_root: Path | str, out_dir: Path | str, *, params: Path | str 
 
 
 TEXT_COLUMNS = ("point", "seeds", "points_tried", "failure_kinds", "failing", "skipped", "selected_lrs", "source",
-                "advantages", "answer", "sgd_sn_failures", "adam_failures", "variant")
+                "advantages", "answer", "variant", "reaches_bar", "seeds_needed", "verdict_reason", "lr_edge",
+                "method", "reference", "metric", "direction", "analysis")
 """Columns that hold text even when every value looks like a number ("64", "0 1 2")."""
 
 
 def read_table(path: Path | str) -> pd.DataFrame:
-    """Read a table written by :func:`aggregate` (empty frame for a header-only file)."""
+    """Read a table written by :func:`aggregate` (empty frame for a header-only file).
+
+    Text columns (:data:`TEXT_COLUMNS`, and any ``*_failures`` / ``*_lr_edge``) stay text.
+    """
     try:
-        return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
+        head = pd.read_csv(path, nrows=0).columns
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+    text = {c: str for c in head if c in TEXT_COLUMNS or c.endswith(("_failures", "_lr_edge"))}
+    return pd.read_csv(path, dtype=text)
 
 
 def is_pct_column(name: str) -> bool:
