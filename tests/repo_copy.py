@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,10 +37,66 @@ def clean_env(repo: Path) -> dict[str, str]:
     return env
 
 
-def tiny_repo(repo: Path, *, lrs: list[float], seeds: list[int], optimizers: list[str],
+def tiny_study(methods: list[str], lrs: list[float], seeds: list[int], *, grid: dict[str, list] | None = None,
+               verdict: Any = None) -> dict[str, Any]:
+    """A params.yaml study section: depth-2 (or ``grid``), width-8 MLPs on digits, one epoch."""
+    study: dict[str, Any] = {"analysis": "sgd_sn", "arch": "mlp", "methods": list(methods)}
+    if verdict is not None:
+        study["verdict"] = verdict
+    study["quick"] = {"datasets": ["digits"], "grid": grid or {"depth": [2]}, "lrs": list(lrs),
+                      "search_seeds": list(seeds[:1]), "seeds": list(seeds), "set": dict(TINY)}
+    return study
+
+
+def study_stage(dvc: dict[str, Any], study: str, template: str) -> dict[str, Any]:
+    """The dvc.yaml matrix stage of ``study``: the ``template`` study's block with the name replaced
+    (what README/dvc.yaml tell a user to do for a new study)."""
+    pattern = re.compile(rf"\b{re.escape(template)}\b")
+
+    def sub(v: Any) -> Any:
+        if isinstance(v, str):
+            return pattern.sub(study, v)
+        if isinstance(v, list):
+            return [sub(x) for x in v]
+        if isinstance(v, dict):
+            return {sub(k): sub(x) for k, x in v.items()}
+        return v
+
+    return sub(copy.deepcopy(dvc["stages"][template]))
+
+
+def set_studies(repo: Path, studies: dict[str, dict[str, Any]], *, replace: bool) -> None:
+    """Write ``studies`` into the copy's params.yaml and give each its matrix stage in dvc.yaml
+    (``replace``: instead of the project's studies; else added to them, after the last study)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    old = list(params.get("studies") or {})
+    assert old, "params.yaml has no study whose dvc.yaml block could be the template"
+    template = old[0]
+    for name in old:  # the premise of cloning: every study's block is the template's but for the name
+        assert dvc["stages"][name] == study_stage(dvc, name, template), f"dvc.yaml: stage {name} is not {template}'s block"
+    blocks = {name: study_stage(dvc, name, template) for name in studies}
+    params["studies"] = dict(studies) if replace else {**(params.get("studies") or {}), **studies}
+    stages: dict[str, Any] = {}
+    for name, block in dvc["stages"].items():
+        if name in old:
+            if not replace:
+                stages[name] = block
+            if name == old[-1]:
+                stages.update(blocks)
+        else:
+            stages[name] = block
+    dvc["stages"] = stages
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+
+
+def tiny_repo(repo: Path, *, lrs: list[float], seeds: list[int], methods: list[str],
               variants: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Copy the project into ``repo`` with a one-study quick profile of depth-2, width-8 MLPs on
-    digits (one epoch), commit it, ``dvc repro``, commit the result; return the environment."""
+    """Copy the project into ``repo`` with one tiny study (``tiny``: the ``methods`` on depth-2,
+    width-8 MLPs on digits, one epoch; its stages ``tiny@<method>`` replace the project's studies),
+    a tiny headline run and ablation, commit it, ``dvc repro``, commit the result; return the
+    environment."""
     repo.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         src, dst = ROOT / name, repo / name
@@ -50,11 +108,9 @@ def tiny_repo(repo: Path, *, lrs: list[float], seeds: list[int], optimizers: lis
     params = yaml.safe_load((repo / "params.yaml").read_text())
     quick = params["profiles"]["quick"]
     quick.update(depth=2, width=8, epochs=1, batch_size=256)
-    quick["studies"] = {"tiny": {"arch": "mlp", "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": lrs,
-                                 "search_seeds": seeds[:1], "seeds": seeds, "set": dict(TINY)}}
     quick["ablate"] = {"seeds": [0], "base": {"dataset": "digits", **TINY}, "variants": variants}
-    params["sweep"] = {"optimizers": optimizers, "studies": ["tiny"]}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_studies(repo, {"tiny": tiny_study(methods, lrs, seeds)}, replace=True)
     env = clean_env(repo)
     sh(["git", "init", "-q", "-b", "main"], repo, env)
     sh(["git", "add", "-A"], repo, env)

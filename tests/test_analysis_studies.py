@@ -1,4 +1,4 @@
-"""Analysis of the study layout: runs/sweep/<study>/<optimizer>/<run>, summary.json, runs/ablate.
+"""Analysis of the study layout: runs/sweep/<study>/<method>/<run>, summary.json, runs/ablate.
 
 A hand-written tree with known values: a depth study on a 10-class dataset (adam fails at depth
 32 by chance-level accuracy and skips 64; sgd_sn trains to 32 and fails at 64 by vanishing
@@ -19,16 +19,17 @@ import pandas as pd
 import pytest
 
 from optlab.analysis.aggregate import (
-    ablation_table,
     aggregate,
     best_lr_table,
     depth_to_failure_table,
     load_runs,
     load_summaries,
     read_ablation_order,
-    verdict_table,
+    read_table,
 )
-from optlab.analysis.report import END, HEADING, START, write_report
+from optlab.analysis.report import END, START, write_report
+from optlab.analysis.studies.sgd_sn.report import HEADING
+from optlab.analysis.studies.sgd_sn.tables import ablation_table, verdict_table
 
 SEEDS = (0, 1, 2)
 N_EPOCHS = 3
@@ -44,7 +45,7 @@ MLP = {
                                         ("completed", 0.14, 0.14, None, None)]),
     ("sgd_sn", 2): (0.1, {0.01: 0.80}, [("completed", 0.93, 0.93, 2, None), ("completed", 0.92, 0.92, 2, None),
                                          ("completed", 0.91, 0.90, 3, None)]),
-    ("sgd_sn", 8): (0.1, {0.01: 0.60}, [("completed", 0.85, 0.80, None, None), ("completed", 0.84, 0.85, 4, None),
+    ("sgd_sn", 8): (0.1, {0.01: 0.60}, [("completed", 0.85, 0.80, None, None), ("completed", 0.84, 0.82, 4, None),
                                          ("completed", 0.86, 0.70, 5, None)]),
     ("sgd_sn", 32): (0.1, {0.01: 0.50}, [("completed", 0.70, 0.70, None, None), ("completed", 0.61, 0.60, None, None),
                                           ("completed", 0.66, 0.65, None, None)]),
@@ -92,8 +93,12 @@ ABL = {
 
 def _write(run_dir: Path, *, config: dict, final: dict, status: str, failure: str | None, sweep: dict,
            n_layers: int, grad_decay: float, lm: bool = False) -> None:
+    """A run directory of the contract: ``method`` in config and sweep, long layers.csv."""
     run_dir.mkdir(parents=True)
     diverged = status == "diverged"
+    config = {"method": config.get("optimizer"), "step_method": "backprop", **config}
+    if sweep.get("role") != "ablation":
+        sweep = {"method": config["method"], "verdict": True, "analysis": "sgd_sn", **sweep}
     metrics = {
         "run_id": run_dir.name, "status": status, "diverged_step": 7 if diverged else None,
         "diverge_reason": "nonfinite" if diverged else None, "error": None,
@@ -117,11 +122,12 @@ def _write(run_dir: Path, *, config: dict, final: dict, status: str, failure: st
                     w.writerow([s, e, "val_bpb", 3.0 / (e + 1)])
     with (run_dir / "layers.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "epoch", "layer", "role", "grad_norm", "sigma_max"])
+        w.writerow(["step", "epoch", "layer", "role", "metric", "value"])
         for step in (5, 10 * epochs):
             for layer in range(n_layers):
                 role = "input" if layer == 0 else "output" if layer == n_layers - 1 else "hidden"
-                w.writerow([step, 0, layer, role, grad_decay ** (n_layers - 1 - layer), 1.0 + 0.01 * step])
+                w.writerow([step, 0, layer, role, "grad_norm", grad_decay ** (n_layers - 1 - layer)])
+                w.writerow([step, 0, layer, role, "sigma_max", 1.0 + 0.01 * step])
 
 
 def make_tree(root: Path, *, summaries: bool = True) -> Path:
@@ -186,15 +192,16 @@ def make_tree(root: Path, *, summaries: bool = True) -> Path:
     if summaries:
         _summary(root, "mlp_depth", "adam", "digits", [(2, 0.01, []), (8, 0.01, []), (32, 0.1, ["chance"]), (64, None, None)])
         _summary(root, "mlp_depth", "sgd_sn", "digits", [(2, 0.1, []), (8, 0.1, []), (32, 0.1, []), (64, 0.1, ["vanishing"])])
-        _summary(root, "gpt", "adam", "markov", [(2, 0.01, ["nonfinite"])], select="val_loss")
-        _summary(root, "gpt", "sgd_sn", "markov", [(2, 0.01, [])], select="val_loss")
+        _summary(root, "gpt", "adam", "markov", [(2, 0.01, ["nonfinite"])], select="val_loss", lrs=[0.1, 0.01, 0.001])
+        _summary(root, "gpt", "sgd_sn", "markov", [(2, 0.01, [])], select="val_loss", lrs=[0.1, 0.01, 0.001])
     params = {"scale": "quick", "profiles": {"quick": {"ablate": {"seeds": list(SEEDS), "variants": {
         n: {"arch": "mlp"} for n in ABL_ORDER}}}}}
     (root.parent / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     return root
 
 
-def _summary(root: Path, study: str, opt: str, dataset: str, points: list, select: str = "val_acc") -> None:
+def _summary(root: Path, study: str, opt: str, dataset: str, points: list, select: str = "val_acc",
+             lrs: list[float] = (0.3, 0.1, 0.01)) -> None:
     out = []
     for depth, lr, failures in points:
         if lr is None:
@@ -202,7 +209,11 @@ def _summary(root: Path, study: str, opt: str, dataset: str, points: list, selec
         else:
             out.append({"dataset": dataset, "point": {"depth": depth}, "selected_lr": lr, "select": select,
                         "score": 0.5, "failures": failures})
-    (root / "sweep" / study / opt / "summary.json").write_text(json.dumps({"study": study, "optimizer": opt, "points": out}))
+    doc = {"study": study, "method": opt, "optimizer": opt, "analysis": "sgd_sn",
+           "verdict": {"method": "sgd_sn", "reference": "adam", "metric": "test_acc", "bar": 0.95},
+           "primary": {"metric": "test_acc", "direction": "up"}, "select": select, "lrs": list(lrs),
+           "search_seeds": [0], "seeds": list(SEEDS), "points": out}
+    (root / "sweep" / study / opt / "summary.json").write_text(json.dumps(doc))
 
 
 @pytest.fixture()
@@ -235,9 +246,9 @@ def test_layout_is_read(root: Path) -> None:
     assert _one(runs, run_id="adam-markov-d2-lr0.01-s0")["task"] == "lm"
     assert _one(runs, run_id="mlp_sgd-s0")["variant"] == "mlp_sgd"
     s = load_summaries(root)
-    skipped = _one(s, optimizer="adam", point="depth=64")
+    skipped = _one(s, method="adam", point="depth=64")
     assert skipped["skipped"].startswith("depth beyond") and np.isnan(skipped["selected_lr"])
-    assert _one(s, optimizer="sgd_sn", point="depth=64", study="mlp_depth")["failures"] == "vanishing"
+    assert _one(s, method="sgd_sn", point="depth=64", study="mlp_depth")["failures"] == "vanishing"
     assert read_ablation_order(root.parent / "params.yaml") == ABL_ORDER
 
 
@@ -245,7 +256,7 @@ def test_best_lr_per_point_with_new_columns(root: Path) -> None:
     runs, _, _ = load_runs(root, series=False)
     best = best_lr_table(runs)
     for (opt, depth), (sel_lr, _, seeds) in MLP.items():
-        row = _one(best, study="mlp_depth", optimizer=opt, depth=depth)
+        row = _one(best, study="mlp_depth", method=opt, depth=depth)
         assert row["lr"] == sel_lr and row["point"] == f"depth={depth}" and row["seeds"] == "0 1 2"
         t = np.array(list(_tests(opt, depth).values()))
         assert row["test_acc_mean"] == pytest.approx(t.mean()) and row["test_acc_std"] == pytest.approx(t.std(ddof=1))
@@ -257,7 +268,7 @@ def test_best_lr_per_point_with_new_columns(root: Path) -> None:
         assert row["n_chance"] == sum(s[4] == "chance" for s in seeds)
         assert row["n_vanishing"] == sum(s[4] == "vanishing" for s in seeds)
     # the language model selects on validation LOSS: lr 0.001 has the higher val_acc but the higher loss
-    lm = _one(best, study="gpt", optimizer="adam")
+    lm = _one(best, study="gpt", method="adam")
     assert lm["lr"] == 0.01 and lm["select"] == "val_loss" and lm["val_score"] == pytest.approx(-2.0)
     assert lm["task"] == "lm" and lm["n_diverged"] == 1 and lm["n_nonfinite"] == 1
     assert lm["test_bpb_mean"] == pytest.approx(np.mean([1.5, 1.4]))
@@ -279,11 +290,19 @@ def test_verdict_ratios_equal_numpy(root: Path) -> None:
         q25, med, q75 = np.percentile(per_seed, [25, 50, 75])
         assert (row["ratio_median"], row["ratio_q25"], row["ratio_q75"]) == pytest.approx((med, q25, q75))
         assert row["ratio_iqr"] == pytest.approx(q75 - q25) and row["n_pairs"] == 3
-        assert row["meets_95pct"] == (row["ratio_of_means"] >= 0.95)
-    # language model: adam seed 2 diverged, so 2 seeds pair; the ratio of means uses every completed seed
+        # 3 pairs: the expanded 95% interval is the range of the per-seed ratios
+        assert (row["ratio_lo"], row["ratio_hi"]) == pytest.approx((per_seed.min(), per_seed.max()))
+        expect = "yes" if per_seed.min() >= 0.95 else "no" if per_seed.max() < 0.95 else "inconclusive"
+        assert row["reaches_bar"] == expect
+        sn_vals = np.array([sn[s] for s in sorted(sn)])
+        assert (row["sgd_sn_test_acc_median"], row["sgd_sn_test_acc_q25"], row["sgd_sn_test_acc_q75"]) == pytest.approx(
+            (np.median(sn_vals), np.percentile(sn_vals, 25), np.percentile(sn_vals, 75)))
+    assert [_one(v, study="mlp_depth", depth=d)["reaches_bar"] for d in (2, 8, 32)] == ["inconclusive", "no", "yes"]
+    # language model: adam seed 2 diverged, so 2 seeds pair and the comparison is over those
     lm = _one(v, study="gpt")
-    sn, ad = [0.36, 0.38, 0.37], [0.40, 0.42]
+    sn, ad = [0.36, 0.38], [0.40, 0.42]
     assert lm["ratio_of_means"] == pytest.approx(np.mean(sn) / np.mean(ad))
+    assert (lm["sgd_sn_test_acc"], lm["adam_test_acc"]) == pytest.approx((np.mean(sn), np.mean(ad)))
     assert lm["n_pairs"] == 2 and lm["ratio_median"] == pytest.approx(np.median([0.36 / 0.40, 0.38 / 0.42]))
     assert lm["sgd_sn_test_bpb"] == pytest.approx(1.75) and lm["adam_test_bpb"] == pytest.approx(1.45)
     assert lm["adam_failures"] == "nonfinite 1" and lm["task"] == "lm"
@@ -298,21 +317,24 @@ def test_verdict_advantages(root: Path) -> None:
     assert (win["sgd_sn_deepest"], win["adam_deepest"], win["depth_deeper"]) == (32, 8, "sgd_sn")
     assert win["sgd_sn_epochs_to_90"] == pytest.approx(7 / 3) and win["e90_fewer"] == "sgd_sn"
     assert win["advantages"] == "wall_time seconds_per_epoch memory depth_tolerance epochs_to_90"
-    assert win["meets_95pct"] and win["answer"] == "yes"
+    # per-seed ratios 0.969, 0.979, 0.947: the interval straddles 95%, so no "yes" despite the advantages
+    assert win["reaches_bar"] == "inconclusive" and win["answer"] == "inconclusive"
+    assert win["ratio_lo"] < 0.95 <= win["ratio_hi"] and int(win["seeds_needed"]) > 3
     lose = _one(v, study="mlp_depth", depth=8)  # slower; both have a CUDA peak and sgd_sn's is higher
     assert lose["time_lower"] == "adam" and lose["epoch_time_lower"] == "adam"
     assert (lose["mem_basis"], lose["sgd_sn_mem_mb"], lose["adam_mem_mb"], lose["mem_lower"]) == ("peak", 50.0, 40.0, "adam")
     assert lose["sgd_sn_epochs_to_90"] == np.inf and lose["e90_fewer"] == "adam"  # one sgd_sn seed never reached 90%
-    assert lose["advantages"] == "depth_tolerance" and not lose["meets_95pct"] and lose["answer"] == "no"
+    assert lose["advantages"] == "depth_tolerance" and lose["reaches_bar"] == "no" and lose["answer"] == "no"
     deep = _one(v, study="mlp_depth", depth=32)  # neither reached 90%: no comparison
-    assert deep["e90_fewer"] == "n/a" and deep["adam_failures"] == "chance 1" and deep["answer"] == "yes"
+    assert deep["e90_fewer"] == "n/a" and deep["adam_failures"] == "chance 1"
+    assert deep["reaches_bar"] == "yes" and deep["answer"] == "yes"
 
 
 def test_depth_advantage_needs_the_other_to_fail(root: Path) -> None:
     runs, _, _ = load_runs(root, series=False)
     runs = runs[~((runs["optimizer"] == "adam") & (runs["depth"] == 32))]  # adam never tried depth 32
     dtf = depth_to_failure_table(runs)  # no summaries: the runs decide
-    assert _one(dtf, study="mlp_depth", optimizer="adam")["deepest_trained"] == 8
+    assert _one(dtf, study="mlp_depth", method="adam")["deepest_trained"] == 8
     row = _one(verdict_table(runs, failure_depths=dtf), study="mlp_depth", depth=2)
     assert row["depth_deeper"] == "n/a" and "depth_tolerance" not in row["advantages"]
 
@@ -323,19 +345,19 @@ def test_depth_advantage_needs_the_other_to_fail(root: Path) -> None:
 def test_depth_to_failure(root: Path) -> None:
     runs, _, _ = load_runs(root, series=False)
     d = depth_to_failure_table(runs, load_summaries(root))
-    adam, sn = _one(d, study="mlp_depth", optimizer="adam"), _one(d, study="mlp_depth", optimizer="sgd_sn")
+    adam, sn = _one(d, study="mlp_depth", method="adam"), _one(d, study="mlp_depth", method="sgd_sn")
     assert (adam["points_tried"], adam["deepest_trained"], adam["first_failing"]) == ("2 8 32", 8, 32)
     assert (adam["failure_kinds"], adam["skipped"], adam["failing"]) == ("chance", "64", "32: chance")
     assert adam["selected_lrs"] == "2:0.01 8:0.01 32:0.1"
     assert (sn["points_tried"], sn["deepest_trained"], sn["first_failing"]) == ("2 8 32 64", 32, 64)
     assert sn["failure_kinds"] == "vanishing" and sn["skipped"] == ""
-    gpt = _one(d, study="gpt", optimizer="adam")  # the diverged confirmation seed fails the only point
+    gpt = _one(d, study="gpt", method="adam")  # the diverged confirmation seed fails the only point
     assert pd.isna(gpt["deepest_trained"]) and gpt["first_failing"] == 2 and gpt["failure_kinds"] == "nonfinite"
     # without summary.json the runs alone give the same depths (nothing is known about skipped points)
     d2 = depth_to_failure_table(runs)
-    a2 = _one(d2, study="mlp_depth", optimizer="adam")
+    a2 = _one(d2, study="mlp_depth", method="adam")
     assert (a2["deepest_trained"], a2["first_failing"], a2["failure_kinds"], a2["skipped"]) == (8, 32, "chance", "")
-    assert _one(d2, study="mlp_depth", optimizer="sgd_sn")["first_failing"] == 64
+    assert _one(d2, study="mlp_depth", method="sgd_sn")["first_failing"] == 64
 
 
 # ---------------------------------------------------------------- ablation
@@ -392,24 +414,36 @@ def test_aggregate_plot_report(root: Path, tmp_path: Path) -> None:
     text = write_report(tables, figures, tmp_path / "reports" / "results.md", readme)
     assert text.startswith(f"## {HEADING}\n") and HEADING == "Vanilla SGD + Spectral Norm: back to basics"
     assert "95% of Adam's test accuracy" in text.split("### The answer")[0]
-    v = pd.read_csv(tables / "verdict.csv")
+    v = read_table(tables / "verdict.csv")
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     r2 = _one(v, study="mlp_depth", depth=2)
-    assert (f"- **mlp_depth / digits, depth 2**: sgd_sn reached {pct(r2['ratio_of_means'])} of Adam's mean test "
-            f"accuracy ({pct(np.mean([0.93, 0.92, 0.90]))} vs {pct(0.95)}); per-seed ratio median "
-            f"{pct(r2['ratio_median'])}, IQR {pct(r2['ratio_q25'])}–{pct(r2['ratio_q75'])} over 3 paired seeds. "
-            "At or above the 95% bar. sgd_sn won on: wall time (0.8 s vs 1 s)") in text
+    per_seed = np.array([0.93 / 0.96, 0.92 / 0.94, 0.90 / 0.95])
+    line2 = next(s for s in text.splitlines() if s.startswith("- **mlp_depth / digits, depth 2**"))
+    assert line2.startswith(
+        f"- **mlp_depth / digits, depth 2**: sgd_sn reached {pct(np.mean([0.93, 0.92, 0.90]) / 0.95)} of Adam's mean "
+        f"test accuracy ({pct(np.mean([0.93, 0.92, 0.90]))} vs {pct(0.95)}, means over 3 paired seeds), 95% interval "
+        f"{pct(per_seed.min())}–{pct(per_seed.max())}; per-seed ratio median {pct(np.median(per_seed))}, IQR "
+        f"{pct(np.percentile(per_seed, 25))}–{pct(np.percentile(per_seed, 75))}; medians (IQR) sgd_sn "
+        f"{pct(0.92)} ({pct(0.91)}–{pct(0.925)}), Adam {pct(0.95)} ({pct(0.945)}–{pct(0.955)}). "
+        f"Inconclusive at the 95% bar: the interval straddles it (about {r2['seeds_needed']} paired seeds would "
+        "decide it, an estimate). Adam's selected LR 0.01 is the lowest of its grid")
+    assert "sgd_sn won on: wall time (0.8 s vs 1 s)" in line2 and line2.endswith("Answer: **inconclusive**.")
+    assert "yes" not in line2.split("Answer:")[1]
     line8 = next(s for s in text.splitlines() if s.startswith("- **mlp_depth / digits, depth 8**"))
-    assert "Below the 95% bar." in line8 and "sgd_sn won on: deepest trainable depth (32 vs 8)." in line8
+    assert "Below the 95% bar: the whole interval is under it." in line8
+    assert "sgd_sn won on: deepest trainable depth (32 vs 8)." in line8
     assert "Adam won on: wall time (3 s vs 2 s)" in line8 and "peak CUDA memory (50 MB vs 40 MB)" in line8
     assert line8.endswith("Answer: **no**.")
     line32 = next(s for s in text.splitlines() if s.startswith("- **mlp_depth / digits, depth 32**"))
     assert "Adam: 1 of 3 selected-LR runs failed (chance)." in line32
     lm = next(s for s in text.splitlines() if s.startswith("- **gpt / markov, depth 2**"))
     assert "of Adam's mean next-token accuracy" in lm and "Test bits per byte: sgd_sn 1.75 vs Adam 1.45." in lm
-    assert "over 2 paired seeds (fewer than 3)" in lm
-    assert ("- **Overall**: 2 of 4 tasks reached the 95% bar; 2 of 4 also won on wall time, memory or depth tolerance "
-            "(answer yes): mlp_depth / digits, depth 2; mlp_depth / digits, depth 32.") in text
+    assert "means over 2 paired seeds" in lm and lm.endswith("Answer: **no**.")
+    assert ("- **Overall**: at the 95% bar, 1 of 4 tasks reached it (whole interval above), 2 fell below it and 1 is "
+            "inconclusive; 1 of 4 also won on wall time, memory or depth tolerance (answer yes): mlp_depth / digits, "
+            "depth 32. Inconclusive (an advantage holds but the interval contains the bar): mlp_depth / digits, "
+            "depth 2.") in text
+    assert "| inconclusive |" in text  # the verdict table's reaches_bar and answer cells
     assert ("Deepest trainable network per optimizer, mlp_depth / digits (depth tried: 2, 8, 32, 64): "
             "adam 8 (first failure at 32: chance; skipped 64); sgd_sn 32 (first failure at 64: vanishing).") in text
     order = [text.index(h) for h in ("### The answer", "### Verdict per task", "### Depth to failure", "### Ablation",
@@ -429,24 +463,33 @@ def test_overall_answer_counts(root: Path, tmp_path: Path) -> None:
     aggregate(root, tables)
     v = pd.read_csv(tables / "verdict.csv")
     text = write_report(tables, tmp_path / "nofigs", tmp_path / "r.md")
-    meets, yes = int(v["meets_95pct"].sum()), int((v["answer"] == "yes").sum())
-    assert f"- **Overall**: {meets} of {len(v)} tasks reached the 95% bar; {yes} of {len(v)} also won" in text
+    reached, yes = int((v["reaches_bar"] == "yes").sum()), int((v["answer"] == "yes").sum())
+    below, inc = int((v["reaches_bar"] == "no").sum()), int((v["reaches_bar"] == "inconclusive").sum())
+    assert (f"- **Overall**: at the 95% bar, {reached} of {len(v)} tasks reached it (whole interval above), {below} "
+            f"fell below it and {inc} is inconclusive; {yes} of {len(v)} also won") in text
     assert "### Figures" not in text
 
 
 def test_focus_point_is_deepest_trained(root: Path) -> None:
-    from optlab.analysis.plots import _focus, _prepare
+    from optlab.analysis.plots import figure_data, focus
+    from optlab.analysis.studies.sgd_sn.figures import reduce_layers
 
-    runs, curves, layers = load_runs(root)
-    st = _prepare(runs, curves, layers)
-    point, sel = _focus(st, "mlp_depth", "digits")
+    _, per = figure_data(load_runs(root))
+    fd = per["sgd_sn"]
+    point, sel = focus(fd, "mlp_depth", "digits")
     assert point == "depth=32"  # nobody trained at 64; sgd_sn trained at 32
     assert set(sel["optimizer"]) == {"adam", "sgd_sn"} and set(sel["lr"]) == {0.1}
     # the reduced layer frames: the last check per run, and the largest sigma per check
     one = sel[sel["optimizer"] == "adam"]["run_dir"].iloc[0]
-    last = st.last_layers[st.last_layers["run_dir"] == one]
+    reduced = fd.layers(reduce_layers)
+    last = reduced["last"][reduced["last"]["run_dir"] == one]
     assert set(last["step"]) == {30.0} and len(last) == 34
-    assert st.sigma_steps[st.sigma_steps["run_dir"] == one]["sigma_max"].tolist() == pytest.approx([1.05, 1.3])
+    assert reduced["sigma"][reduced["sigma"]["run_dir"] == one]["sigma_max"].tolist() == pytest.approx([1.05, 1.3])
+    # the same from the runs root (each layers file reduced as it is read)
+    _, per_root = figure_data(root)
+    again = per_root["sgd_sn"].layers(reduce_layers)
+    assert again["last"].sort_values(["run_dir", "layer"]).reset_index(drop=True).equals(
+        reduced["last"].sort_values(["run_dir", "layer"]).reset_index(drop=True))
 
 
 def test_studies_without_a_depth_axis(root: Path) -> None:
@@ -472,7 +515,7 @@ def test_studies_without_a_depth_axis(root: Path) -> None:
     runs, _, _ = load_runs(root, series=False)
     dtf = depth_to_failure_table(runs, load_summaries(root))
     assert "resnet" not in set(dtf["study"])  # no grid axis
-    ctx = _one(dtf, study="gpt_context", optimizer="sgd_sn")
+    ctx = _one(dtf, study="gpt_context", method="sgd_sn")
     assert (ctx["axis"], ctx["points_tried"], ctx["deepest_trained"]) == ("block_size", "256 512", 512)
     v = verdict_table(runs, failure_depths=dtf)
     res = _one(v, study="resnet")
@@ -482,18 +525,17 @@ def test_studies_without_a_depth_axis(root: Path) -> None:
         row = _one(v, study="gpt_context", point=f"block_size={block}")
         assert (row["mem_basis"], row["mem_lower"], row["ratio_of_means"]) == ("peak", "sgd_sn", 1.0)
         assert row["depth_deeper"] == "n/a" and row["advantages"] == "memory" and row["answer"] == "yes"
-    from optlab.analysis.plots import _focus, _prepare
+    from optlab.analysis.plots import figure_data, focus
 
-    st = _prepare(runs, *load_runs(root)[1:])
-    assert _focus(st, "gpt_context", "tinyshakespeare")[0] == "block_size=512"
-    assert pd.isna(_focus(st, "resnet", "digits")[0])
+    core, _ = figure_data(load_runs(root))
+    assert focus(core, "gpt_context", "tinyshakespeare")[0] == "block_size=512"
+    assert pd.isna(focus(core, "resnet", "digits")[0])
 
 
 def test_cost_study_is_reported_apart_from_the_verdict(root: Path, tmp_path: Path) -> None:
     """A study marked verdict: false (the context sweep) gets the context table, not verdict rows."""
-    from optlab.analysis.aggregate import aggregate, context_table
     from optlab.analysis.plots import plot_all
-    from optlab.analysis.report import write_report
+    from optlab.analysis.studies.sgd_sn.tables import context_table
 
     for opt, step_mb in (("adam", 12.0), ("sgd_sn", 8.0)):
         for block in (32, 64, 128):
@@ -514,7 +556,7 @@ def test_cost_study_is_reported_apart_from_the_verdict(root: Path, tmp_path: Pat
     assert "gpt_context" not in set(v["study"]) and "mlp_depth" in set(v["study"])
     ctx = context_table(runs)
     assert len(ctx) == 6 and set(ctx["mem_basis"]) == {"step"}
-    sn = ctx[ctx["optimizer"] == "sgd_sn"].sort_values("block_size")
+    sn = ctx[ctx["method"] == "sgd_sn"].sort_values("block_size")
     assert sn["block_size"].tolist() == [32, 64, 128]
     assert sn["mem_mb"].tolist() == pytest.approx([8.5, 16.5, 32.5])  # mean over the two seeds
     assert sn["tokens_per_s"].tolist() == pytest.approx([1000 / 32, 1000 / 64, 1000 / 128])
@@ -530,7 +572,7 @@ def test_cost_study_is_reported_apart_from_the_verdict(root: Path, tmp_path: Pat
 
 
 def test_memory_basis_prefers_cuda_peak_then_step_then_state() -> None:
-    from optlab.analysis.aggregate import _mem_pair
+    from optlab.analysis.studies.sgd_sn.tables import mem_pair as _mem_pair
 
     both = {"peak_mem_mb_mean": 5.0, "step_mem_mb_mean": 3.0, "state_mem_mb_mean": 1.0}
     assert _mem_pair(pd.Series(both), pd.Series(both)) == ("peak", 5.0, 5.0)
@@ -557,23 +599,25 @@ def test_time_advantage_uses_the_median_seed(tmp_path: Path) -> None:
     row = _one(verdict_table(runs), study="resnet")
     assert (row["sgd_sn_wall_time_s"], row["adam_wall_time_s"]) == (1.0, 2.0)
     assert row["time_lower"] == "sgd_sn" and row["epoch_time_lower"] == "sgd_sn"
-    best = _one(best_lr_table(runs), optimizer="sgd_sn")
+    best = _one(best_lr_table(runs), method="sgd_sn")
     assert best["wall_time_s_mean"] == pytest.approx(34.0) and best["wall_time_s_median"] == 1.0
 
 
 def test_report_says_when_the_projection_never_acted() -> None:
-    from optlab.analysis.report import _binding_text
+    from optlab.analysis.studies.sgd_sn.report import answers, binding_text
 
-    assert "never acted" in _binding_text(0.0) and "exactly as plain SGD" in _binding_text(0.0)
-    assert _binding_text(0.25) == " The projection changed the weights at 25.0% of steps."
-    assert _binding_text(float("nan")) == "" and _binding_text(None) == ""
-    from optlab.analysis.report import _answers
-
+    assert "never acted" in binding_text(0.0) and "exactly as plain SGD" in binding_text(0.0)
+    assert binding_text(0.25) == " The projection changed the weights at 25.0% of steps."
+    assert binding_text(float("nan")) == "" and binding_text(None) == ""
+    common = {"method": "sgd_sn", "reference": "adam", "metric": "test_acc", "bar": 0.95, "direction": "up",
+              "n_pairs": 3, "ratio_median": 1.0, "ratio_q25": 1.0, "ratio_q75": 1.0, "seeds_needed": ""}
     rows = pd.DataFrame([
-        {"study": "gpt", "dataset": "markov", "point": "depth=2", "ratio_of_means": 1.0, "meets_95pct": True,
-         "answer": "yes", "sgd_sn_sn_active_frac": 0.0, "sgd_sn_test_acc": 0.5, "adam_test_acc": 0.5, "n_pairs": 3},
-        {"study": "mlp_depth", "dataset": "digits", "point": "depth=2", "ratio_of_means": 0.8, "meets_95pct": False,
-         "answer": "no", "sgd_sn_sn_active_frac": 1.0, "sgd_sn_test_acc": 0.4, "adam_test_acc": 0.5, "n_pairs": 3},
-    ]).assign(ratio_median=1.0, ratio_q25=1.0, ratio_q75=1.0)
-    overall = _answers(rows)[-1]
+        {**common, "study": "gpt", "dataset": "markov", "point": "depth=2", "ratio_of_means": 1.0, "ratio_lo": 1.0,
+         "ratio_hi": 1.0, "reaches_bar": "yes", "answer": "yes", "sgd_sn_sn_active_frac": 0.0, "sgd_sn_test_acc": 0.5,
+         "adam_test_acc": 0.5},
+        {**common, "study": "mlp_depth", "dataset": "digits", "point": "depth=2", "ratio_of_means": 0.8, "ratio_lo": 0.7,
+         "ratio_hi": 0.9, "reaches_bar": "no", "answer": "no", "sgd_sn_sn_active_frac": 1.0, "sgd_sn_test_acc": 0.4,
+         "adam_test_acc": 0.5},
+    ])
+    overall = answers(rows)[-1]
     assert "In gpt / markov, depth 2 the projection never acted" in overall and "mlp_depth" not in overall.split("In ")[-1]

@@ -41,7 +41,7 @@ def test_completed_run_writes_outputs(tmp_path, toy_splits):
     assert doc["final"]["sn_violations"] == 0 and doc["final"]["sigma_max_max"] <= 1 + 1e-4
     assert 0.0 <= doc["final"]["test_acc"] <= 1.0
     header = (tmp_path / "r" / "layers.csv").read_text().splitlines()[0]
-    assert header == "step,epoch,layer,role,grad_norm,sigma_max"
+    assert header == "step,epoch,layer,role,metric,value"
     epochs = (tmp_path / "r" / "epochs.csv").read_text().splitlines()
     assert len(epochs) == 1 + 3
 
@@ -50,10 +50,16 @@ def test_layer_sigma_records_are_exact(toy_splits):
     """The recorded sigma_max at the last check equals an SVD of the final weights."""
     torch.manual_seed(0)
     res = engine.train(_cfg(optimizer="sgd", lr=0.3, epochs=1, batch_size=256), data=toy_splits, progress=False)
-    # one step per epoch, check_every=4 > 1 step: the final check is taken at the end
-    last_step = max(r[0] for r in res.layers)
-    rows = [r for r in res.layers if r[0] == last_step]
-    assert [r[3] for r in rows] == ["input", "hidden", "hidden", "hidden", "output"]
+    # one step per epoch, probes every 4 > 1 step: the final measurement is taken at the end
+    assert {r[4] for r in res.layers} == {"grad_norm", "sigma_max"}
+    for metric in ("grad_norm", "sigma_max"):
+        rows = [r for r in res.layers if r[4] == metric]
+        last_step = max(r[0] for r in rows)
+        assert last_step == res.final["steps"] == 1
+        rows = [r for r in rows if r[0] == last_step]
+        assert [r[2] for r in rows] == [0, 1, 2, 3, 4]
+        assert [r[3] for r in rows] == ["input", "hidden", "hidden", "hidden", "output"]
+        assert all(math.isfinite(r[5]) and r[5] > 0 for r in rows)
 
 
 def test_divergence_is_recorded_with_its_step(tmp_path, toy_splits):
@@ -137,9 +143,13 @@ def test_failure_kinds_are_named():
     class D:
         meta = {"n_classes": 10}
 
-    ok = RunResult("r", "completed", {}, {"test_acc": 0.9}, layers=[(5, 0, 0, "input", 1e-3, 1.0), (5, 0, 1, "output", 1.0, 1.0)])
+    def rows(g_first: float) -> list[tuple]:  # long layer rows: (step, epoch, layer, role, metric, value)
+        return [(5, 0, 0, "input", "grad_norm", g_first), (5, 0, 1, "output", "grad_norm", 1.0),
+                (5, 0, 0, "input", "sigma_max", 1e-12), (5, 0, 1, "output", "sigma_max", 1.0)]
+
+    ok = RunResult("r", "completed", {}, {"test_acc": 0.9}, layers=rows(1e-3))
     assert classify_failure(ok, D()) is None
-    van = RunResult("r", "completed", {}, {"test_acc": 0.9}, layers=[(5, 0, 0, "input", 1e-12, 1.0), (5, 0, 1, "output", 1.0, 1.0)])
+    van = RunResult("r", "completed", {}, {"test_acc": 0.9}, layers=rows(1e-12))
     assert classify_failure(van, D()) == "vanishing"
     ch = RunResult("r", "completed", {}, {"test_acc": 0.11})
     assert classify_failure(ch, D()) == "chance"
@@ -151,7 +161,8 @@ def test_vanishing_is_recorded_by_train(toy_splits):
     """A deep tanh net with tiny init: the first layer's gradient vanishes and the run says so."""
     res = engine.train(_cfg(optimizer="sgd", lr=1e-4, depth=40, width=8, init="kaiming", activation="tanh", epochs=1),
                        data=toy_splits, progress=False)
-    last = max(r[0] for r in res.layers)
-    rows = sorted((r for r in res.layers if r[0] == last), key=lambda r: r[2])
-    ratio = rows[0][4] / rows[-1][4]
+    grads = [r for r in res.layers if r[4] == "grad_norm"]
+    last = max(r[0] for r in grads)
+    rows = sorted((r for r in grads if r[0] == last), key=lambda r: r[2])
+    ratio = rows[0][5] / rows[-1][5]
     assert (res.failure == "vanishing") == (ratio < 1e-8)

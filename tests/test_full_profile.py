@@ -1,7 +1,8 @@
 """The full profile (GPU sizes) starts and runs a few steps on CPU.
 
-Every study of `profiles.full` resolves, and its first grid point trains for a few steps on a
-tiny synthetic dataset of the right shape; the 10,000-layer MLP of width 256 runs one step.
+Every study resolves at scale full (its `full` section) and has its matrix stage in dvc.yaml;
+the first grid point of each (study, method) slice trains for a few steps on a tiny synthetic
+dataset of the right shape; the 10,000-layer MLP of width 256 runs one step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import yaml
 
 from optlab import engine
-from optlab.config import resolve_ablation, resolve_run, resolve_study
+from optlab.config import datasets_to_prepare, resolve_ablation, resolve_run, resolve_study, study_run
 from optlab.data.synthetic import TokenSplits
 from tests.conftest import make_splits
 
@@ -38,27 +39,54 @@ def _data(dataset: str):
     return TokenSplits(**toks, meta=meta)
 
 
-def _cases():
-    assert set(FULL["sweep"]["studies"]) == set(FULL["profiles"]["full"]["studies"])  # the matrix runs every study
-    for name in FULL["profiles"]["full"]["studies"]:
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def test_every_study_has_its_matrix_stage_and_full_datasets_are_prepared():
+    """The equivalent of "the sweep matrix runs every study": one `<study>@<method>` stage per study."""
+    assert FULL["studies"]
+    for name in FULL["studies"]:
+        stage = DVC["stages"].get(name)
+        assert stage is not None, f"dvc.yaml has no stage for study {name}"
+        assert stage["matrix"] == {"method": f"${{studies.{name}.methods}}"}
+        assert stage["cmd"] == f"python stages/sweep.py --study {name} --method ${{item.method}}"
+        assert f"studies.{name}" in stage["params"] and "methods.${item.method}" in stage["params"]
         spec = resolve_study(FULL, name)
-        point = spec.points()[0]
-        yield name, spec, spec.datasets[0], point
+        assert set(spec.datasets) <= set(datasets_to_prepare(FULL)) == set(FULL["datasets"]["full"])
+
+
+def test_every_full_slice_configuration_resolves():
+    """Every run of every `<study>@<method>` slice at scale full is a valid RunConfig."""
+    for name in FULL["studies"]:
+        spec = resolve_study(FULL, name)
+        for method in spec.methods:
+            for dataset in spec.datasets:
+                for point in spec.points():
+                    cfg = study_run(FULL, spec, method, dataset=dataset, point=point, lr=spec.lrs[0], seed=0, run_id="r")
+                    assert cfg.scale == "full" and cfg.method_name == method and cfg.dataset == dataset
+
+
+def _cases():
+    """Per study, its verdict method (sgd_sn, the costliest step), else its last method."""
+    for name in FULL["studies"]:
+        spec = resolve_study(FULL, name)
+        method = spec.verdict_spec["method"] if spec.verdict else spec.methods[-1]
+        yield name, method, spec, spec.datasets[0], spec.points()[0]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: c[0])
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: f"{c[0]}@{c[1]}")
 def test_full_study_first_point_runs_a_few_steps(case):
-    name, spec, dataset, point = case
+    name, method, spec, dataset, point = case
     if spec.arch != "mlp":
         pytest.importorskip(f"optlab.models.{'resnet' if spec.arch == 'resnet18' else 'gpt'}")
-    fixed = {**spec.fixed, **point}
+    point = dict(point)
     if spec.arch == "mlp":
-        fixed["depth"] = min(fixed.get("depth", 100), 100)  # 10,000 layers are tested on their own below
-    cfg = resolve_run(FULL, **{**fixed, "arch": spec.arch, "optimizer": "sgd_sn", "dataset": dataset, "lr": spec.lrs[0],
-                               "seed": 0, "sn": spec.sn, "study": name, "run_id": name, "max_steps": 2, "epochs": 1,
-                               "device": "cpu", "eval_tokens": 512, "batch_size": 16})
-    assert cfg.scale == "full"
+        point["depth"] = min(point.get("depth", 100), 100)  # 10,000 layers are tested on their own below
+    cfg = study_run(FULL, spec, method, dataset=dataset, point=point, lr=spec.lrs[0], seed=0, run_id=f"{name}@{method}")
+    assert cfg.scale == "full" and cfg.study == name and cfg.method_name == method
+    assert cfg.optimizer == FULL["methods"][method]["optimizer"]
+    cfg = cfg.replace(max_steps=2, epochs=1, device="cpu", eval_tokens=512, batch_size=16)
     res = engine.train(cfg, data=_data(dataset), progress=False)
     assert res.status in ("completed", "diverged") and res.final["steps"] == 2
 

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.repo_copy import clean_env, set_studies, tiny_repo, tiny_study
 from tests.repo_copy import sh as _run
-from tests.repo_copy import tiny_repo
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     tmp = tmp_path_factory.mktemp("e2e") / "repo"
-    env = tiny_repo(tmp, lrs=[0.1, 0.01], seeds=[0, 1], optimizers=["sgd", "sgd_sn"], variants={
+    env = tiny_repo(tmp, lrs=[0.1, 0.01], seeds=[0, 1], methods=["sgd", "sgd_sn"], variants={
         "mlp_sn_clip": {"arch": "mlp", "depth": 2, "width": 8, "optimizer": "sgd_sn", "lr": 0.1},
         "mlp_sn_reparam": {"arch": "mlp", "depth": 2, "width": 8, "optimizer": "sgd", "lr": 0.1, "reparam": "spectral_norm"},
     })
@@ -50,10 +51,12 @@ def test_repro_writes_dvc_outs_and_reports(repo):
     doc = json.loads((tmp / "runs/train/metrics.json").read_text())
     assert doc["status"] in ("completed", "diverged")
     assert (tmp / "dvc.lock").exists()
-    for opt in ("sgd", "sgd_sn"):
-        runs = list((tmp / "runs/sweep/tiny" / opt).glob("*/metrics.json"))
+    for method in ("sgd", "sgd_sn"):  # stages tiny@sgd, tiny@sgd_sn
+        runs = list((tmp / "runs/sweep/tiny" / method).glob("*/metrics.json"))
         assert len(runs) == 3  # two LRs searched with seed 0, the selected one rerun with seed 1
-        assert json.loads((tmp / "runs/sweep/tiny" / opt / "summary.json").read_text())["points"][0]["selected_lr"] in (0.1, 0.01)
+        summary = json.loads((tmp / "runs/sweep/tiny" / method / "summary.json").read_text())
+        assert summary["study"] == "tiny" and summary["method"] == method
+        assert summary["points"][0]["selected_lr"] in (0.1, 0.01)
     assert (tmp / "reports/tables/runs.csv").exists()
     assert list((tmp / "reports/figures").glob("*.png"))
     readme = (tmp / "README.md").read_text()
@@ -89,3 +92,31 @@ def test_exp_show_compares_experiments(repo):
     tmp, env = repo
     out = _run(["dvc", "exp", "show", "--json"], tmp, env).stdout
     assert "adam" in out
+
+
+def _status(repo: Path, env: dict[str, str]) -> dict:
+    return json.loads(_run(["dvc", "status", "--json"], repo, env).stdout or "{}")
+
+
+def test_new_study_leaves_existing_stages_up_to_date(repo, tmp_path):
+    """Adding a study (its params section, using existing methods, and its matrix block in
+    dvc.yaml) changes no existing stage: `dvc status` lists only its `<study>@<method>` stages,
+    and once they ran, only the stages that read every slice (aggregate, plot)."""
+    src, _ = repo
+    work = tmp_path / "repo"
+    shutil.copytree(src, work, symlinks=True, ignore=lambda d, names: ["tmp"] if Path(d) == src / ".dvc" else [])
+    env = clean_env(work)
+    assert _status(work, env) == {}, "the reproduced copy is up to date before the edit"
+    params_before = (work / "params.yaml").read_text()
+    # `adam` is a method section no existing slice uses; `sgd` one the tiny study uses too
+    set_studies(work, {"wide": tiny_study(["sgd", "adam"], [0.1], [0], grid={"width": [8, 16]})}, replace=False)
+    assert (work / "params.yaml").read_text() != params_before
+    changed = _status(work, env)
+    assert sorted(changed) == ["wide@adam", "wide@sgd"], json.dumps(changed, indent=1)
+    out = _run(["dvc", "repro", "wide"], work, env).stdout
+    assert "Running stage 'wide@sgd'" in out and "Running stage 'wide@adam'" in out
+    assert "Running stage 'tiny@" not in out and "Running stage 'prepare'" not in out
+    for method in ("sgd", "adam"):
+        assert len(list((work / "runs/sweep/wide" / method).glob("*/metrics.json"))) == 2  # width 8 and 16
+    changed = _status(work, env)
+    assert sorted(changed) == ["aggregate", "plot"], json.dumps(changed, indent=1)

@@ -148,10 +148,9 @@ def test_interrupted_sweep_slice_redoes_only_unfinished_runs(tmp_path, monkeypat
     from optlab import pipeline
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["profiles"]["quick"]["studies"] = {"s": {
-        "arch": "mlp", "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.01, 0.001],
-        "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 64}}}
-    params["sweep"] = {"optimizers": ["sgd"], "studies": ["s"]}
+    params["studies"] = {"s": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd"], "quick": {
+        "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.01, 0.001],
+        "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 64}}}}
     params["checkpoint_every"] = 1000
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     prep = tmp_path / "data" / "prepared"

@@ -111,8 +111,8 @@ def test_dvc_env(monkeypatch) -> None:
     for var in ("OPTLAB_DVC_STAGE", "DVC_STAGE", "DVC_EXP_NAME"):
         monkeypatch.delenv(var, raising=False)
     assert dvc_stage() is None and dvc_exp_name() is None
-    monkeypatch.setenv("DVC_STAGE", "sweep@sgd")
-    assert dvc_stage() == "sweep@sgd"
+    monkeypatch.setenv("DVC_STAGE", "mlp_depth@sgd")
+    assert dvc_stage() == "mlp_depth@sgd"
     monkeypatch.setenv("OPTLAB_DVC_STAGE", "train")
     assert dvc_stage() == "train"
     monkeypatch.setenv("DVC_EXP_NAME", "sunny-lark")
@@ -328,7 +328,7 @@ def base_tags(**extra) -> dict:
         "git_commit": "0123456789abcdef",
         "git_dirty": False,
         "study": "unit",
-        "dvc_stage": "sweep@sgd",
+        "dvc_stage": "mlp_depth@sgd",
         "seed": 3,
         "torch_version": "2.x",
         "device": "cpu",

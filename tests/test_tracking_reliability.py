@@ -426,7 +426,7 @@ data = make_splits(seed=seed)
 out.with_suffix(".ready").write_text("ready")
 while not go.exists():
     time.sleep(0.01)
-cfg = RunConfig(probes={"grad_norm": {"every": 8}, "sigma_max": {"every": 8}}, optimizer="sgd", lr=0.1, depth=2, width=8, epochs=6,
+cfg = RunConfig(probes={{"grad_norm": {{"every": 8}}, "sigma_max": {{"every": 8}}}}, optimizer="sgd", lr=0.1, depth=2, width=8, epochs=6,
                 batch_size=16, log_every=1, device="cpu", seed=seed, run_id=f"par{{seed}}")
 sink = MlflowSink(run_name=f"par{{seed}}", flush_every=20)
 res = engine.train(cfg, data=data, sinks=[sink], progress=False)
@@ -494,7 +494,7 @@ def _sh(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> s
 
 def _tiny_repo(tmp: Path) -> dict[str, str]:
     """A committed copy of the project with tiny params and a reproduced baseline."""
-    return tiny_repo(tmp, lrs=[0.1], seeds=[0], optimizers=["sgd"],
+    return tiny_repo(tmp, lrs=[0.1], seeds=[0], methods=["sgd"],
                      variants={"mlp_sgd": {"arch": "mlp", "depth": 2, "optimizer": "sgd", "lr": 0.1}})
 
 

@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("sweep")
     sp.add_argument("--study", required=True)
     sp.add_argument("--method", required=True)
+    sp.add_argument("--out-root", default="runs/sweep")
     sub.add_parser("ablate")
     sub.add_parser("aggregate")
     sub.add_parser("plot")
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "train":
             train_headline(args.params)
         elif args.cmd == "sweep":
-            sweep(args.study, args.method, args.params)
+            sweep(args.study, args.method, args.params, out_root=args.out_root)
         elif args.cmd == "ablate":
             ablate(args.params)
         elif args.cmd == "aggregate":

@@ -140,6 +140,7 @@ class RatioInterval:
     interval: IntervalMethod
     n_resamples: int
     reason: str = ""
+    se: float = math.nan  # the bootstrap standard error of the ratio (sd of the resampled ratios)
 
     @property
     def defined(self) -> bool:
@@ -200,8 +201,8 @@ def paired_ratio_interval(
     n = len(m)
     nan = math.nan
 
-    def out(est: float, lo: float = nan, hi: float = nan, reason: str = "") -> RatioInterval:
-        return RatioInterval(est, lo, hi, n, direction, level, interval, n_resamples if not reason else 0, reason)
+    def out(est: float, lo: float = nan, hi: float = nan, reason: str = "", se: float = nan) -> RatioInterval:
+        return RatioInterval(est, lo, hi, n, direction, level, interval, n_resamples if not reason else 0, reason, se)
 
     if n == 0:
         return out(nan, reason="no seed completed under both")
@@ -219,7 +220,7 @@ def paired_ratio_interval(
         boot[start:start + k] = num[idx].mean(axis=1) / den[idx].mean(axis=1)
     tail = _tail(n, level, interval)
     lo, hi = np.quantile(boot, [tail, 1.0 - tail])
-    return out(est, float(lo), float(hi))
+    return out(est, float(lo), float(hi), se=float(np.std(boot, ddof=1)))
 
 
 # ---------------------------------------------------------------- the verdict
@@ -270,8 +271,7 @@ class Verdict:
 def seeds_needed(
     n: int,
     estimate: float,
-    low: float,
-    high: float,
+    se: float,
     bar: float,
     *,
     level: float = LEVEL,
@@ -280,29 +280,24 @@ def seeds_needed(
 ) -> int | None:
     """An estimate of the paired seeds that would move the interval off the bar.
 
-    Assumes the estimate and the per-seed spread stay as observed, so that the interval's width
-    on the bar's side shrinks as ``c(n') / sqrt(n')`` (``c``: :func:`critical_value`, constant
-    for the percentile interval, where this is ``ceil(n * (width / |estimate - bar|)^2)``).
-    Returns the smallest ``n' > n`` at which that width no longer reaches the bar, ``cap + 1``
-    when none up to ``cap`` does (or the estimate sits on the bar), None when not estimable
-    (fewer than 2 pairs, an undefined interval, or a bar outside the interval). An estimate,
-    not a power analysis: the next seeds may move the estimate itself.
+    Assumes the estimate and the per-seed spread stay as observed, so that the ratio's standard
+    error ``se`` (the bootstrap's, at ``n`` pairs) shrinks as ``1/sqrt(n')`` and the interval's
+    half-width is ``c(n') * se * sqrt(n / n')`` (``c``: :func:`critical_value`; for the percentile
+    interval this is ``ceil(n * (half_width / |estimate - bar|)^2)``). Returns the smallest
+    ``n' > n`` whose half-width no longer reaches the bar, ``cap + 1`` when none up to ``cap``
+    does (or the estimate sits on the bar), None when not estimable (fewer than 2 pairs or no
+    spread). An estimate, not a power analysis: the next seeds may move the estimate itself.
+    (The interval's own width is not used: with 2 or 3 pairs it is capped by the range of the
+    per-seed ratios, which would make the extrapolation far too optimistic.)
     """
-    vals = (estimate, low, high, bar)
-    if n < 2 or any(not math.isfinite(v) for v in vals) or not low <= bar <= high:
+    if n < 2 or any(not math.isfinite(v) for v in (estimate, se, bar)) or se <= 0:
         return None
     gap = abs(estimate - bar)
-    width = (estimate - low) if bar <= estimate else (high - estimate)
-    if width <= 0:
-        return None
-    if gap == 0.0:
-        return cap + 1
-    if n + 1 > cap:
+    if gap == 0.0 or n + 1 > cap:
         return cap + 1
     grid = np.arange(n + 1, cap + 1, dtype=float)
-    c = np.asarray(critical_value(grid, level, interval), dtype=float) / float(critical_value(n, level, interval))
-    shrunk = width * np.sqrt(n / grid) * c
-    ok = np.nonzero(shrunk <= gap * (1.0 + 1e-12))[0]
+    half = np.asarray(critical_value(grid, level, interval), dtype=float) * se * np.sqrt(n / grid)
+    ok = np.nonzero(half <= gap * (1.0 + 1e-12))[0]
     return int(grid[ok[0]]) if len(ok) else cap + 1
 
 
@@ -334,6 +329,5 @@ def reaches(
         return Verdict("yes", bar, ratio, None, f"the interval's lower end is at or above {pct}", sm, sr, cap)
     if ratio.high < bar:
         return Verdict("no", bar, ratio, None, f"the interval's upper end is below {pct}", sm, sr, cap)
-    need = seeds_needed(ratio.n_pairs, ratio.estimate, ratio.low, ratio.high, bar, level=level,
-                        interval=interval, cap=cap)
+    need = seeds_needed(ratio.n_pairs, ratio.estimate, ratio.se, bar, level=level, interval=interval, cap=cap)
     return Verdict("inconclusive", bar, ratio, need, f"the interval contains {pct}", sm, sr, cap)

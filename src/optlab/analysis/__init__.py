@@ -1,9 +1,17 @@
 """Analysis of run directories: tables (pandas), figures (seaborn) and the results report.
 
 pandas, seaborn and matplotlib are imported only inside this package, and only when used.
-Entry points: ``aggregate.aggregate`` (tables: runs, best_lr, verdict, depth_to_failure,
-ablation, depth_tolerance, divergence), ``plots.plot_all`` (figures), ``report.write_report``
-(results.md and the README section "Vanilla SGD + Spectral Norm: back to basics").
+A generic core and one study analysis per study family (:mod:`.studies`, selected by the
+``analysis`` field of each slice's summary.json):
+
+- ``aggregate.aggregate(runs_root, out_dir)``: the core tables (runs, best_lr with median/IQR and
+  the LR-at-grid-edge flag, divergence), each study analysis's tables and ``analyses.json``;
+- ``plots.plot_all(runs_root, out_dir)``: the core figures (loss curves per study, the headline
+  run) and each study analysis's;
+- ``report.write_report(tables, figures, out_md, readme)``: each study analysis's section, in
+  order, into results.md and between the README's results markers.
+
+Statistics (medians, IQRs, paired bootstrap verdicts) come from :mod:`optlab.stats`.
 ``optlab.analysis.aggregate`` is the submodule; call ``optlab.analysis.aggregate.aggregate(...)``
 for the tables.
 """

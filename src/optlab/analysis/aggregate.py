@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
@@ -353,6 +354,17 @@ def _concat(frames: list[pd.DataFrame], cols: list[str], numeric: Iterable[str])
     return df[cols + [c for c in df.columns if c not in cols]]
 
 
+def slug(s: Any) -> str:
+    """A study name as a file-name part (``loss_curves_<slug>.png``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)) if isinstance(s, str) and s else "study"
+
+
+def method_order(methods: Any, first: tuple[str, ...] = ()) -> list[str]:
+    """``methods`` with those in ``first`` first (in that order), the rest by name."""
+    present = {str(m) for m in methods}
+    return [m for m in first if m in present] + sorted(m for m in present if m not in first)
+
+
 # ---------------------------------------------------------------- slice summaries and verdict specs
 
 
@@ -622,13 +634,14 @@ def best_lr_table(runs: pd.DataFrame, slices: Iterable[SliceSummary] = ()) -> pd
     lr_stats = lr_stats.sort_values(["_confirmed", "val_score", "_bad", "lr"], ascending=[False, False, True, True],
                                     kind="mergesort")
     group = list(GROUP_KEYS)
-    tried = lr_stats.groupby(group, dropna=False, sort=False)["lr"].agg(lambda s: tuple(sorted(set(s.astype(float)))))
+    tried = {_norm_key(k): tuple(sorted(set(g.astype(float))))
+             for k, g in lr_stats.groupby(group, dropna=False, sort=False)["lr"]}
     best = lr_stats.groupby(group, dropna=False, sort=True).head(1)
     best = best.sort_values(group, kind="mergesort").reset_index(drop=True)
     edges, n_lrs = [], []
     for r in best.itertuples(index=False):
         key = tuple(getattr(r, c) for c in group)
-        grid = grids.get((r.study, r.method)) or _lookup(tried, key) or ()
+        grid = grids.get((r.study, r.method)) or tried.get(_norm_key(key)) or ()
         edges.append(lr_edge(r.lr, grid))
         n_lrs.append(len(set(grid)))
     best["lr_edge"], best["n_lrs"] = edges, n_lrs
@@ -636,12 +649,11 @@ def best_lr_table(runs: pd.DataFrame, slices: Iterable[SliceSummary] = ()) -> pd
     return best[BEST_COLS]
 
 
-def _lookup(series: pd.Series, key: tuple) -> Any:
-    for k, v in series.items():
-        k = k if isinstance(k, tuple) else (k,)
-        if all((isna(a) and isna(b)) or a == b for a, b in zip(k, key)):
-            return v
-    return None
+def _norm_key(key: Any) -> tuple:
+    """A group key usable in a dict: NaN parts become None, numbers floats."""
+    key = key if isinstance(key, tuple) else (key,)
+    return tuple(None if isna(k) else float(k) if isinstance(k, (int, float, np.integer, np.floating)) else k
+                 for k in key)
 
 
 def lr_edge(lr: Any, grid: Iterable[float]) -> str | None:

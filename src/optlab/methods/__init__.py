@@ -3,6 +3,7 @@
 | name | what it is |
 | --- | --- |
 | ``backprop`` | forward, backward, ``optimizer.step()`` (the default) |
+| ``rho`` | forward, backward, the optimizer's step measured and sized by the rho controller |
 
 A method is a :class:`optlab.methods.base.Method` subclass in its own module, registered with
 ``@METHODS.register(name)``; its options are a pydantic model (``Options``) validated from the
@@ -39,7 +40,7 @@ def build(cfg: Any, model: nn.Module, task: Any, device: torch.device) -> Any:
     return cls(model, task, cfg, device, validate_options(cfg.step_method, dict(cfg.method_options)))
 
 
-from . import backprop  # noqa: E402,F401  (register the built-in methods)
+from . import backprop, rho  # noqa: E402,F401  (register the built-in methods)
 from .base import Method, NoOptions, StepContext, StepOutput  # noqa: E402
 
 __all__ = ["METHODS", "Method", "NoOptions", "StepContext", "StepOutput", "build", "method_names", "validate_options"]

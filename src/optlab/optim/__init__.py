@@ -8,6 +8,10 @@
 | ``adamw`` | torch AdamW with its defaults |
 | ``sgd_sn`` | vanilla SGD, then every weight matrix projected to spectral norm <= 1 after each step |
 
+Any of them with ``rho={...}``: wrapped in the rho step-length controller
+(:class:`optlab.optim.rho.RhoController`: the next step measured by a JVP along it, ``rho =
+pi / Delta_a``, steps capped at ``r_target * rho``).
+
 In ``sgd_sn`` 2-D (and stacked 3-D) weights go to :class:`SpectralProjection`; 4-D conv kernels
 go to :class:`ConvSpectralProjection`, bounding either the convolution's operator norm at the
 layer's input size (``sn_conv="operator"``, geometry from the model's ``conv_specs()``) or the
@@ -80,9 +84,14 @@ def build(
     sn_conv: str = "operator",
     sn_conv_warmup: int = CONV_WARMUP_ITERS,
     seed: int = 0,
+    rho: dict[str, Any] | None = None,
     **extra: Any,
-) -> torch.optim.Optimizer | Projected:
+) -> torch.optim.Optimizer | Projected | Any:
     """Build optimizer ``name`` for ``model``.
+
+    ``rho`` (a mapping of :class:`optlab.optim.rho.RhoController` options, e.g. ``{"mode":
+    "capped", "r_target": 1.0}``) wraps the optimizer in the rho step-length controller; without
+    it nothing changes.
 
     ``lr`` None takes the torch default for adam/adamw and raises for SGD variants (SGD has
     no sensible default). ``sn_*`` configure the spectral projection of ``sgd_sn``; it is
@@ -96,6 +105,12 @@ def build(
     exact value) or ``matrix`` (the reshaped ``(out, in*kh*kw)`` kernel, with ``sn_sigma`` like
     the matrices).
     """
+    if rho is not None:
+        from .rho import build_controller
+
+        base = build(name, model, lr, sn_mode=sn_mode, sn_sigma=sn_sigma, sn_power_iters=sn_power_iters, sn_roles=sn_roles,
+                     sn_conv=sn_conv, sn_conv_warmup=sn_conv_warmup, seed=seed, **extra)
+        return build_controller(model, base, **dict(rho))
     if name not in _NAMES:
         raise ValueError(f"optimizer: unknown {name!r}; allowed: {', '.join(_NAMES)}")
     if sn_conv not in SN_CONV_FORMS:

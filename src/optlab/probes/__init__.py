@@ -3,6 +3,7 @@
 | name | point | rows (layers.csv ``metric``) | summary |
 | --- | --- | --- | --- |
 | ``grad_norm`` | after backward | ``grad_norm`` per layer | |
+| ``rho`` | epoch end | curves ``epoch_r_mean``, ``epoch_r_max``, ``epoch_eta_eff_mean``, ``epoch_capped_frac`` | ``peak_r``, ``final_eta_eff``, ``final_capped_frac`` |
 | ``sigma_max`` | after step | ``sigma_max`` per layer, curve ``sigma_max`` | ``sigma_max_max``, ``sn_violations``, ``sn_active_frac`` |
 
 A run's probes are its ``probes`` mapping: name -> options (``every`` and the probe's own).
@@ -35,7 +36,7 @@ def build(probes: dict[str, Any], env: Any) -> list[Any]:
     return [PROBES.get(n, key="probes")(validate_options(n, o), env) for n, o in probes.items()]
 
 
-from . import grad_norm, spectral  # noqa: E402,F401  (register the built-in probes)
+from . import grad_norm, rho, spectral  # noqa: E402,F401  (register the built-in probes)
 from .base import POINTS, Probe, ProbeEnv, ProbeOptions  # noqa: E402
 
 __all__ = ["PROBES", "POINTS", "Probe", "ProbeEnv", "ProbeOptions", "build", "probe_names", "validate_options"]

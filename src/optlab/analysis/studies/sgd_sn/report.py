@@ -1,0 +1,362 @@
+"""The README section "Vanilla SGD + Spectral Norm: back to basics", from the study's tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from ... import report as R
+from ...aggregate import format_value, markdown_table
+from .tables import DEFAULT_SPEC
+
+HEADING = "Vanilla SGD + Spectral Norm: back to basics"
+METHOD_ORDER = ("sgd", "sgd_momentum", "adam", "sgd_sn")
+NAMES = {"adam": "Adam"}
+"""How methods are named in the text."""
+
+MEM_WORDS = {"peak": "peak CUDA memory", "step": "peak training-step memory", "state": "training-state memory"}
+CAPTIONS = {
+    "accuracy_vs_depth.png": "Test accuracy at the selected LR vs depth",
+    "grad_ratio_vs_depth.png": "First-layer / last-layer gradient norm at the end of training vs depth",
+    "grad_norm_vs_layer.png": "Per-layer gradient norm at the deepest trained grid point",
+    "sigma_max.png": "Largest singular value of the weights during training",
+    "ablation.png": "Ablation: test accuracy per variant (dots: seeds)",
+    "memory_vs_context.png": "Memory and throughput vs context length",
+}
+REQUIRED = ("verdict", "depth_to_failure", "ablation", "context")
+
+
+def name(method: Any) -> str:
+    return NAMES.get(str(method), str(method))
+
+
+def question(m: str, r: str, bar: float) -> str:
+    return (f"Can vanilla SGD with strict spectral normalization after every step (`{m}`: plain SGD, then every "
+            f"weight matrix projected to σ_max ≤ 1) reach at least {100 * bar:g}% of {name(r)}'s test accuracy while "
+            "winning on wall time, memory or depth tolerance?")
+
+
+def _spec(v: pd.DataFrame) -> tuple[str, str, float]:
+    if len(v) and {"method", "reference", "bar"} <= set(v.columns):
+        r = v.iloc[0]
+        return str(r["method"]), str(r["reference"]), float(r["bar"])
+    return DEFAULT_SPEC.method, DEFAULT_SPEC.reference, DEFAULT_SPEC.bar
+
+
+def section(rd: R.ReportData) -> str:
+    t = {n: rd.table(n) for n in REQUIRED}
+    v = t["verdict"]
+    m, r, bar = _spec(v)
+    runs = rd.runs
+    lines = [
+        f"## {rd.title}", "", rd.comment(), "",
+        f"**The question.** {question(m, r, bar)}", "",
+        "### The answer, task by task", "",
+        "A task is one grid point of a study on one dataset; each optimizer runs at its own learning rate, "
+        "selected on the validation split. The accuracy comparison pairs the seeds both completed: its 95% "
+        "interval decides yes (the whole interval at or above the bar), no (the whole interval below it) or "
+        "inconclusive (the interval contains the bar). Each line says what the verdict table says.", "",
+    ]
+    lines += answers(v) + [""]
+    lines += ["### Verdict per task", "", verdict_note(m, r, bar), "", markdown_table(_verdict_view(v, _verdict_cols(v))), "",
+              "Costs and the other advantage metrics at the selected LR (times: medians over completed seeds; the "
+              "rest: means):", "", markdown_table(_verdict_view(v, _cost_cols(v))), ""]
+    lines += ["### Depth to failure", "", _dtf_note(), ""]
+    lines += _deepest_lines(t["depth_to_failure"]) + [""]
+    lines += [markdown_table(R.cols(t["depth_to_failure"], DTF_VIEW)), ""]
+    lines += ["### Ablation", "", _ablation_note(), "", markdown_table(_ablation_view(t["ablation"])), ""]
+    if not t["context"].empty:
+        lines += ["### Memory and throughput vs context length", "", _context_note(t["context"]), "",
+                  markdown_table(R.cols(t["context"], CONTEXT_VIEW)), ""]
+    lines += ["### Selected learning rate per optimizer and grid point", "", R.best_note(), ""]
+    lines += R.edge_lines(rd.best) + R.best_tables(rd.best, METHOD_ORDER)
+    lines += ["### Runs that did not complete", "", markdown_table(R.divergence_summary(rd.divergence)), ""]
+    figs = rd.figure_lines([*rd.loss_curve_figures(), *CAPTIONS.items(), R.HEADLINE_FIGURE])
+    if figs:
+        lines += ["### Figures", "", *figs]
+    lines += ["### Seeds, scale and provenance", ""]
+    lines += R.scope(runs, METHOD_ORDER) + [R.frozen_line(runs), ""]
+    lines += ["### Measurement caveats", ""]
+    lines += _caveats(v, runs) + [""]
+    names = ("verdict.csv", "depth_to_failure.csv", "ablation.csv", "best_lr.csv", "runs.csv", "divergence.csv",
+             "context.csv")
+    lines += [f"Full tables: {rd.table_links(list(names))}.", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------- the answers
+
+
+def answers(v: pd.DataFrame) -> list[str]:
+    m, r, bar = _spec(v)
+    if v.empty:
+        return [f"- No task has both {m} and {name(r)} results, so the question has no answer from these runs yet."]
+    out = [answer_line(row) for _, row in v.iterrows()]
+    n = len(v)
+    reach = v["reaches_bar"].astype(str)
+    k_yes, k_no, k_inc = int((reach == "yes").sum()), int((reach == "no").sum()), int((reach == "inconclusive").sum())
+    yes = v[v["answer"].astype(str) == "yes"]
+    inc = v[v["answer"].astype(str) == "inconclusive"]
+    bar_s = f"{100 * bar:g}%"
+    summary = (f"- **Overall**: at the {bar_s} bar, {k_yes} of {n} task{'s' if n != 1 else ''} reached it (whole "
+               f"interval above), {k_no} fell below it and {k_inc} {'is' if k_inc == 1 else 'are'} inconclusive; "
+               f"{len(yes)} of {n} also won on wall time, memory or depth tolerance (answer yes)")
+    summary += (": " + "; ".join(R.task_name(row) for _, row in yes.iterrows()) + ".") if len(yes) else "."
+    if len(inc):
+        summary += (f" Inconclusive (an advantage holds but the interval contains the bar): "
+                    + "; ".join(R.task_name(row) for _, row in inc.iterrows()) + ".")
+    col = f"{m}_sn_active_frac"
+    idle = v[pd.to_numeric(v[col], errors="coerce") == 0.0] if col in v else v.iloc[0:0]
+    if len(idle):
+        summary += (f" In {'; '.join(R.task_name(row) for _, row in idle.iterrows())} the projection never acted, "
+                    f"so there {m} is plain SGD and says nothing about spectral normalization.")
+    return out + [summary]
+
+
+METRICS = (  # advantage, words, column suffix, unit, comparison column
+    ("wall_time", "wall time", "wall_time_s", "s", "time_lower"),
+    ("seconds_per_epoch", "seconds per epoch", "seconds_per_epoch", "s", "epoch_time_lower"),
+    ("memory", None, "mem_mb", "MB", "mem_lower"),
+    ("depth_tolerance", "deepest trainable depth", "deepest", "", "depth_deeper"),
+    ("epochs_to_90", "epochs to 90% validation accuracy", "epochs_to_90", "", "e90_fewer"),
+)
+
+
+def answer_line(row: pd.Series) -> str:
+    m, r = str(row.get("method", DEFAULT_SPEC.method)), str(row.get("reference", DEFAULT_SPEC.reference))
+    acc = "next-token accuracy" if R.is_lm(row) else "test accuracy"
+    words = acc if str(row.get("metric", "test_acc")) == "test_acc" else str(row.get("metric"))
+    s = f"- **{R.task_name(row)}**: "
+    if pd.isna(row.get("ratio_of_means")):
+        why = []
+        for o in (m, r):
+            if pd.notna(row.get(f"{o}_n_completed")) and int(row[f"{o}_n_completed"]) == 0:
+                why.append(f"{name(o)} had no completed seed at its selected LR")
+        s += f"no accuracy ratio ({'; '.join(why) or row.get('verdict_reason') or 'a mean is missing'}); inconclusive."
+    else:
+        s += R.interval_sentence(row, NAMES, words)
+    for o in (m, r):
+        e = row.get(f"{o}_lr_edge")
+        if e in ("high", "low"):
+            s += (f" {name(o)}'s selected LR {format_value(row.get(f'{o}_lr'))} is the {'highest' if e == 'high' else 'lowest'}"
+                  " of its grid, so a better one may lie beyond it.")
+    won, lost, tied = [], [], []
+    for key, words_, col, unit, cmp in METRICS:
+        who = str(row.get(cmp, "n/a"))
+        if who not in (m, r, "tie"):
+            continue
+        if key == "memory":
+            words_ = MEM_WORDS.get(str(row.get("mem_basis")), "training-state memory")
+        va, vb = (R.num(row.get(f"{o}_{col}"), unit) for o in (m, r))
+        if key == "depth_tolerance":  # no trainable depth at all
+            va, vb = (x.replace("n/a", "none") for x in (va, vb))
+        text = f"{words_} ({va} vs {vb})"
+        (won if who == m else lost if who == r else tied).append(text)
+    s += f" {m} won on: {', '.join(won)}." if won else " No advantage held."
+    if lost:
+        s += f" {name(r)} won on: {', '.join(lost)}."
+    if tied:
+        s += f" Tied: {', '.join(tied)}."
+    for o in (m, r):
+        f = row.get(f"{o}_failures")
+        if isinstance(f, str) and f.strip():
+            kinds = [part.rsplit(" ", 1) for part in f.split(", ")]
+            n_bad = sum(int(k[1]) for k in kinds if len(k) == 2 and k[1].isdigit())
+            n = row.get(f"{o}_n_seeds")
+            of = f" of {int(n)}" if pd.notna(n) else ""
+            s += f" {name(o)}: {n_bad}{of} selected-LR runs failed ({', '.join(k[0] for k in kinds)})."
+    if R.is_lm(row) and (pd.notna(row.get(f"{m}_test_bpb")) or pd.notna(row.get(f"{r}_test_bpb"))):
+        s += f" Test bits per byte: {m} {R.num(row.get(f'{m}_test_bpb'))} vs {name(r)} {R.num(row.get(f'{r}_test_bpb'))}."
+    s += binding_text(row.get(f"{m}_sn_active_frac"), m)
+    s += f" Answer: **{row.get('answer', 'no')}**."
+    return s
+
+
+def binding_text(frac: Any, method: str = DEFAULT_SPEC.method) -> str:
+    """How often the projection changed the weights in the method's selected runs."""
+    if frac is None or pd.isna(frac):
+        return ""
+    frac = float(frac)
+    if frac == 0.0:
+        return (f" The projection never acted in these runs (every projected layer kept σ ≤ 1), so {method} "
+                "trained exactly as plain SGD at the same LR.")
+    return f" The projection changed the weights at {R.pct(frac)} of steps."
+
+
+def _verdict_cols(v: pd.DataFrame) -> list[str]:
+    m, r, _ = _spec(v)
+    return ["task", f"{m}_lr", f"{r}_lr", f"{m} median [IQR]", f"{r} median [IQR]", "ratio_of_means", "95% interval",
+            "per-seed ratio median [IQR]", "n_pairs", "reaches_bar", "seeds_needed", "advantages", "answer"]
+
+
+def _cost_cols(v: pd.DataFrame) -> list[str]:
+    m, r, _ = _spec(v)
+    return ["task", f"{m}_wall_time_s", f"{r}_wall_time_s", f"{m}_seconds_per_epoch", f"{r}_seconds_per_epoch",
+            "mem_basis", f"{m}_mem_mb", f"{r}_mem_mb", f"{m}_deepest", f"{r}_deepest", f"{m}_epochs_to_90",
+            f"{r}_epochs_to_90", f"{m}_test_bpb", f"{r}_test_bpb", f"{m}_sn_active_frac", f"{m}_failures",
+            f"{r}_failures"]
+
+
+def _verdict_view(v: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    if v.empty:
+        return v
+    v = R.verdict_cells(v)
+    m, r, _ = _spec(v)
+    keep = [c for c in columns if c in v.columns]
+    # LM-only and unmeasured columns are left out when no task has them
+    keep = [c for c in keep if c in ("task", "seeds_needed") or not v[c].isna().all()]
+    if "seeds_needed" in keep and not (v["seeds_needed"] != "").any():
+        keep.remove("seeds_needed")
+    fail = [c for c in (f"{m}_failures", f"{r}_failures") if c in keep]
+    if fail and v[fail].fillna("").astype(str).eq("").all().all():
+        keep = [c for c in keep if c not in fail]
+    return v[keep]
+
+
+def verdict_note(m: str, r: str, bar: float) -> str:
+    rn = name(r)
+    return (f"Each optimizer at its own validation-selected LR (`(lowest tried)` / `(highest tried)`: the selected "
+            f"LR is at the edge of its grid). The comparison is over the seeds that completed under both: "
+            f"`ratio_of_means` = {m}'s mean test accuracy / {rn}'s (next-token accuracy for language models), "
+            "`95% interval` its paired bootstrap interval (seeds resampled together), and the medians and IQRs "
+            "(25th–75th percentile) of each side and of the per-seed ratio. `reaches_bar`: yes when the interval's "
+            f"lower end is at or above {100 * bar:g}%, no when its upper end is below, else inconclusive, with "
+            f"`seeds_needed` the estimated paired seeds that would decide it. `advantages` lists what {m} does "
+            f"strictly better than {rn}: "
+            "`wall_time` and `seconds_per_epoch` (lower medians over completed seeds, so one seed slowed by a "
+            "shared machine does not decide), `memory` (lower peak CUDA memory where both "
+            "recorded it, else lower peak of a profiled training step, else lower training-state size: "
+            "`mem_basis` peak / step / state), `depth_tolerance` (deeper deepest-"
+            f"trainable depth in the study and dataset, where {rn} failed at or before that depth) and "
+            "`epochs_to_90` (every completed seed reached 90% validation accuracy, in fewer epochs on average "
+            f"or where {rn} did not). `answer` = yes when the bar is reached and a wall-time, memory or "
+            "depth-tolerance advantage holds; inconclusive when such an advantage holds but the interval contains "
+            "the bar; else no. `never`/`inf` for epochs to 90%: some completed seed never reached 90%.")
+
+
+# ---------------------------------------------------------------- depth to failure
+
+DTF_VIEW = ["study", "dataset", "method", "axis", "points_tried", "deepest_trained", "first_failing", "failure_kinds",
+            "skipped", "selected_lrs"]
+
+
+def _dtf_note() -> str:
+    return ("Along the first grid axis of each study (depth for the depth studies): a grid point trained when its "
+            "selected configuration had no recorded failure (the sweep's summary.json together with the runs: "
+            "`nonfinite`/`exploding` divergence, `vanishing` gradients at the first layer, `chance`-level test "
+            "accuracy, `error` for a crashed run). `skipped`: points the depth-to-failure search did not run "
+            "beyond the first failure.")
+
+
+def _deepest_lines(d: pd.DataFrame) -> list[str]:
+    if d.empty:
+        return ["- No study has a grid axis with results yet."]
+    from ...aggregate import method_order
+
+    out = []
+    for (study, dataset, axis), g in d.groupby(["study", "dataset", "axis"], dropna=False, sort=True):
+        noun = "network" if axis == "depth" else f"{axis}"
+        parts = []
+        for meth in method_order(g["method"].astype(str).tolist(), METHOD_ORDER):
+            row = g[g["method"] == meth].iloc[0]
+            deep = format_value(row["deepest_trained"]) if pd.notna(row["deepest_trained"]) else "none"
+            p = f"{meth} {deep}"
+            if pd.notna(row["first_failing"]):
+                p += f" (first failure at {format_value(row['first_failing'])}: {row['failure_kinds']}"
+                skipped = str(row["skipped"]).strip() if pd.notna(row["skipped"]) else ""
+                p += f"; skipped {skipped})" if skipped else ")"
+            parts.append(p)
+        tried = R.values(g["points_tried"].astype(str).str.split().explode().dropna().astype(float))
+        out.append(f"- Deepest trainable {noun} per optimizer, {study} / {dataset} ({axis} tried: "
+                   f"{', '.join(format_value(x) for x in tried)}): " + "; ".join(parts) + ".")
+    return out
+
+
+# ---------------------------------------------------------------- ablation
+
+ABLATION_VIEW = ["variant", "arch", "depth", "optimizer", "reparam", "sn_mode", "sn_sigma", "sn_power_iters", "sn_conv",
+                 "batch_norm", "residual", "lr", "n_seeds", "n_diverged", "test_acc (mean ± std)",
+                 "test_acc median [IQR]", "val_acc_mean", "wall_time_s_mean", "sigma_max_max_mean",
+                 "sn_active_frac_mean", "sn_violations_total", "frozen"]
+
+
+def _ablation_note() -> str:
+    return ("Each variant at a fixed LR over the ablation seeds, in params.yaml order. Means, medians and IQRs are "
+            "over completed seeds; `sn_violations_total` (layers above σ = 1 + 1e-4 at a check, projected runs "
+            "only) is summed over all seeds. n/a: the setting does not apply (projection settings only for sgd_sn, "
+            "`sn_power_iters` only for power iteration, conv/batch-norm/residual settings only for the ResNet); "
+            "columns that apply to no variant are in ablation.csv only.")
+
+
+def _ablation_view(a: pd.DataFrame) -> pd.DataFrame:
+    if a.empty:
+        return a
+    a = a.copy()
+    a["test_acc (mean ± std)"] = [
+        f"{R.pct(mu)} ± {R.pct(sd)}" if pd.notna(sd) else R.pct(mu) for mu, sd in zip(a["test_acc_mean"], a["test_acc_std"])
+    ]
+    if "test_acc_median" in a:
+        a["test_acc median [IQR]"] = [f"{R.pct(x)} [{R.pct(lo)}–{R.pct(hi)}]" if pd.notna(x) else "n/a"
+                                      for x, lo, hi in zip(a["test_acc_median"], a["test_acc_q25"], a["test_acc_q75"])]
+    keep = [c for c in ABLATION_VIEW if c in a.columns]
+    keep = [c for c in keep if c in ("variant", "test_acc (mean ± std)") or not a[c].isna().all()]
+    return a[keep]
+
+
+# ---------------------------------------------------------------- context
+
+CONTEXT_VIEW = ["study", "dataset", "block_size", "method", "lr", "n_seeds", "mem_basis", "mem_mb", "tokens_per_s",
+                "val_bpb", "failures"]
+
+
+def _context_note(c: pd.DataFrame) -> str:
+    """What the context sweep measured, and the memory growth from its shortest to longest context."""
+    from ...aggregate import method_order
+
+    basis = sorted(set(c["mem_basis"].dropna().astype(str)))
+    words = ", ".join(MEM_WORDS.get(b, b) for b in basis) or "n/a"
+    parts = []
+    for meth in method_order(R.values(c["method"]), METHOD_ORDER):
+        g = c[(c["method"] == meth) & c["mem_mb"].notna()].sort_values("block_size")
+        if len(g) >= 2:
+            lo, hi = g.iloc[0], g.iloc[-1]
+            parts.append(f"{meth} {format_value(lo['mem_mb'])} → {format_value(hi['mem_mb'])} MB "
+                         f"(context {format_value(lo['block_size'])} → {format_value(hi['block_size'])})")
+    growth = ("; ".join(parts) + ".") if parts else ""
+    return ("A cost study (`verdict: false`, so not in the accuracy verdict): each optimizer trains the same "
+            f"transformer at one LR for a short budget at each context length. Memory is {words} (`mem_basis`); "
+            f"tokens/s is the training loop's throughput. {growth}").rstrip()
+
+
+# ---------------------------------------------------------------- caveats
+
+
+def _caveats(v: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    m, r, _ = _spec(v)
+    out = [
+        "- Memory: CUDA runs record the allocator's peak over the run (`peak_mem_mb`, data on the device "
+        "included). CPU keeps no such peak, so there the engine profiles one training step (the second) and "
+        "records its peak from the allocator's events: parameters, gradients, optimizer state, activations "
+        "and temporaries, the resident dataset excluded (`step_mem_mb`, `mem_basis` step).",
+        "- Wall time: one measurement per seed on a machine shared with the rest of the sweep, the verdict takes the "
+        "median over completed seeds; it includes evaluation and the exact σ_max checks every `sn.check_every` steps that "
+        "every optimizer's runs make. `seconds_per_epoch` times the training loop only.",
+        f"- Ratios: each optimizer is at its own selected LR; where {name(r)}'s selected runs failed (e.g. `chance`), a "
+        f"ratio above 100% says that {name(r)} did not train there, not that {m} trained well. A seed that diverged "
+        "under either side is left out of the pairs (the answer line counts failed runs).",
+        R.INTERVAL_CAVEAT,
+        "- Depth tolerance compares the deepest grid point trained without a recorded failure; it counts only "
+        "where the other optimizer failed at or before that depth.",
+        "- Failure kinds are those recorded in each run's metrics.json (`failure`) and in the sweep's summary.json.",
+        "- Epochs to 90%: the first epoch with validation accuracy ≥ 90%; `never` when a completed seed did not "
+        "reach it.",
+    ]
+    lm = bool("task" in v and (v["task"] == "lm").any()) if len(v) else False
+    lm = lm or bool("task" in runs and (runs["task"] == "lm").any())
+    if lm:
+        out.append("- Language models: accuracy is next-token accuracy and bits per byte (`test_bpb`) is the "
+                   "compression measure; the synthetic Markov language's entropy floor is not in the run files and "
+                   "is not reported.")
+    return out
+

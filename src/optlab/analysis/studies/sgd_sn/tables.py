@@ -1,0 +1,373 @@
+"""The SGD + spectral-norm study's tables: the verdict with its advantages, depth tolerance,
+the ablation and the context-length cost study (depth-to-failure is the core's)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+from ...aggregate import (
+    TRAINABLE_MARGIN,
+    SliceSummary,
+    Table,
+    VerdictSpec,
+    ablation_runs,
+    best_lr_table,
+    chance_level,
+    cost_studies,
+    depth_to_failure_table,
+    failure_text,
+    isna,
+    match,
+    maybe_int,
+    paired_verdict_table,
+    read_ablation_order,
+    sweep_runs,
+    verdict_specs,
+)
+
+DEFAULT_SPEC = VerdictSpec("sgd_sn", "adam", "test_acc", 0.95, "up")
+"""The study's question, for slices whose summary.json predates the ``verdict`` spec."""
+
+ADVANTAGES = ("wall_time", "seconds_per_epoch", "memory", "depth_tolerance", "epochs_to_90")
+"""Advantage metrics of the verdict, in the order they are listed."""
+
+QUESTION_ADVANTAGES = ("wall_time", "memory", "depth_tolerance")
+"""The advantages the study's question names: reach the bar while winning on one of these."""
+
+MEM_BASES = (("peak", "peak_mem_mb"), ("step", "step_mem_mb"))
+"""Memory measures in order of preference (``mem_basis``); ``state`` (``state_mem_mb``) is the fallback."""
+
+
+def tables(data: Any) -> dict[str, Table]:
+    """verdict, depth_to_failure, ablation, depth_tolerance and context (see each function)."""
+    runs, best = data.runs, data.best
+    dtf = depth_to_failure_table(runs, data.summaries, best)
+    specs = data.specs(DEFAULT_SPEC)
+    verdict = verdict_table(runs, best, specs, failure_depths=dtf, slices=data.slices)
+    return {
+        "verdict": (verdict, verdict_md_columns(verdict)),
+        "depth_to_failure": (dtf, None),
+        "ablation": (ablation_table(runs, read_ablation_order(data.params)), None),
+        "depth_tolerance": (depth_tolerance_table(runs, best), None),
+        "context": (context_table(runs), None),
+    }
+
+
+# ---------------------------------------------------------------- the verdict
+
+
+def verdict_table(
+    runs: pd.DataFrame,
+    best: pd.DataFrame | None = None,
+    specs: Mapping[str, VerdictSpec] | VerdictSpec | None = None,
+    *,
+    failure_depths: pd.DataFrame | None = None,
+    slices: Iterable[SliceSummary] = (),
+    n_resamples: int | None = None,
+) -> pd.DataFrame:
+    """Per task (study, dataset, grid point): the core's paired verdict
+    (:func:`..aggregate.paired_verdict_table`: ratio, its paired bootstrap interval, medians and
+    IQRs, ``reaches_bar`` yes / no / inconclusive) plus the study's advantages.
+
+    ``specs``: study -> spec, one spec for every study, or None (the summaries' specs, else
+    :data:`DEFAULT_SPEC`). Advantage metrics hold for the method when strictly better:
+    ``wall_time`` and ``seconds_per_epoch`` (lower medians over completed seeds), ``memory``
+    (lower mean peak CUDA memory when both have it, else lower profiled-step peak, else lower
+    training-state size), ``depth_tolerance`` (a deeper deepest-trainable depth in the
+    study/dataset, from :func:`depth_to_failure_table`, with the reference failing at or before
+    it) and ``epochs_to_90`` (every completed seed reached 90% validation accuracy, in fewer
+    epochs on average or where the reference did not). ``answer``: ``no`` when the bar is not
+    reached or no question advantage (wall time, memory, depth tolerance) holds, else the
+    bar's answer (``yes``, or ``inconclusive`` when the interval straddles the bar).
+    Studies marked ``verdict: false`` (cost studies) are left out.
+    """
+    slices = list(slices)
+    best = best_lr_table(runs, slices) if best is None else best
+    if failure_depths is None:
+        failure_depths = depth_to_failure_table(runs, best=best)
+    cost = cost_studies(runs, slices)
+    studies = sorted(s for s in best["study"].dropna().unique() if s not in cost) if len(best) else []
+    if specs is None:
+        given = verdict_specs(slices)
+        specs = {s: given.get(s, DEFAULT_SPEC) for s in studies}
+    elif isinstance(specs, VerdictSpec):
+        specs = {s: specs for s in studies}
+    groups: dict[VerdictSpec, list[str]] = {}
+    for study in studies:
+        if study in specs:
+            groups.setdefault(specs[study], []).append(study)
+    kw = {} if n_resamples is None else {"n_resamples": n_resamples}
+    frames = []
+    for spec, group in groups.items():
+        extra = _advantage_columns(spec, failure_depths)
+        f = paired_verdict_table(runs, best, spec, studies=group, extra=extra, **kw)
+        frames.append(_answers(f, spec))
+    frames = [f for f in frames if len(f)] or frames[:1]
+    if not frames:
+        return _answers(paired_verdict_table(runs, best.iloc[0:0], DEFAULT_SPEC), DEFAULT_SPEC)
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    for c in ("depth", *(c for c in df.columns if c.endswith("_deepest"))):
+        df[c] = maybe_int(df[c])
+    return df
+
+
+def verdict_md_columns(v: pd.DataFrame) -> list[str]:
+    """The columns of verdict.md (per spec's method and reference names)."""
+    cols = ["study", "dataset", "point"]
+    specs = v[["method", "reference", "metric"]].drop_duplicates().itertuples(index=False) if len(v) else [
+        (DEFAULT_SPEC.method, DEFAULT_SPEC.reference, DEFAULT_SPEC.metric)]
+    for m, r, x in specs:
+        cols += [f"{m}_lr", f"{r}_lr", f"{m}_{x}", f"{r}_{x}"]
+    cols += ["ratio_of_means", "ratio_lo", "ratio_hi", "ratio_median", "ratio_q25", "ratio_q75", "n_pairs", "bar",
+             "reaches_bar", "seeds_needed"]
+    for m, r, _ in (v[["method", "reference", "metric"]].drop_duplicates().itertuples(index=False) if len(v) else
+                    [(DEFAULT_SPEC.method, DEFAULT_SPEC.reference, DEFAULT_SPEC.metric)]):
+        cols += [f"{m}_wall_time_s", f"{r}_wall_time_s", f"{m}_seconds_per_epoch", f"{r}_seconds_per_epoch", "mem_basis",
+                 f"{m}_mem_mb", f"{r}_mem_mb", f"{m}_deepest", f"{r}_deepest", f"{m}_epochs_to_90",
+                 f"{r}_epochs_to_90", f"{m}_test_bpb", f"{r}_test_bpb"]
+    return list(dict.fromkeys([*cols, "advantages", "answer"]))
+
+
+def _advantage_columns(spec: VerdictSpec, dtf: pd.DataFrame):
+    m, r = spec.method, spec.reference
+
+    def extra(task: dict[str, Any], a: pd.Series, b: pd.Series, ra: pd.DataFrame, rb: pd.DataFrame) -> dict[str, Any]:
+        basis, mem_a, mem_b = mem_pair(a, b)
+        deep_a, deep_b, deeper = _deeper(dtf, task["study"], task["dataset"], m, r)
+        ta, tb = a.get("wall_time_s_median", math.nan), b.get("wall_time_s_median", math.nan)
+        ea, eb = a.get("seconds_per_epoch_median", math.nan), b.get("seconds_per_epoch_median", math.nan)
+        return {
+            # times: medians over completed seeds (one seed slowed by a shared machine does not decide)
+            f"{m}_wall_time_s": ta, f"{r}_wall_time_s": tb, "time_lower": _lower(ta, tb, m, r),
+            f"{m}_seconds_per_epoch": ea, f"{r}_seconds_per_epoch": eb, "epoch_time_lower": _lower(ea, eb, m, r),
+            # CUDA allocator peak where both measured it, else the profiled step peak (CPU), else the state size
+            "mem_basis": basis, f"{m}_mem_mb": mem_a, f"{r}_mem_mb": mem_b,
+            f"{m}_peak_mem_mb": a.get("peak_mem_mb_mean", math.nan), f"{r}_peak_mem_mb": b.get("peak_mem_mb_mean", math.nan),
+            f"{m}_state_mem_mb": a.get("state_mem_mb_mean", math.nan),
+            f"{r}_state_mem_mb": b.get("state_mem_mb_mean", math.nan),
+            "mem_lower": _lower(mem_a, mem_b, m, r),
+            f"{m}_deepest": deep_a, f"{r}_deepest": deep_b, "depth_deeper": deeper,
+            f"{m}_epochs_to_90": a.get("epochs_to_90_mean", math.nan), f"{r}_epochs_to_90": b.get("epochs_to_90_mean", math.nan),
+            f"{m}_n_reached_90": a.get("n_reached_90", math.nan), f"{r}_n_reached_90": b.get("n_reached_90", math.nan),
+            "e90_fewer": _fewer_epochs(a, b, m, r),
+            f"{m}_test_bpb": a.get("test_bpb_mean", math.nan), f"{r}_test_bpb": b.get("test_bpb_mean", math.nan),
+            # fraction of steps at which the projection changed a weight (0: the method was plain SGD)
+            f"{m}_sn_active_frac": a.get("sn_active_frac_mean", math.nan),
+        }
+
+    return extra
+
+
+def _answers(df: pd.DataFrame, spec: VerdictSpec) -> pd.DataFrame:
+    m = spec.method
+    df = df.copy()
+    adv, ans = [], []
+    for _, row in df.iterrows():
+        held = {
+            "wall_time": row.get("time_lower") == m, "seconds_per_epoch": row.get("epoch_time_lower") == m,
+            "memory": row.get("mem_lower") == m, "depth_tolerance": row.get("depth_deeper") == m,
+            "epochs_to_90": row.get("e90_fewer") == m,
+        }
+        adv.append(" ".join(k for k in ADVANTAGES if held[k]) or "none")
+        bar = str(row.get("reaches_bar"))
+        ans.append("no" if bar == "no" or not any(held[k] for k in QUESTION_ADVANTAGES) else bar)
+    df["advantages"], df["answer"] = adv, ans
+    return df
+
+
+def mem_pair(a: pd.Series | Mapping, b: pd.Series | Mapping) -> tuple[str, float, float]:
+    """(basis, memory of a, memory of b): ``peak`` (CUDA allocator peak) where both recorded it,
+    else ``step`` (peak of one profiled training step, CPU), else ``state`` (training-state size)."""
+    for basis, col in MEM_BASES:
+        pa, pb = a.get(f"{col}_mean", math.nan), b.get(f"{col}_mean", math.nan)
+        if pd.notna(pa) and pd.notna(pb):
+            return basis, float(pa), float(pb)
+    sa, sb = a.get("state_mem_mb_mean", math.nan), b.get("state_mem_mb_mean", math.nan)
+    return "state", float(sa) if pd.notna(sa) else math.nan, float(sb) if pd.notna(sb) else math.nan
+
+
+def _deeper(dtf: pd.DataFrame, study: Any, dataset: Any, m: str, r: str) -> tuple[Any, Any, str]:
+    """Deepest trainable depths of m and r in a study/dataset and which is deeper (or tie / n/a).
+
+    m is deeper only where r demonstrably failed at or before m's deepest depth (a slice that was
+    not run as deep proves nothing), and symmetrically.
+    """
+    if dtf is None or dtf.empty:
+        return pd.NA, pd.NA, "n/a"
+    d = match(dtf, study=study, dataset=dataset)
+    d = d[d["axis"] == "depth"]
+    rows = {o: d[d["method"] == o] for o in (m, r)}
+    if any(v.empty for v in rows.values()):
+        return pd.NA, pd.NA, "n/a"
+    da, db = (rows[o].iloc[0]["deepest_trained"] for o in (m, r))
+    fa, fb = (rows[o].iloc[0]["first_failing"] for o in (m, r))
+    na, nb = isna(da), isna(db)
+    if na and nb:
+        return pd.NA, pd.NA, "n/a"
+    if not na and (nb or float(da) > float(db)):
+        return da, db, m if pd.notna(fb) and float(fb) <= float(da) else "n/a"
+    if not nb and (na or float(db) > float(da)):
+        return da, db, r if pd.notna(fa) and float(fa) <= float(db) else "n/a"
+    return da, db, "tie"
+
+
+def _fewer_epochs(a: pd.Series, b: pd.Series, m: str, r: str) -> str:
+    ea, eb = a.get("epochs_to_90_mean", math.nan), b.get("epochs_to_90_mean", math.nan)
+    if isna(ea) or isna(eb) or (math.isinf(ea) and math.isinf(eb)):
+        return "n/a"  # not recorded, or neither reached 90% on every completed seed
+    return _lower(ea, eb, m, r)
+
+
+def _lower(a: float, b: float, na: str, nb: str) -> str:
+    if pd.isna(a) or pd.isna(b):
+        return "n/a"
+    return na if a < b else nb if b < a else "tie"
+
+
+# ---------------------------------------------------------------- ablation, depth tolerance, context
+
+ABLATION_CONFIG = ("arch", "dataset", "depth", "width", "optimizer", "reparam", "sn_mode", "sn_sigma", "sn_power_iters",
+                   "sn_conv", "batch_norm", "residual", "lr")
+
+
+def ablation_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
+    """One row per ablation variant: its configuration and statistics over its seeds.
+
+    Variants come in ``order`` (params.yaml order), others after it by name. Configuration cells
+    that do not apply are NaN (n/a): the projection settings ``sn_*`` exist only for ``sgd_sn``
+    (``sn_power_iters`` only with ``sn_sigma: power``), ``sn_conv``, ``batch_norm`` and
+    ``residual`` only for the ResNet. Means are over completed seeds, with the median and IQR of
+    test accuracy; ``sn_violations_total`` is summed over every seed.
+    """
+    from .... import stats
+
+    cols = ["variant", *ABLATION_CONFIG, "n_seeds", "n_completed", "n_diverged", "n_failed", "test_acc_mean",
+            "test_acc_std", "test_acc_median", "test_acc_q25", "test_acc_q75", "val_acc_mean", "wall_time_s_mean",
+            "sigma_max_max_mean", "sn_active_frac_mean", "sn_violations_total", "frozen", "seeds"]
+    ab = ablation_runs(runs)
+    ab = ab[ab["variant"].notna()]
+    if ab.empty:
+        return pd.DataFrame(columns=cols)
+    names = list(dict.fromkeys(ab.sort_values("run_dir")["variant"]))
+    order = [v for v in (order or []) if v in names]
+    names = order + sorted(v for v in names if v not in order)
+    out = []
+    for name in names:
+        g = ab[ab["variant"] == name]
+        done = g[g["status"] == "completed"]
+        row: dict[str, Any] = {"variant": name}
+        for c in ABLATION_CONFIG:
+            vals = g[c].dropna().unique().tolist() if c in g else []
+            row[c] = vals[0] if len(vals) == 1 else (" ".join(map(str, vals)) if vals else math.nan)
+        arch, opt = str(row["arch"]), str(row["optimizer"])
+        if opt != "sgd_sn":
+            row.update(sn_mode=math.nan, sn_sigma=math.nan, sn_power_iters=math.nan)
+        elif row["sn_sigma"] != "power":
+            row["sn_power_iters"] = math.nan
+        if not arch.startswith("resnet"):
+            row.update(batch_norm=math.nan, residual=math.nan, sn_conv=math.nan)
+        elif opt != "sgd_sn":
+            row["sn_conv"] = math.nan
+
+        def mean(col: str) -> float:
+            return float(done[col].mean()) if col in done and done[col].notna().any() else math.nan
+
+        test = done["test_acc"].dropna() if "test_acc" in done else pd.Series(dtype=float)
+        q = stats.spread(test.to_numpy(dtype=float))
+        viol = pd.to_numeric(g["sn_violations"], errors="coerce") if "sn_violations" in g else pd.Series(dtype=float)
+        row.update({
+            "n_seeds": len(g), "n_completed": len(done), "n_diverged": int((g["status"] == "diverged").sum()),
+            "n_failed": int((g["status"] == "failed").sum()),
+            "test_acc_mean": float(test.mean()) if len(test) else math.nan,
+            "test_acc_std": float(test.std(ddof=1)) if len(test) > 1 else math.nan,
+            "test_acc_median": q.median, "test_acc_q25": q.q25, "test_acc_q75": q.q75,
+            "val_acc_mean": mean("val_acc"), "wall_time_s_mean": mean("wall_time_s"),
+            "sigma_max_max_mean": mean("sigma_max_max"), "sn_active_frac_mean": mean("sn_active_frac"),
+            "sn_violations_total": int(viol.sum()) if viol.notna().any() else math.nan,
+            "frozen": bool(g["frozen"].all()),
+            "seeds": " ".join(str(int(s)) for s in sorted(g["seed"].dropna())),
+        })
+        out.append(row)
+    df = pd.DataFrame(out, columns=cols)
+    for c in ("depth", "width", "sn_power_iters", "sn_violations_total"):
+        df[c] = maybe_int(df[c])
+    return df
+
+
+def depth_tolerance_table(runs: pd.DataFrame, best: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per (study, dataset, method): the deepest depth whose best-LR config trained.
+
+    Trained = every seed completed and mean test accuracy >= chance + 0.02, with chance =
+    1/n_classes (from config, else 1/10). Status counts are over all of the method's runs.
+    (The accuracy criterion of runs that predate the engine's ``failure``; see
+    :func:`depth_to_failure_table` for the study's depth-to-failure search.)
+    """
+    cols = [
+        "study", "dataset", "method", "deepest_trainable", "test_acc_at_deepest", "depths_trained",
+        "depths_tried", "chance", "n_runs", "n_completed", "n_diverged", "n_failed",
+    ]
+    best = best_lr_table(runs) if best is None else best
+    sw = sweep_runs(runs)
+    sw = sw[sw["method"].notna()]  # a run without a config (unreadable metrics) is only in divergence
+    out = []
+    for key, g in sw.groupby(["study", "dataset", "method"], dropna=False, sort=True):
+        chance = chance_level(g)
+        b = match(best, **dict(zip(("study", "dataset", "method"), key)))
+        ok = b[(b["n_completed"] == b["n_seeds"]) & (b["test_acc_mean"] >= chance + TRAINABLE_MARGIN - 1e-12)]
+        ok = ok[ok["depth"].notna()]
+        deepest = ok.loc[ok["depth"].astype(float).idxmax()] if len(ok) else None
+        out.append({
+            **dict(zip(("study", "dataset", "method"), key)),
+            "deepest_trainable": deepest["depth"] if deepest is not None else pd.NA,
+            "test_acc_at_deepest": deepest["test_acc_mean"] if deepest is not None else math.nan,
+            "depths_trained": " ".join(str(int(d)) for d in sorted(ok["depth"].dropna().unique())),
+            "depths_tried": " ".join(str(int(d)) for d in sorted(g["depth"].dropna().unique())),
+            "chance": chance,
+            "n_runs": len(g),
+            "n_completed": int((g["status"] == "completed").sum()),
+            "n_diverged": int((g["status"] == "diverged").sum()),
+            "n_failed": int((g["status"] == "failed").sum()),
+        })
+    df = pd.DataFrame(out, columns=cols)
+    df["deepest_trainable"] = maybe_int(df["deepest_trainable"])
+    return df
+
+
+CONTEXT_COLS = ["study", "dataset", "method", "block_size", "lr", "n_seeds", "n_completed", "mem_basis", "mem_mb",
+                "peak_mem_mb", "step_mem_mb", "state_mem_mb", "tokens_per_s", "seconds_per_epoch", "val_bpb", "failures"]
+
+
+def context_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Memory and throughput along a context-length (``block_size``) grid, per method.
+
+    One row per (study, dataset, method, block_size, lr), means over seeds. ``mem_mb`` is on
+    ``mem_basis``: ``peak`` (CUDA allocator peak) where every run of the row recorded it, else
+    ``step`` (profiled training-step peak, CPU), else ``state`` (training-state size).
+    """
+    sw = sweep_runs(runs)
+    if sw.empty or "block_size" not in sw:
+        return pd.DataFrame(columns=CONTEXT_COLS)
+    sw = sw[(sw["axis"] == "block_size") & sw["block_size"].notna()]
+    out = []
+    for key, g in sw.groupby(["study", "dataset", "method", "block_size", "lr"], dropna=False, sort=True):
+        done = g[g["status"] == "completed"]
+        mean = lambda c: float(pd.to_numeric(done[c], errors="coerce").mean()) if c in done and len(done) else math.nan  # noqa: E731
+        basis, mem = "state", mean("state_mem_mb")
+        for b, col in MEM_BASES:
+            if col in done and len(done) and pd.to_numeric(done[col], errors="coerce").notna().all():
+                basis, mem = b, mean(col)
+                break
+        out.append({
+            **dict(zip(["study", "dataset", "method", "block_size", "lr"], key)),
+            "n_seeds": int(g["seed"].nunique()), "n_completed": len(done), "mem_basis": basis, "mem_mb": mem,
+            "peak_mem_mb": mean("peak_mem_mb"), "step_mem_mb": mean("step_mem_mb"), "state_mem_mb": mean("state_mem_mb"),
+            "tokens_per_s": mean("tokens_per_s"), "seconds_per_epoch": mean("seconds_per_epoch"),
+            "val_bpb": mean("val_bpb"), "failures": failure_text(g),
+        })
+    df = pd.DataFrame(out, columns=CONTEXT_COLS)
+    df["block_size"] = maybe_int(df["block_size"])
+    return df
+
