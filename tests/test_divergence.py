@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sweep_with_huge_lrs_completes_and_records_divergence(tmp_path, monkeypatch):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = copy.deepcopy(params)
-    q = params["profiles"]["quick"]
-    q["studies"] = {"deep": {"arch": "mlp", "datasets": ["digits"], "grid": {"depth": [24]}, "lrs": [10.0, 3.0, 0.01],
-                             "search_seeds": [0, 1], "seeds": [0, 1], "set": {"width": 32, "epochs": 2, "batch_size": 64}}}
-    params["sweep"] = {"optimizers": ["sgd", "sgd_sn"], "studies": ["deep"]}
+    params["studies"] = {"deep": {"arch": "mlp", "methods": ["sgd", "sgd_sn"], "analysis": "sgd_sn",
+                                  "quick": {"datasets": ["digits"], "grid": {"depth": [24]}, "lrs": [10.0, 3.0, 0.01],
+                                            "search_seeds": [0, 1], "seeds": [0, 1],
+                                            "set": {"width": 32, "epochs": 2, "batch_size": 64}}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     prep = tmp_path / "data" / "prepared"
     prep.mkdir(parents=True)
