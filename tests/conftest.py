@@ -33,3 +33,12 @@ def toy_splits() -> Splits:
 def every(k: int) -> dict:
     """The default probes (gradient norms, exact sigma_max) every ``k`` steps."""
     return {"grad_norm": {"every": k}, "sigma_max": {"every": k}}
+
+
+def one_thread_fixture():
+    """Tiny models: one intra-op thread avoids OpenMP spin-waits on a shared CPU (use as an
+    autouse fixture in a test module: ``one_thread = pytest.fixture(autouse=True)(one_thread_fixture)``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Callable
 
 import pytest
+
+from conftest import one_thread_fixture
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,13 +42,7 @@ def _gpt(**kw) -> tuple[nn.Module, torch.Tensor]:
     return models.build("gpt", **cfg), torch.randint(0, 11, (2, 8))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waits on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = pytest.fixture(autouse=True)(one_thread_fixture)
 
 
 CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
@@ -233,3 +229,23 @@ def test_training_never_takes_the_jvp_paths(monkeypatch: pytest.MonkeyPatch) -> 
         for train in (True, False):
             m.train(train)
             m(x).square().sum().backward()
+
+
+def test_training_forward_evaluates_each_parametrization_once():
+    """The forward-mode check must not evaluate a parametrized weight (spectral_norm's power
+    iteration updates its vectors on every evaluation, so an extra one changes training)."""
+    from torch.nn.utils import parametrize
+
+    calls = {"n": 0}
+
+    class Count(nn.Module):
+        def forward(self, w):
+            calls["n"] += 1
+            return w
+
+    m = models.build("mlp", input_dim=6, n_classes=3, depth=2, width=5)
+    parametrize.register_parametrization(m.input, "weight", Count())
+    m.train()
+    calls["n"] = 0  # registration evaluates it once
+    m(torch.randn(4, 6)).sum().backward()
+    assert calls["n"] == 1

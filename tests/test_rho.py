@@ -10,6 +10,8 @@ import io
 import math
 
 import pytest
+
+from conftest import one_thread_fixture
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,13 +22,7 @@ from optlab.optim.rho import STAT_KEYS, RhoController, logit_slopes, proposed_st
 from tests.conftest import make_splits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waits on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = pytest.fixture(autouse=True)(one_thread_fixture)
 
 
 def _mlp(dtype: torch.dtype = torch.float64, seed: int = 0, **kw) -> nn.Module:

@@ -579,7 +579,7 @@ class _Loop:
             rows.append((f"{self.task.unit}_per_s", n_batches * self.task.items_per_batch / seconds))
         for key, val_ in rows:
             self.rec.metric(self.step, epoch, key, float(val_))
-        for i, p in enumerate(self.at["epoch_end"]):
+        for p in self.at["epoch_end"]:
             if (epoch + 1) % p.every == 0:
                 p.measure()
                 p.emit(self.step, epoch, self.rec)

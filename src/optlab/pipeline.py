@@ -29,6 +29,7 @@ from .config import (
     prepared_datasets,
     resolve_ablation,
     resolve_run,
+    resolve_method,
     resolve_study,
     study_run,
 )
@@ -189,12 +190,13 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
         return study_run(params, spec, method, dataset=dataset, point=point, lr=lr, seed=seed, run_id=run_id)
 
     points = spec.points()
+    lrs = (float(msec_lr),) if (msec_lr := resolve_method(params, method).get("lr")) is not None else spec.lrs
     # validate every configuration before anything is written
     for ds in spec.datasets:
         for pt in points:
-            cfg_for(ds, pt, spec.lrs[0], spec.seeds[0], "check")
+            cfg_for(ds, pt, lrs[0], spec.seeds[0], "check")
     stage = f"{study}@{method}"
-    first = cfg_for(spec.datasets[0], points[0], spec.lrs[0], spec.seeds[0], stage)
+    first = cfg_for(spec.datasets[0], points[0], lrs[0], spec.seeds[0], stage)
     searching = spec.lr_policy == "search"
     tags, prov = _provenance(first, seeds_per_config=len(set(spec.seeds) | set(spec.search_seeds)), stage=stage)
     tags["frozen"] = str(bool(prov.get("frozen"))).lower()
@@ -206,7 +208,7 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
     errors: list[str] = []
     summary: list[dict[str, Any]] = []
     confirm_seeds = spec.confirm_seeds() if searching else list(spec.seeds)
-    per_point = len(spec.lrs) * len(spec.search_seeds) + len(confirm_seeds) if searching else len(spec.lrs) * len(spec.seeds)
+    per_point = len(lrs) * len(spec.search_seeds) + len(confirm_seeds) if searching else len(lrs) * len(spec.seeds)
     bar = _outer_bar(len(spec.datasets) * len(points) * per_point, stage)
     first_axis = next(iter(spec.grid), None)
     slice_ckpt = _checkpoint_dir() / "sweep" / study / method
@@ -243,18 +245,18 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
                     continue
                 by_lr: dict[float, list[engine.RunResult]] = {}
                 role = "search" if searching else "confirm"
-                for lr in spec.lrs:
+                for lr in lrs:
                     seeds = spec.search_seeds if searching else spec.seeds
                     by_lr[lr] = [r for sd in seeds if (r := run(dataset, point, lr, sd, role, parent))]
-                best_lr = max(spec.lrs, key=lambda lr: (_score(by_lr[lr], spec.select), -lr))
+                best_lr = max(lrs, key=lambda lr: (_score(by_lr[lr], spec.select), -lr))
                 chosen = by_lr[best_lr]
                 if searching:
                     chosen = chosen + [r for sd in confirm_seeds if (r := run(dataset, point, best_lr, sd, "confirm", parent))]
                 failures = sorted({r.failure for r in chosen if r.failure})
                 summary.append({"dataset": dataset, "point": point, "selected_lr": best_lr, "select": spec.select,
                                 "score": _score(by_lr[best_lr], spec.select), "failures": failures,
-                                "lr_edge": lr_edge(best_lr, spec.lrs),
-                                "search_scores": {f"{lr:g}": _finite(_score(by_lr[lr], spec.select)) for lr in spec.lrs}})
+                                "lr_edge": lr_edge(best_lr, lrs),
+                                "search_scores": {f"{lr:g}": _finite(_score(by_lr[lr], spec.select)) for lr in lrs}})
                 if spec.stop_on_failure and failures and first_axis is not None and stopped_at is None:
                     stopped_at = point[first_axis]
     if bar is not None:
@@ -262,7 +264,7 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
     doc = {"study": study, "method": method, "optimizer": first.optimizer, "step_method": first.step_method,
            "analysis": spec.analysis, "verdict": spec.verdict_spec if spec.verdict else False,
            "primary": {"metric": spec.primary[0], "direction": spec.primary[1]}, "select": spec.select,
-           "lr_policy": spec.lr_policy, "lrs": list(spec.lrs), "search_seeds": list(spec.search_seeds),
+           "lr_policy": spec.lr_policy, "lrs": list(lrs), "search_seeds": list(spec.search_seeds),
            "seeds": list(spec.seeds), "points": summary}
     (out / "summary.json").write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
     if not errors:  # the slice is complete: its finished-run records are no longer needed

@@ -178,7 +178,7 @@ class DeepMLP(nn.Module):
         w, b = self.hidden.weight, self.hidden.bias
         if (not torch.is_grad_enabled() or torch.is_autocast_enabled() or torch.compiler.is_compiling()
                 or w.dtype != b.dtype or functorch_active()
-                or forward_ad_active(x, self.input.weight, self.input.bias, w, b)):
+                or forward_ad_active(x, w, b, *self.input.parameters())):  # raw tensors: no parametrization is evaluated
             return self.forward_autograd(x)
         h = self.act(self.input(x))
         k = self.checkpoint_segments if self.training else 0
