@@ -98,3 +98,15 @@ def test_resnet_records_its_own_depth(params):
     cfg = resolve_run(params, arch="resnet18", dataset="digits")
     assert cfg.depth == 18
     assert resolve_run(params, arch="mlp", depth=5).depth == 5
+
+
+def test_verdict_direction_follows_its_metric(params):
+    p = copy.deepcopy(params)
+    assert resolve_study(p, "mlp_depth").verdict_spec["direction"] == "up"  # test_acc, the task's primary
+    p["studies"]["gpt"]["verdict"] = {"method": "sgd_sn", "reference": "adam", "metric": "test_acc"}
+    assert resolve_study(p, "gpt").verdict_spec["direction"] == "up"  # accuracy on an LM task: still up
+    p["studies"]["gpt"]["verdict"] = {"method": "sgd_sn", "reference": "adam"}
+    assert resolve_study(p, "gpt").verdict_spec == {"method": "sgd_sn", "reference": "adam", "metric": "test_loss",
+                                                    "bar": 0.95, "direction": "down"}
+    p["studies"]["gpt"]["verdict"] = {"method": "sgd_sn", "reference": "adam", "metric": "test_bpb"}
+    assert resolve_study(p, "gpt").verdict_spec["direction"] == "down"

@@ -284,6 +284,12 @@ class RunConfig(_Section):
 # ---------------------------------------------------------------- validation helpers
 
 
+def metric_direction(metric: str) -> str:
+    """"up" for accuracies, "down" for losses, perplexities, bits and costs (a final-metric name)."""
+    name = metric.removeprefix("test_").removeprefix("val_").removeprefix("train_")
+    return "up" if name in ("acc", "accuracy") or name.endswith("_acc") or name.endswith("_per_s") else "down"
+
+
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(unknown_message(key, value, allowed))
@@ -549,8 +555,8 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
         vspec = None
     else:
         _check_keys(f"{where}.verdict", verdict or {}, VERDICT_KEYS)
-        vspec = {"method": methods[-1], "reference": methods[0], "metric": task.primary[0],
-                 "direction": task.primary[1], "bar": 0.95, **(verdict or {})}
+        vspec = {"method": methods[-1], "reference": methods[0], "metric": task.primary[0], "bar": 0.95, **(verdict or {})}
+        vspec.setdefault("direction", task.primary[1] if vspec["metric"] == task.primary[0] else metric_direction(vspec["metric"]))
         for role in ("method", "reference"):
             _choice(f"{where}.verdict.{role}", vspec[role], methods)
         _choice(f"{where}.verdict.direction", vspec["direction"], DIRECTIONS)

@@ -1,0 +1,83 @@
+"""A study slice: LR search with several search seeds, the grid-edge flag, fixed-LR policies and
+a method section that fixes its own LR; the summary carries the verdict spec for the analysis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from optlab import pipeline
+from optlab.config import ConfigError
+from tests.conftest import make_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def study_dir(tmp_path, monkeypatch):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["methods"]["sgd_fixed"] = {"optimizer": "sgd", "lr": 0.05}
+    params["studies"] = {
+        "s": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd", "sgd_fixed", "adam"],
+              "verdict": {"method": "sgd", "reference": "adam", "bar": 0.9},
+              "quick": {"datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [1.0, 0.1, 0.01],
+                        "search_seeds": [0, 1], "seeds": [0, 1, 2], "set": {"width": 8, "epochs": 1, "batch_size": 64}}},
+        "f": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd"], "verdict": False, "lr_policy": "fixed",
+              "quick": {"datasets": ["digits"], "lrs": [0.1, 0.01], "seeds": [0, 1],
+                        "set": {"depth": 2, "width": 8, "epochs": 1, "batch_size": 64}}},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prep = tmp_path / "data" / "prepared"
+    prep.mkdir(parents=True)
+    s = make_splits(dim=64, n_classes=10)
+    torch.save({k: getattr(s, k) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")} | {"meta": s.meta},
+               prep / "digits.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPTLAB_TRACKING", "0")
+    monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    return tmp_path
+
+
+def test_search_then_confirm_with_two_search_seeds(study_dir):
+    res = pipeline.sweep("s", "sgd")
+    roles = [r.sweep["role"] for r in res]
+    assert roles.count("search") == 3 * 2 and roles.count("confirm") == 1  # seeds 0, 1 searched; seed 2 confirms
+    doc = json.loads((study_dir / "runs/sweep/s/sgd/summary.json").read_text())
+    assert doc["verdict"] == {"method": "sgd", "reference": "adam", "metric": "test_acc", "direction": "up", "bar": 0.9}
+    assert doc["search_seeds"] == [0, 1] and doc["analysis"] == "sgd_sn"
+    pt = doc["points"][0]
+    assert pt["lr_edge"] == pipeline.lr_edge(pt["selected_lr"], [1.0, 0.1, 0.01])
+    assert set(pt["search_scores"]) == {"1", "0.1", "0.01"}
+    assert all(r.config["method"] == "sgd" for r in res)
+
+
+def test_method_section_lr_is_the_only_lr_tried(study_dir):
+    res = pipeline.sweep("s", "sgd_fixed")
+    assert {r.config["lr"] for r in res} == {0.05}
+    assert len(res) == 2 + 1
+    doc = json.loads((study_dir / "runs/sweep/s/sgd_fixed/summary.json").read_text())
+    assert doc["lrs"] == [0.05] and doc["points"][0]["lr_edge"] is None
+
+
+def test_fixed_policy_runs_every_lr_with_every_seed(study_dir):
+    res = pipeline.sweep("f", "sgd")
+    assert sorted((r.config["lr"], r.config["seed"]) for r in res) == [(0.01, 0), (0.01, 1), (0.1, 0), (0.1, 1)]
+    assert {r.sweep["role"] for r in res} == {"confirm"}
+    doc = json.loads((study_dir / "runs/sweep/f/sgd/summary.json").read_text())
+    assert doc["verdict"] is False and doc["search_seeds"] == []
+
+
+def test_method_outside_the_study_is_refused(study_dir):
+    with pytest.raises(ConfigError, match=r"method 'sgd_sn' is not in studies.s.methods; allowed: sgd, sgd_fixed, adam"):
+        pipeline.sweep("s", "sgd_sn")
+
+
+def test_lr_edge():
+    assert pipeline.lr_edge(1.0, [1.0, 0.1]) == "high"
+    assert pipeline.lr_edge(0.1, [1.0, 0.1]) == "low"
+    assert pipeline.lr_edge(0.1, [1.0, 0.1, 0.01]) is None
+    assert pipeline.lr_edge(0.1, [0.1]) is None
