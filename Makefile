@@ -31,6 +31,7 @@ test-fast: venv
 bench: venv
 	$(BIN)/python -m benchmarks
 	$(BIN)/python -m benchmarks.memory --depth 1000 --peer
+	$(BIN)/python -m benchmarks.rho
 
 # The MLflow UI on loopback only.
 mlflow-ui: venv
