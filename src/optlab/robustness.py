@@ -30,8 +30,12 @@ PATHS: dict[str, dict[str, str]] = {
 }
 """Named numeric paths: environment variables that select other CPU kernels (set before torch loads)."""
 
-ANSWER_COLUMNS = ("answer", "accuracy_answer", "meets_bar", "meets_95pct")
+ANSWER_COLUMNS = ("reaches_bar", "answer")
 """Verdict-table columns compared across paths (those present are used)."""
+SHOWN_COLUMNS = ("ratio_of_means", "ratio_lo", "ratio_hi")
+"""Numbers shown beside the answers (the ratio and its interval), not compared."""
+KEY_COLUMNS = ("study", "dataset", "point", "task")
+"""What identifies a verdict task in the verdict table (those present are used)."""
 
 
 def verdict_studies(params: dict[str, Any], analysis: str) -> list[str]:
@@ -66,14 +70,28 @@ def compare(tables: dict[str, Path]) -> tuple[Any, list[str]]:
         frames[name] = df
     first = next(iter(frames.values()))
     cols = [c for c in ANSWER_COLUMNS if all(c in f.columns for f in frames.values())]
-    key = "task" if "task" in first.columns else first.columns[0]
-    out = first[[key]].copy()
+    keys = [k for k in KEY_COLUMNS if all(k in f.columns for f in frames.values())] or [first.columns[0]]
+    out = first[keys].copy()
+    out.insert(0, "verdict_task", [" / ".join(str(v) for v in row if str(v) not in ("", "nan")) for row in out.itertuples(index=False)])
     for name, df in frames.items():
-        sub = df.set_index(key)
-        for c in cols:
-            out[f"{c}@{name}"] = out[key].map(sub[c])
+        sub = df.assign(_k=[tuple(map(str, r)) for r in df[keys].itertuples(index=False)]).set_index("_k")
+        k = [tuple(map(str, r)) for r in out[keys].itertuples(index=False)]
+        for c in cols + [c for c in SHOWN_COLUMNS if c in df.columns]:
+            out[f"{c}@{name}"] = [sub[c].get(i) for i in k]
     out["held"] = [all(len({str(out.loc[i, f"{c}@{n}"]) for n in frames}) == 1 for c in cols) for i in out.index]
-    return out, cols
+    return out.drop(columns=keys), cols
+
+
+def changed_runs(roots: dict[str, Path], key: str = "test_acc") -> tuple[int, int]:
+    """(runs present under every path, runs whose ``key`` differs between some two paths)."""
+    import json
+
+    values: dict[str, dict[str, Any]] = {}
+    for name, root in roots.items():
+        for f in root.glob("sweep/*/*/*/metrics.json"):
+            values.setdefault(str(f.relative_to(root)), {})[name] = json.loads(f.read_text())["final"].get(key)
+    common = [v for v in values.values() if len(v) == len(roots)]
+    return len(common), sum(len({str(x) for x in v.values()}) > 1 for v in common)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", nargs="*", help="default: every verdict study of --analysis")
     ap.add_argument("--paths", nargs="+", default=["default", "avx2"], choices=sorted(PATHS))
     ap.add_argument("--out", default="reports/robustness")
+    ap.add_argument("--reuse", action="store_true", help="keep the runs of a path already trained under --out (compare again)")
     args = ap.parse_args(argv)
     from .analysis.aggregate import aggregate, markdown_table
     from .config import load_params
@@ -93,19 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     tables = {}
     for name in args.paths:
-        root = run_path(name, studies, args.params, out)
+        root = out / name / "runs"
+        if not (args.reuse and (root / "sweep").is_dir()):
+            root = run_path(name, studies, args.params, out)
         aggregate(root, out / name / "tables")
         tables[name] = out / name / "tables"
     table, cols = compare(tables)
     table.to_csv(out / "robustness.csv", index=False)
     held = int(table["held"].sum())
+    n_runs, n_changed = changed_runs({n: out / n / "runs" for n in args.paths})
     m = machine_numerics("cpu")
     lines = [
         "# Verdicts under different CPU kernels", "",
         f"Machine: {m['cpu_model']} (torch CPU capability {m['cpu_capability']}, {m['threads']} threads, "
         f"MKL {m['mkl_version']}, oneDNN {m['onednn_version']}). Studies: {', '.join(studies)}. "
         f"Paths: " + "; ".join(f"{n} ({', '.join(f'{k}={v}' for k, v in PATHS[n].items()) or 'no override'})" for n in args.paths) + ".",
-        "", f"{held} of {len(table)} verdicts held under every path (compared: {', '.join(cols)}).", "",
+        "", f"Same seeds, code and configuration: {n_changed} of {n_runs} runs changed their test accuracy between the "
+        f"paths. {held} of {len(table)} verdicts held under every path (compared: {', '.join(cols)}; the ratio of "
+        "means and its paired bootstrap 95% interval are shown beside them).", "",
         markdown_table(table), "",
     ]
     (out / "robustness.md").write_text("\n".join(lines))
