@@ -284,12 +284,6 @@ class RunConfig(_Section):
 # ---------------------------------------------------------------- validation helpers
 
 
-def metric_direction(metric: str) -> str:
-    """"up" for accuracies, "down" for losses, perplexities, bits and costs (a final-metric name)."""
-    name = metric.removeprefix("test_").removeprefix("val_").removeprefix("train_")
-    return "up" if name in ("acc", "accuracy") or name.endswith("_acc") or name.endswith("_per_s") else "down"
-
-
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(unknown_message(key, value, allowed))
@@ -556,6 +550,8 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
     else:
         _check_keys(f"{where}.verdict", verdict or {}, VERDICT_KEYS)
         vspec = {"method": methods[-1], "reference": methods[0], "metric": task.primary[0], "bar": 0.95, **(verdict or {})}
+        from .stats import metric_direction
+
         vspec.setdefault("direction", task.primary[1] if vspec["metric"] == task.primary[0] else metric_direction(vspec["metric"]))
         for role in ("method", "reference"):
             _choice(f"{where}.verdict.{role}", vspec[role], methods)

@@ -48,6 +48,16 @@ _CHUNK = 2_000_000  # resampled values held at once (n_resamples x n_pairs is dr
 # ---------------------------------------------------------------- spread over seeds
 
 
+
+DOWN_HINTS = ("loss", "bpb", "ppl", "perplexity", "error", "time", "mem")
+"""A metric whose name contains one of these is lower-is-better when no direction is given."""
+
+
+def metric_direction(metric: str) -> Direction:
+    """``down`` for losses, bits per byte, perplexities, errors, times and memory; else ``up``
+    (accuracies, throughput). The one rule the config and the analysis both use."""
+    return "down" if any(h in str(metric) for h in DOWN_HINTS) else "up"
+
 @dataclass(frozen=True)
 class Spread:
     """Median and quartiles of one configuration's values over seeds (NaN when ``n == 0``)."""

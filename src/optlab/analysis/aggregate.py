@@ -73,8 +73,6 @@ FINAL_NUMERIC = (
 FAILURE_KINDS = ("nonfinite", "exploding", "vanishing", "chance")
 """The engine's names for a run that did not train (metrics.json ``failure``)."""
 
-DOWN_HINTS = ("loss", "bpb", "ppl", "perplexity", "error", "time", "mem")
-"""A metric whose name contains one of these is lower-is-better when no direction is given."""
 
 HEADLINE_DIR = "train"
 ABLATE_DIR = "ablate"
@@ -368,9 +366,6 @@ def method_order(methods: Any, first: tuple[str, ...] = ()) -> list[str]:
 # ---------------------------------------------------------------- slice summaries and verdict specs
 
 
-def infer_direction(metric: str) -> stats.Direction:
-    """``down`` for losses, bits per byte, perplexities, errors, times and memory; else ``up``."""
-    return "down" if any(h in str(metric) for h in DOWN_HINTS) else "up"
 
 
 @dataclass(frozen=True)
@@ -392,7 +387,7 @@ class VerdictSpec:
         if direction is None and primary and primary.get("metric") == metric:
             direction = primary.get("direction")
         if direction not in ("up", "down"):
-            direction = infer_direction(metric)
+            direction = stats.metric_direction(metric)
         return cls(str(doc["method"]), str(doc["reference"]), metric, float(doc.get("bar", 0.95)), direction)
 
     def as_dict(self) -> dict[str, Any]:
@@ -713,7 +708,7 @@ def _lr_stats(g: pd.DataFrame, primary: str, direction: str | None) -> dict[str,
         "test_acc_min": float(test.min()) if test.notna().any() else math.nan,
         "test_acc_max": float(test.max()) if test.notna().any() else math.nan,
         "test_acc_median": acc.median, "test_acc_q25": acc.q25, "test_acc_q75": acc.q75,
-        "primary_metric": primary, "primary_direction": direction or infer_direction(primary),
+        "primary_metric": primary, "primary_direction": direction or stats.metric_direction(primary),
         "primary_mean": mean(primary), "primary_median": prim.median, "primary_q25": prim.q25, "primary_q75": prim.q75,
         "test_bpb_mean": mean("test_bpb"),
         "test_ppl_mean": mean("test_ppl"),

@@ -26,11 +26,6 @@ class Backprop(Method):
         self.optimizer = build_optimizer(model, cfg)
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor, ctx: StepContext) -> StepOutput:
-        with ctx.amp:
-            logits = ctx.forward(xb)
-        loss = self.task.loss(logits, yb)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.after_backward()
+        logits, loss = self.forward_backward(xb, yb, ctx, self.optimizer)
         self.optimizer.step()
         return StepOutput(loss=loss, outputs=logits)

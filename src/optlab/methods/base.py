@@ -64,6 +64,17 @@ class Method:
     def step(self, xb: torch.Tensor, yb: torch.Tensor, ctx: StepContext) -> StepOutput:  # pragma: no cover
         raise NotImplementedError
 
+    def forward_backward(self, xb: torch.Tensor, yb: torch.Tensor, ctx: StepContext, optimizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward (under the run's autocast), the task's loss, ``optimizer.zero_grad``, backward,
+        then the after-backward probes: (outputs, loss), gradients in ``.grad``."""
+        with ctx.amp:
+            outputs = ctx.forward(xb)
+        loss = self.task.loss(outputs, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.after_backward()
+        return outputs, loss
+
     def optimizers(self) -> list[Any]:
         return [self.optimizer] if self.optimizer is not None else []
 

@@ -88,12 +88,7 @@ class Rho(Method):
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor, ctx: StepContext) -> StepOutput:
         self.controller.mark_epoch(ctx.epoch)
-        with ctx.amp:
-            logits = ctx.forward(xb)
-        loss = self.task.loss(logits, yb)
-        self.controller.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.after_backward()
+        logits, loss = self.forward_backward(xb, yb, ctx, self.controller)
         stats = self.controller.step(xb)
         return StepOutput(loss=loss, outputs=logits, stats=dict(stats))
 
