@@ -7,11 +7,17 @@ same process, for each (model, base optimizer):
 - ``rho jvp``: :class:`optlab.optim.rho.RhoController`, capped mode, ``Delta_a`` from a JVP over
   the whole batch (batched ``_foreach`` ops, no host sync);
 - ``rho fd``: the same with the central finite difference (two eval forwards) instead of the JVP;
+- ``rho fd1``: the one-sided difference against the training forward's outputs (one eval
+  forward; ``derivative="fd1"``, refused for models with batch norm, so n/a on the ResNets);
 - ``rho jvp subset:32``: the JVP over 32 samples of the batch;
 - ``naive``: the straightforward implementation the issue compares against: a Python loop over
   the parameters computing the base optimizer's step one tensor at a time, a host sync for each
-  parameter's norm, the JVP, ``Delta_a`` and ``eta_eff`` read back to the host, then the base
-  optimizer's ``step()`` at that LR.
+  parameter's norm, the JVP with ``torch.func.jvp`` over ``torch.func.functional_call`` (the
+  standard API), ``Delta_a`` read back to the host, then the base optimizer's ``step()`` at that
+  LR (a float);
+- ``naive fwd-AD``: the same loop and syncs with the JVP by ``torch.autograd.forward_ad`` dual
+  tensors through ``functional_call`` (what the controller's JVP does, less its cached parameter
+  swap): separates what the loop and syncs cost from what the JVP mechanism costs.
 
 Variants are interleaved (each repetition times every variant once, with the shared timer, over
 enough steps that a timed call lasts about 30 ms), and the medians over ``--repeats`` repetitions are reported. Targets (issue
@@ -34,6 +40,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.func import functional_call, jvp
 
 from benchmarks.timing import median_time
@@ -47,8 +54,9 @@ class NaiveRho:
     """The controller written the straightforward way: per-parameter Python loops, ``.item()``
     for every norm and for ``Delta_a``, a float LR set on the optimizer. Same math as ours."""
 
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, r_target: float = R_TARGET) -> None:
-        self.model, self.opt, self.r_target = model, opt, r_target
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, r_target: float = R_TARGET,
+                 jvp: str = "func") -> None:
+        self.model, self.opt, self.r_target, self.jvp = model, opt, r_target, jvp
 
     def _u(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         g = p.grad
@@ -90,8 +98,13 @@ class NaiveRho:
         own = dict(self.model.named_parameters())
         self.model.eval()
         with torch.no_grad():
-            _, a = jvp(lambda *ps: functional_call(self.model, dict(zip(tangents, ps)), (x,)),
-                       tuple(own[n] for n in tangents), tuple(tangents.values()))
+            if self.jvp == "func":
+                _, a = jvp(lambda *ps: functional_call(self.model, dict(zip(tangents, ps)), (x,)),
+                           tuple(own[n] for n in tangents), tuple(tangents.values()))
+            else:
+                with forward_ad.dual_level():
+                    duals = {n: forward_ad.make_dual(own[n].detach(), t) for n, t in tangents.items()}
+                    a = forward_ad.unpack_dual(functional_call(self.model, duals, (x,))).tangent
         self.model.train()
         delta = (a.max(-1).values - a.min(-1).values).max().item()  # host sync
         eta = min(lr, self.r_target * (math.pi / delta) / norm) if delta > 0 else lr
@@ -138,24 +151,30 @@ def _variants(make: Callable[[], nn.Module], opt_name: str, device: torch.device
         m = make().to(device)
         return m, optim.build(opt_name, m, lr=lr)
 
-    def train_step(model: nn.Module, step: Callable[[], Any]) -> Callable[[], None]:
+    def train_step(model: nn.Module, step: Callable[[torch.Tensor], Any]) -> Callable[[], None]:
         def f() -> None:
             for p in model.parameters():
                 p.grad = None
-            F.cross_entropy(model(x), y).backward()
-            step()
+            logits = model(x)
+            F.cross_entropy(logits, y).backward()
+            step(logits)
         return f
 
     m, o = fresh()
-    out["plain"] = train_step(m, o.step)
-    for label, kw in (("rho jvp", {}), ("rho fd", {"derivative": "fd"}), ("rho jvp subset:32", {"samples": "subset:32"})):
+    out["plain"] = train_step(m, lambda _: o.step())
+    for label, kw in (("rho jvp", {}), ("rho fd", {"derivative": "fd"}), ("rho fd1", {"derivative": "fd1"}),
+                      ("rho jvp subset:32", {"samples": "subset:32"})):
         m, o = fresh()
-        ctl = RhoController(m, o, mode="capped", r_target=R_TARGET, capture_inputs=False,
-                            **({"derivative": "jvp"} | kw))
-        out[label] = train_step(m, lambda ctl=ctl: ctl.step(x))
-    m, o = fresh()
-    naive = NaiveRho(m, o)
-    out["naive"] = train_step(m, lambda: naive.step(x))
+        try:
+            ctl = RhoController(m, o, mode="capped", r_target=R_TARGET, capture_inputs=False,
+                                **({"derivative": "jvp"} | kw))
+        except ValueError:  # fd1 on a model with batch norm
+            continue
+        out[label] = train_step(m, lambda logits, ctl=ctl: ctl.step(x, logits))
+    for label, how in (("naive", "func"), ("naive fwd-AD", "forward_ad")):
+        m, o = fresh()
+        naive = NaiveRho(m, o, jvp=how)
+        out[label] = train_step(m, lambda _, naive=naive: naive.step(x))
     return out
 
 
@@ -181,10 +200,14 @@ def run(device: torch.device, quick: bool, repeats: int, steps: int, warmup: int
                 for k, f in fns.items():
                     times[k].append(median_time(many(f), device, repeats=1, warmup=0) / n)
             med = {k: statistics.median(v) for k, v in times.items()}
+            fd1 = med.get("rho fd1")
             rows.append({"case": case, "optimizer": opt_name, "steps_per_call": n, "ms": {k: 1e3 * v for k, v in med.items()},
                          "rho_over_plain": med["rho jvp"] / med["plain"], "fd_over_plain": med["rho fd"] / med["plain"],
+                         "fd1_over_plain": None if fd1 is None else fd1 / med["plain"],
                          "subset_over_plain": med["rho jvp subset:32"] / med["plain"],
-                         "naive_over_rho": med["naive"] / med["rho jvp"]})
+                         "naive_over_rho": med["naive"] / med["rho jvp"],
+                         "naive_fwdad_over_rho": med["naive fwd-AD"] / med["rho jvp"],
+                         "naive_over_fd1": None if fd1 is None else med["naive"] / fd1})
             print(f"{case} | {opt_name} | " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in med.items()), flush=True)
     return rows
 
@@ -212,14 +235,21 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.de
              + (f"; load average at the end {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}" if load else "") + ".", "",
              "One training step (zero_grad, forward, backward, step), medians of interleaved repetitions. The rho",
              "variants are capped mode, r_target 1. Targets (issue #11): rho/plain <= 1.6 (published: 2.29 with a JVP,",
-             "1.66 with a finite difference), naive/rho >= 1.5.", "",
-             "| model | optimizer | plain (ms) | rho jvp (ms) | rho/plain | rho fd (ms) | fd/plain | rho jvp subset:32 (ms) | subset/plain | naive (ms) | naive/rho |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "1.66 with a finite difference), naive/rho >= 1.5. n/a: fd1 is refused on models with batch norm.", "",
+             "| model | optimizer | plain (ms) | rho jvp (ms) | rho/plain | rho fd (ms) | fd/plain | rho fd1 (ms) | fd1/plain "
+             "| rho jvp subset:32 (ms) | subset/plain | naive (ms) | naive/rho | naive/fd1 | naive fwd-AD (ms) | naive fwd-AD/rho |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def opt(v: float | None, fmt: str = ".2f") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
     for r in rows:
         ms = r["ms"]
         lines.append(f"| {r['case']} | {r['optimizer']} | {ms['plain']:.2f} | {ms['rho jvp']:.2f} | {r['rho_over_plain']:.2f} | "
-                     f"{ms['rho fd']:.2f} | {r['fd_over_plain']:.2f} | {ms['rho jvp subset:32']:.2f} | {r['subset_over_plain']:.2f} | "
-                     f"{ms['naive']:.2f} | {r['naive_over_rho']:.2f} |")
+                     f"{ms['rho fd']:.2f} | {r['fd_over_plain']:.2f} | {opt(ms.get('rho fd1'))} | {opt(r['fd1_over_plain'])} | "
+                     f"{ms['rho jvp subset:32']:.2f} | {r['subset_over_plain']:.2f} | "
+                     f"{ms['naive']:.2f} | {r['naive_over_rho']:.2f} | {opt(r['naive_over_fd1'])} | "
+                     f"{ms['naive fwd-AD']:.2f} | {r['naive_fwdad_over_rho']:.2f} |")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"rho_{device.type}.md"
     path.write_text("\n".join(lines) + "\n")

@@ -42,3 +42,11 @@ def one_thread_fixture():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _one_worker(monkeypatch):
+    """Study slices run in this process unless a test asks for worker processes (params.yaml's
+    ``workers: auto`` would spawn a pool per slice: seconds of start-up per test)."""
+    if "OPTLAB_WORKERS" not in __import__("os").environ:
+        monkeypatch.setenv("OPTLAB_WORKERS", "1")

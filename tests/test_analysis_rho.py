@@ -144,14 +144,15 @@ def _row(df: pd.DataFrame, method: str, lr: float) -> pd.Series:
 def test_the_registry_holds_the_rho_analysis() -> None:
     reg = registry()
     assert reg["rho"] is not None and reg["rho"].title.startswith("Step-length control from the softmax")
-    assert list(reg) == ["sgd_sn", "rho"] and not reg["rho"].claims_unlabelled
+    assert list(reg)[:2] == ["sgd_sn", "rho"] and not reg["rho"].claims_unlabelled
+    assert set(reg) == {"sgd_sn", "rho", "rho_scan", "rho_phase", "rho_spike"}
 
 
 def test_single_seed_table_has_a_row_per_method_and_lr_and_keeps_diverged_runs(tmp_path: Path) -> None:
     tables = _aggregate(make_rho_tree(tmp_path / "runs"), tmp_path / "tables")
     manifest = json.loads((tables / "analyses.json").read_text())["analyses"]
     assert [(a["name"], a["studies"]) for a in manifest] == [("rho", [STUDY])]
-    assert manifest[0]["tables"] == ["rho_digits", "rho_digits_seeds", "rho_verdict"]
+    assert manifest[0]["tables"] == ["rho_digits", "rho_digits_seeds", "rho_verdict", "rho_references"]
     t = read_table(tables / "rho_digits.csv")
     assert len(t) == len(METHODS) * len(LRS) and set(t["seed"]) == {7}
     assert [(m, float(lr)) for m, lr in zip(t["method"], t["lr"])] == [(m, lr) for m in METHODS for lr in LRS]

@@ -123,6 +123,178 @@ def test_controller_finite_difference_and_auto_agree_with_the_jvp(derivative):
     assert stats[1] == pytest.approx(stats[0], rel=1e-2)
 
 
+@pytest.mark.parametrize("case", ["mlp", "mlp-ckpt", "resnet-bn", "gpt"])
+def test_forward_mode_slopes_are_those_of_torch_func_jvp(case):
+    """The controller's JVP (forward_ad dual tensors in the parameters' slots) against
+    ``models.jvp_outputs`` (torch.func.jvp over functional_call): bitwise on the MLP and ResNet,
+    within float rounding on the GPT; parameters, buffers and train flags untouched."""
+    torch.manual_seed(0)
+    if case.startswith("mlp"):
+        model = _mlp(depth=3, **({"checkpoint_segments": 2} if case == "mlp-ckpt" else {}))
+        x, _ = _batch()
+    elif case == "resnet-bn":
+        model = models.build("resnet18", input_dim=64, n_classes=3, input_shape=(1, 8, 8), width=4).double()
+        with torch.no_grad():
+            model(torch.randn(8, 64, dtype=torch.float64) * 2 + 0.5)
+        x = torch.randn(8, 64, dtype=torch.float64)
+    else:
+        model = models.build("gpt", vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dropout=0.1).double()
+        x = torch.randint(0, 11, (2, 8))
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    names = [n for n, _ in model.named_parameters()]
+    for keep in (names, names[::2]):  # every parameter, and a subset (the rest zero tangents)
+        tangents = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters() if n in keep}
+        before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        ref = models.jvp_outputs(model, x, tangents)[1]
+        got = logit_slopes(model, x, tangents, derivative="jvp")
+        if case == "gpt":
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        else:
+            assert torch.equal(got, ref)
+        after = dict([*model.named_parameters(), *model.named_buffers()])
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        assert all(m.training for m in model.modules())
+        assert all(type(p) is nn.Parameter for p in model.parameters())  # the slots hold the parameters again
+
+
+def test_forward_mode_slopes_follow_tied_and_replaced_parameters():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight  # one parameter in two slots
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    tangents = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()}
+    assert "b.weight" not in tangents
+    ctl = RhoController(model, torch.optim.SGD(model.parameters(), lr=0.1), capture_inputs=False)
+    slots = ctl._slots
+    assert logit_slopes(model, x, tangents, slots=slots).equal(models.jvp_outputs(model, x, tangents)[1])
+    model.a.bias = nn.Parameter(model.a.bias.detach() + 1.0)  # a replaced parameter: the maps are rebuilt
+    tangents = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()}
+    assert logit_slopes(model, x, tangents, slots=slots).equal(models.jvp_outputs(model, x, tangents)[1])
+    assert model.b.weight is model.a.weight and slots.params["a.bias"] is model.a.bias
+
+
+def _fd1_pair(dtype, fd_eps, mode="fixed", opt="sgd", steps=1, **kw):
+    """delta_a (and the models) of the JVP controller and the fd1 controller on the same steps."""
+    out = []
+    base = _mlp(dtype=dtype)
+    for how in ("jvp", "fd1"):
+        model = copy.deepcopy(base)
+        o = OPTIMIZERS[opt](model.parameters())
+        ctl = RhoController(model, o, mode=mode, derivative=how, fd_eps=fd_eps, capture_inputs=False, **kw)
+        vals = []
+        for i in range(steps):
+            x, y = _batch(dtype=dtype, seed=70 + i)
+            for p in model.parameters():
+                p.grad = None
+            logits = model(x)
+            F.cross_entropy(logits, y).backward()
+            vals.append(ctl.step(x, logits)["delta_a"].item())
+        assert ctl.derivative_used == how
+        out.append((vals, model))
+    return out
+
+
+@pytest.mark.parametrize("dtype,fd_eps,rel", [(torch.float64, 1e-5, 1e-4), (torch.float32, 1e-4, 1e-2)])
+def test_fd1_agrees_with_the_jvp(dtype, fd_eps, rel):
+    (ref, _), (got, _) = _fd1_pair(dtype, fd_eps)
+    assert got[0] == pytest.approx(ref[0], rel=rel)
+    # and through capped steps with momentum: the same trajectory to that tolerance
+    (ref, m1), (got, m2) = _fd1_pair(dtype, fd_eps, mode="capped", opt="momentum_dampening_wd", steps=4)
+    assert got == pytest.approx(ref, rel=10 * rel)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=10 * rel, atol=10 * rel)
+
+
+def test_fd1_with_subset_and_the_recorded_outputs():
+    model = _mlp(dtype=torch.float64)
+    x, y = _batch(n=64, dtype=torch.float64)
+    _backward(model, x, y)
+    vals = {}
+    for how in ("jvp", "fd1"):
+        m, _ = _copy(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        ctl = RhoController(m, torch.optim.SGD(m.parameters(), lr=0.1), mode="fixed", samples="subset:8", seed=5,
+                            derivative=how, fd_eps=1e-5, chunk=3)
+        m(x)  # a training forward: the hook records the inputs (and for fd1 the outputs)
+        vals[how] = ctl.step()["delta_a"].item()
+        ctl.close()
+    assert vals["fd1"] == pytest.approx(vals["jvp"], rel=1e-4)
+    # through optim.build without arguments to step()
+    m, _ = _copy(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = optim.build("sgd", m, lr=0.1, rho={"mode": "fixed", "derivative": "fd1", "fd_eps": 1e-5})
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    assert opt.step()["delta_a"].item() == pytest.approx(
+        RhoController(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="fixed",
+                      capture_inputs=False).step(x)["delta_a"].item(), rel=1e-4)
+
+
+def test_fd1_is_refused_where_it_cannot_be_right():
+    torch.manual_seed(0)
+    resnet = models.build("resnet18", input_dim=64, n_classes=3, input_shape=(1, 8, 8), width=4)
+    with pytest.raises(ValueError, match="fd1.*differ"):
+        RhoController(resnet, torch.optim.SGD(resnet.parameters(), lr=0.1), derivative="fd1")
+    gpt = models.build("gpt", vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.1)
+    with pytest.raises(ValueError, match="fd1.*differ"):
+        RhoController(gpt, torch.optim.SGD(gpt.parameters(), lr=0.1), derivative="fd1")
+    model = _mlp(dtype=torch.float32)
+    pool, _ = _batch(dtype=torch.float32)
+    with pytest.raises(ValueError, match="fd1.*batch or subset"):
+        RhoController(model, torch.optim.SGD(model.parameters(), lr=0.1), derivative="fd1", samples="probe", pool=pool)
+    ctl = RhoController(model, torch.optim.SGD(model.parameters(), lr=0.1), derivative="fd1", capture_inputs=False)
+    x, y = _batch(dtype=torch.float32)
+    _backward(model, x, y)
+    with pytest.raises(ValueError, match="outputs"):
+        ctl.step(x)  # no outputs given, none recorded
+    with pytest.raises(ValueError, match="autocast"):
+        ctl.step(x, model(x).to(torch.bfloat16))
+    with pytest.raises(ConfigError, match="method_options.derivative"):
+        RunConfig(step_method="rho", method_options={"derivative": "fd2"}, optimizer="sgd", device="cpu")
+
+
+@pytest.mark.parametrize("derivative,samples", [("jvp", "batch"), ("jvp", "subset:8"), ("fd", "batch"), ("fd1", "subset:8")])
+@pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam"])
+@pytest.mark.parametrize("mode", ["capped", "set"])
+def test_no_host_reads_inside_the_step(monkeypatch, derivative, samples, opt_name, mode):
+    """No Python-level read of a tensor's value (item, float, int, bool, tolist, numpy) anywhere
+    in a capped/set step with apply="device" (Adam's step counts, CPU scalars by torch's design,
+    excepted). The CUDA test above checks the C++ side too, where a GPU is present."""
+    model = _mlp(dtype=torch.float32)
+    opt = optim.build(opt_name, model, lr=0.1)
+    ctl = RhoController(model, opt, mode=mode, samples=samples, derivative=derivative, capture_inputs=False)
+    x, y = _batch(n=32, dtype=torch.float32)
+    for i in range(3):
+        for p in model.parameters():
+            p.grad = None
+        logits = model(x)
+        F.cross_entropy(logits, y).backward()
+        if i < 2:  # the first steps create the optimizer's state
+            ctl.step(x, logits)
+            continue
+        allowed = {id(st["step"]) for st in opt.state.values() if "step" in st}
+        for name in ("item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__"):
+            orig = getattr(torch.Tensor, name)
+
+            def refuse(self, *a, _orig=orig, _name=name, **k):
+                if id(self) in allowed:
+                    return _orig(self, *a, **k)
+                raise AssertionError(f"host read inside the step: Tensor.{_name}")
+
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+        st = ctl.step(x, logits)
+        monkeypatch.undo()
+        assert math.isfinite(st["r"].item())
+
+
 # ---------------------------------------------------------------- the step at LR 1
 
 OPTIMIZERS = {
@@ -386,7 +558,8 @@ def _cfg(**kw) -> RunConfig:
     return RunConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("options", [{}, {"samples": "full", "derivative": "fd", "apply": "torch"}, {"samples": "probe"}])
+@pytest.mark.parametrize("options", [{}, {"samples": "full", "derivative": "fd", "apply": "torch"}, {"samples": "probe"},
+                                     {"derivative": "fd1", "samples": "subset:16"}])
 def test_rho_method_through_the_engine(toy_splits, options):
     res = engine.train(_cfg(optimizer="sgd_momentum", lr=2.0, method_options={"mode": "capped", "r_target": 0.5, **options}),
                        data=toy_splits, progress=False)

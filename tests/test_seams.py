@@ -13,7 +13,7 @@ from optlab import engine, methods, probes, tasks
 from optlab.config import ConfigError, RunConfig
 from optlab.methods.base import Method, StepContext, StepOutput
 from optlab.probes.base import Probe, ProbeOptions
-from tests.conftest import make_splits
+
 
 
 class SignOptions(BaseModel):

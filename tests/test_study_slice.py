@@ -81,3 +81,23 @@ def test_lr_edge():
     assert pipeline.lr_edge(0.1, [1.0, 0.1]) == "low"
     assert pipeline.lr_edge(0.1, [1.0, 0.1, 0.01]) is None
     assert pipeline.lr_edge(0.1, [0.1]) is None
+
+
+def test_worker_processes_give_the_same_runs(study_dir, monkeypatch):
+    """Two worker processes run the slice's runs side by side: the same runs, bitwise, in the same
+    order, as one process (each run's threads are fixed by its config, not by the pool)."""
+    one = pipeline.sweep("f", "sgd", out_root="runs/one")
+    monkeypatch.setenv("OPTLAB_WORKERS", "2")
+    two = pipeline.sweep("f", "sgd", out_root="runs/two")
+    assert [r.run_id for r in one] == [r.run_id for r in two]
+    for a, b in zip(one, two):
+        assert a.status == b.status
+        for k in ("train_loss", "val_loss", "val_acc", "test_acc", "test_loss"):
+            assert a.final[k] == b.final[k], (a.run_id, k)
+        la = [(s, m, v) for s, e, m, v in a.curves if m == "train_loss"]
+        assert la == [(s, m, v) for s, e, m, v in b.curves if m == "train_loss"]
+    assert pipeline.sweep_workers({"workers": "auto", "threads": 1}, 5, torch.device("cpu")) == min(5, 8, __import__("os").cpu_count())
+    assert pipeline.sweep_workers({"workers": 3}, 2, torch.device("cpu")) == 2
+    monkeypatch.delenv("OPTLAB_WORKERS")
+    assert pipeline.sweep_workers({"workers": "auto", "threads": 1}, 5, torch.device("cuda")) == 1
+    assert pipeline.sweep_workers({"workers": "auto", "threads": 0}, 5, torch.device("cpu")) == 1

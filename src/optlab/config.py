@@ -31,9 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .registry import UnknownName, unknown_message
 
-ARCHS = ("mlp", "resnet18", "gpt")
+ARCHS = ("mlp", "resnet18", "gpt", "vit", "cnn")
 RESNET18_DEPTH = 18  # weighted layers of ResNet-18 (the run key `depth` for arch resnet18)
-ARCH_TASK = {"mlp": "classification", "resnet18": "classification", "gpt": "lm"}
+ARCH_TASK = {"mlp": "classification", "resnet18": "classification", "gpt": "lm", "vit": "classification",
+             "cnn": "classification"}
+NORMS = ("none", "layer")  # mlp: normalization before each hidden activation
 ACTIVATIONS = ("tanh", "relu", "gelu")
 INITS = ("orthogonal", "kaiming")
 SCALES = ("quick", "full")
@@ -185,8 +187,9 @@ class RunConfig(_Section):
     activation: str = "tanh"
     init: str = "orthogonal"
     residual: bool = True  # resnet18: identity shortcuts
-    batch_norm: bool = True  # resnet18: batch norm layers
-    n_head: int = 4  # gpt: attention heads (depth = layers, width = embedding size)
+    batch_norm: bool = True  # resnet18, cnn: batch norm layers
+    n_head: int = 4  # gpt, vit: attention heads (depth = blocks, width = embedding size)
+    norm: str = "none"  # mlp only: none | layer (LayerNorm before each hidden activation)
     act_checkpoint: int = 0  # mlp: activation checkpointing in this many segments (0: off; ~sqrt(depth) saves most)
     reparam: str = "none"  # none | spectral_norm (forward reparametrization W / sigma, for the ablation)
     # data and schedule
@@ -195,12 +198,16 @@ class RunConfig(_Section):
     batch_size: int = 64
     block_size: int = 128  # gpt: context length
     steps_per_epoch: int = 0  # lm: steps per epoch (0: one pass worth of tokens)
+    lr_spike_step: int = 0  # from this step index on (steps counted from 0) every LR is x lr_spike_factor (0: off)
+    lr_spike_factor: float = 1.0  # the spike's multiplier of every param group's base LR (> 0)
+    augment: str = "none"  # classification on images: none | crop_flip (pad 4, random crop, horizontal flip; training batches only)
     max_steps: int = 0  # stop after this many steps (0: no cap; a smoke test of a full-size config)
     eval_tokens: int = 0  # lm: tokens evaluated per split (0: all)
     prepared_dir: str = "data/prepared"
     seed: int = 0
     # engine
     device: str = "auto"
+    threads: int = 0  # torch intra-op threads for the run (0: torch's default, the machine's cores); part of the numerics
     amp: str = "none"
     compile: bool = False
     log_every: int = 10  # steps between host syncs (loss check, metric batch)
@@ -230,6 +237,10 @@ class RunConfig(_Section):
         _choice("device", self.device, DEVICES)
         _choice("amp", self.amp, AMP)
         _choice("reparam", self.reparam, ("none", "spectral_norm"))
+        _choice("augment", self.augment, ("none", "crop_flip"))
+        _choice("norm", self.norm, NORMS)
+        if self.norm != "none" and self.arch != "mlp":
+            raise ConfigError(f"norm: {self.norm!r} applies to arch mlp only; allowed with {self.arch}: none")
         task = ARCH_TASK[self.arch]
         if task_kind(self.dataset) != task:
             allowed = dataset_names(task)
@@ -238,12 +249,15 @@ class RunConfig(_Section):
             )
         _positive("lr", self.lr)
         _positive("diverge_loss", self.diverge_loss)
+        _positive("lr_spike_factor", self.lr_spike_factor)
+        if self.lr_spike_factor != 1.0 and self.lr_spike_step == 0:
+            raise ConfigError(f"lr_spike_factor: {self.lr_spike_factor:g} needs lr_spike_step >= 1 (the step the spike starts at; 0: no spike)")
         for key, low in (("depth", 1), ("width", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0), ("log_every", 1),
                          ("checkpoint_every", 0), ("n_head", 1), ("block_size", 2), ("steps_per_epoch", 0),
-                         ("max_steps", 0), ("act_checkpoint", 0), ("eval_tokens", 0)):
+                         ("max_steps", 0), ("act_checkpoint", 0), ("eval_tokens", 0), ("lr_spike_step", 0), ("threads", 0)):
             _int_at_least(key, getattr(self, key), low)
-        if self.arch == "gpt" and self.width % self.n_head:
-            raise ConfigError(f"width: {self.width} must be divisible by n_head={self.n_head} for arch gpt")
+        if self.arch in ("gpt", "vit") and self.width % self.n_head:
+            raise ConfigError(f"width: {self.width} must be divisible by n_head={self.n_head} for arch {self.arch}")
         from .methods import validate_options as method_options
         from .probes import validate_options as probe_options
 
@@ -346,19 +360,20 @@ def make_run(values: dict[str, Any], where: str = "") -> RunConfig:
 # Run keys settable from params (everything but the identity fields the pipeline sets).
 RUN_KEYS = tuple(k for k in RunConfig.model_fields if k not in ("sn", "run_id", "prepared_dir", "method"))
 # Keys a study slice takes from the top level of params.yaml (the engine, not the experiment).
-ENGINE_KEYS = ("device", "amp", "compile", "log_every", "checkpoint_every", "diverge_loss", "phase", "frozen_commit", "scale")
-PARAMS_KEYS = RUN_KEYS + ("sn", "data", "tracking", "default_lr", "profiles", "methods", "studies", "datasets")
+ENGINE_KEYS = ("device", "threads", "amp", "compile", "log_every", "checkpoint_every", "diverge_loss", "phase", "frozen_commit", "scale")
+PARAMS_KEYS = RUN_KEYS + ("workers", "sn", "data", "tracking", "default_lr", "profiles", "methods", "studies", "datasets")
 SN_KEYS = tuple(SNConfig.model_fields)
 DATA_KEYS = ("mirror", "val_fraction", "test_fraction", "prepared_dir")
 TRACKING_KEYS = ("experiment",)
 PROFILE_KEYS = RUN_KEYS + ("sn", "ablate")
 ABLATE_KEYS = ("seeds", "base", "variants")
 METHOD_KEYS = ("optimizer", "optimizer_options", "step_method", "method_options", "sn", "probes", "lr")
-STUDY_SCALE_KEYS = ("datasets", "grid", "lrs", "lr_policy", "search_seeds", "seeds", "set", "sn", "select",
+STUDY_SCALE_KEYS = ("skip", "datasets", "grid", "lrs", "lr_policy", "search_seeds", "seeds", "set", "sn", "select",
                     "stop_on_failure", "probes")
-STUDY_KEYS = ("analysis", "arch", "methods", "verdict") + STUDY_SCALE_KEYS + SCALES
+STUDY_KEYS = ("analysis", "arch", "methods", "verdict", "published") + STUDY_SCALE_KEYS + SCALES
 VERDICT_KEYS = ("method", "reference", "metric", "direction", "bar")
-GRID_AXES = ("depth", "width", "block_size", "batch_size", "residual", "batch_norm", "activation", "init")
+GRID_AXES = ("model", "arch", "depth", "width", "block_size", "batch_size", "residual", "batch_norm", "activation", "init",
+             "norm", "lr_spike_step", "lr_spike_factor")
 
 
 class StudySpec(BaseModel):
@@ -396,6 +411,8 @@ class StudySpec(BaseModel):
     probes: dict[str, Any] | None
     verdict_spec: dict[str, Any] | None  # None: a cost study
     primary: tuple[str, str]
+    skip: str | None = None  # the reason this study does not run at the selected scale (e.g. GPU only)
+    published: dict[str, Any] = {}  # a labeled published reference (row -> value or text) the analysis prints beside ours
 
     @property
     def verdict(self) -> bool:
@@ -404,8 +421,8 @@ class StudySpec(BaseModel):
     def points(self) -> list[dict[str, Any]]:
         """Grid points (dicts of RunConfig overrides), the first axis varying slowest."""
         out: list[dict[str, Any]] = [{}]
-        for ax in self.grid:
-            out = [dict(p, **{ax: v}) for p in out for v in self.grid[ax]]
+        for ax in self.grid:  # a `model` value is a mapping of run keys, merged into the point
+            out = [dict(p, **(dict(v) if ax == "model" else {ax: v})) for p in out for v in self.grid[ax]]
         return out
 
     def confirm_seeds(self) -> list[int]:
@@ -449,6 +466,9 @@ def validate_params(params: dict[str, Any]) -> None:
             _choice(f"datasets.{scale}", ds, dataset_names())
     scale = params.get("scale", "quick")
     _choice("scale", scale, SCALES)
+    workers = params.get("workers", "auto")
+    if workers != "auto" and not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+        raise ConfigError(f"workers: expected auto or an integer >= 1, got {workers!r}")
     for opt, lr in (params.get("default_lr") or {}).items():
         _positive(f"default_lr.{opt}", lr)
     for name in params.get("methods") or {}:
@@ -509,6 +529,21 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
     for m in methods:
         if m not in (params.get("methods") or {}):
             raise ConfigError(unknown_message(f"{where}.methods", m, tuple(params.get("methods") or {})))
+    published = spec.get("published") or {}
+    if not isinstance(published, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float))
+                                                  for k, v in published.items()):
+        raise ConfigError(f"{where}.published: expected a mapping of labels to numbers or text, got {published!r}")
+    skip = spec.get("skip")
+    if skip is not None:  # `<scale>: {skip: reason}`: the study does not run at this scale (its slices say why)
+        if not isinstance(skip, str) or not skip.strip():
+            raise ConfigError(f"{wscale}.skip: expected the reason the study does not run at scale {scale} (a string), got {skip!r}")
+        from .tasks import TASKS
+
+        prim = TASKS.get(ARCH_TASK[arch], key="task").primary
+        return StudySpec(name=name, analysis=spec.get("analysis", name), arch=arch, methods=methods, datasets=(), grid={},
+                         lrs=(), lr_policy="fixed", search_seeds=(), seeds=(), fixed={}, sn={}, select="val_acc",
+                         select_direction="up", stop_on_failure=False, probes=None,
+                         verdict_spec=None, primary=prim, skip=skip.strip(), published=published)
     datasets = tuple(spec.get("datasets") or ())
     if not datasets:
         raise ConfigError(f"{wscale}.datasets: give at least one dataset; allowed: {', '.join(dataset_names(ARCH_TASK[arch]))}")
@@ -522,6 +557,18 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
     for ax, vals in grid.items():
         if not isinstance(vals, list) or not vals:
             raise ConfigError(f"{wscale}.grid.{ax}: expected a non-empty list, got {vals!r}")
+    for i, m in enumerate(grid.get("model") or ()):  # a model axis: each value a mapping of run keys (arch, norm, ...)
+        if not isinstance(m, dict) or not m:
+            raise ConfigError(f"{wscale}.grid.model: each value is a mapping of run keys (e.g. {{arch: mlp, norm: layer}}), "
+                              f"got {m!r}")
+        _check_keys(f"{wscale}.grid.model[{i}]", m, RUN_KEYS)
+    model_archs = [m["arch"] for m in grid.get("model") or () if "arch" in m]
+    for a in [*(grid.get("arch") or ()), *model_archs]:  # every arch of the grid must fit the study's datasets
+        _choice(f"{wscale}.grid.arch", a, ARCHS)
+        if ARCH_TASK[a] != ARCH_TASK[arch]:
+            fits = [x for x in ARCHS if ARCH_TASK[x] == ARCH_TASK[arch]]
+            raise ConfigError(f"{wscale}.grid.arch: {a!r} does not fit the study's datasets ({ARCH_TASK[arch]}); "
+                              f"allowed: {', '.join(fits)}")
     lrs = tuple(spec.get("lrs") or ())
     if not lrs:
         raise ConfigError(f"{wscale}.lrs: give a learning-rate grid (a non-empty list)")
@@ -565,7 +612,7 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
         search_seeds=search, seeds=seeds, fixed=fixed, sn=sn, select=select,
         select_direction="up" if select == "val_acc" else "down",
         stop_on_failure=_flag(f"{wscale}.stop_on_failure", spec.get("stop_on_failure", False)),
-        probes=probes, verdict_spec=vspec, primary=task.primary,
+        probes=probes, verdict_spec=vspec, primary=task.primary, published=published,
     )
 
 
@@ -585,7 +632,7 @@ def study_run(params: dict[str, Any], spec: StudySpec, method: str, *, dataset: 
     sn = {**(msec.get("sn") or {}), **spec.sn}
     if spec.probes is not None:
         values["probes"] = spec.probes
-    values.update(arch=spec.arch, dataset=dataset, lr=lr, seed=seed, study=spec.name, run_id=run_id, method=method, sn=sn)
+    values.update(arch=point.get("arch", spec.arch), dataset=dataset, lr=lr, seed=seed, study=spec.name, run_id=run_id, method=method, sn=sn)
     if values["arch"] == "resnet18":
         values["depth"] = RESNET18_DEPTH
     return make_run(values)

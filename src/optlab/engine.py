@@ -13,7 +13,9 @@ and at the sigma/gradient checks. A run ends as
 What one step does is the run's training-step method (:mod:`optlab.methods`; backprop by
 default); diagnostics are probes (:mod:`optlab.probes`) with their own cadence and point in the
 step; batching, loss and evaluation are the task's (:mod:`optlab.tasks`). The loop has no
-branch for any method, optimizer or probe.
+branch for any method, optimizer or probe. A learning-rate schedule (:mod:`optlab.schedule`, the
+LR spike) reaches the method's optimizers through ``Method.set_lr_scale`` before each step; without
+one the call is skipped.
 
 Outputs in ``run_dir``: ``metrics.json``, ``curves.csv`` (step, epoch, metric, value: losses,
 epoch metrics, the method's per-step statistics, whole-model probe values) and ``layers.csv``
@@ -37,11 +39,11 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from . import methods as methods_
 from . import models
 from . import probes as probes_
+from . import schedule as schedule_
 from . import tasks as tasks_
 from .config import RunConfig
 from .metrics.layers import LayerIndex
@@ -236,6 +238,30 @@ def train(
     these records when it completes).
     """
     cfg.validate()
+    if cfg.threads <= 0 or cfg.threads == torch.get_num_threads():
+        return _train(cfg, sinks=sinks, run_dir=run_dir, data=data, tags=tags, progress=progress,
+                      checkpoint_dir=checkpoint_dir, sweep=sweep, keep_done=keep_done)
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # part of the numerics: a run's bits depend on its intra-op threads
+    try:
+        return _train(cfg, sinks=sinks, run_dir=run_dir, data=data, tags=tags, progress=progress,
+                      checkpoint_dir=checkpoint_dir, sweep=sweep, keep_done=keep_done)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(
+    cfg: RunConfig,
+    *,
+    sinks: Iterable[Sink],
+    run_dir: str | Path | None,
+    data: Any,
+    tags: dict[str, str] | None,
+    progress: bool,
+    checkpoint_dir: str | Path | None,
+    sweep: dict[str, Any] | None,
+    keep_done: bool,
+) -> RunResult:
     sinks = [_Guarded(sk) for sk in sinks]
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -384,6 +410,7 @@ class _Loop:
 
             apply_spectral_norm_reparam(self.model, tuple(cfg.sn.roles))
         self.method = methods_.build(cfg, self.model, self.task, device)
+        self.lr_schedule = schedule_.active(cfg)  # False: the per-step LR call is skipped entirely
         self.index = LayerIndex.of(self.model)
         env = probes_.ProbeEnv(model=self.model, index=self.index, method=self.method, task=self.task, cfg=cfg, device=device)
         self.probes = probes_.build(cfg.probes, env)
@@ -495,6 +522,8 @@ class _Loop:
                 if self.step >= self.total:
                     break
                 xb, yb = self.task.batch(idx)
+                if self.lr_schedule:
+                    self.method.set_lr_scale(schedule_.lr_scale(cfg, self.step))
                 due = [p for p in self.probes if p.point in ("after_backward", "after_step") and p.due(self.step)]
                 ctx = methods_.StepContext(forward=self.fwd, amp=amp, step=self.step, epoch=epoch,
                                            after_backward=lambda due=due: _measure(due, "after_backward"))
@@ -663,11 +692,15 @@ def model_kwargs(cfg: RunConfig, task: Any) -> dict[str, Any]:
     if cfg.arch == "mlp":
         kw.pop("input_shape", None)
         return kw | {"depth": cfg.depth, "width": cfg.width, "activation": cfg.activation, "init": cfg.init,
-                     "checkpoint_segments": cfg.act_checkpoint}
+                     "checkpoint_segments": cfg.act_checkpoint, "norm": cfg.norm}
     if cfg.arch == "resnet18":
         return kw | {"width": cfg.width, "residual": cfg.residual, "batch_norm": cfg.batch_norm}
     if cfg.arch == "gpt":
         return kw | {"n_layer": cfg.depth, "n_embd": cfg.width, "n_head": cfg.n_head}
+    if cfg.arch == "vit":
+        return kw | {"width": cfg.width, "depth": cfg.depth, "n_head": cfg.n_head}
+    if cfg.arch == "cnn":
+        return kw | {"width": cfg.width, "depth": cfg.depth, "batch_norm": cfg.batch_norm}
     raise ValueError(f"arch: unknown {cfg.arch!r}")
 
 

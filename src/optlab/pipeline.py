@@ -169,6 +169,89 @@ def _score(results: list[engine.RunResult], select: str) -> float:
     return sum(vals) / len(vals) if vals else -math.inf
 
 
+# ---------------------------------------------------------------- runs in worker processes
+
+_WORKER: dict[str, Any] = {}
+
+
+def sweep_workers(params: dict[str, Any], n_jobs: int, device: Any) -> int:
+    """How many processes run a slice's runs: ``OPTLAB_WORKERS``, else params ``workers`` (``auto``:
+    one per ``threads`` cores on CPU, at most 8; one on a GPU), never more than there are runs.
+    The worker count never changes a result: each run's numerics are fixed by its own ``threads``."""
+    raw: Any = os.environ.get("OPTLAB_WORKERS") or params.get("workers", "auto")
+    if raw == "auto":
+        if getattr(device, "type", str(device)) != "cpu":
+            n = 1
+        else:
+            threads = int(params.get("threads") or 0)
+            n = (os.cpu_count() or 1) // threads if threads > 0 else 1
+            n = min(max(n, 1), 8)
+    else:
+        try:
+            n = int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"workers: expected auto or an integer >= 1, got {raw!r}") from None
+        if n < 1:
+            raise ConfigError(f"workers: expected auto or an integer >= 1, got {raw!r}")
+    return max(1, min(n, n_jobs))
+
+
+def _worker_init(prepared_dir: str, datasets: list[str], device: str) -> None:
+    dev = engine.resolve_device(device)
+    _WORKER.clear()
+    _WORKER.update({ds: engine.load_prepared(prepared_dir, ds, dev) for ds in datasets})
+
+
+def _worker_run(job: dict[str, Any]) -> tuple[engine.RunResult | None, str | None]:
+    """One run in a worker process: (result, None) or (None, error) for a bug the engine raised."""
+    cfg = job["cfg"]
+    try:
+        res = engine.train(
+            cfg, sinks=_sink(job["params"], cfg.run_id, parent_run_id=job["parent"]), run_dir=job["run_dir"],
+            data=_WORKER[cfg.dataset], tags=job["tags"], progress=False, checkpoint_dir=job["checkpoint_dir"],
+            sweep=job["sweep"], keep_done=job["keep_done"],
+        )
+    except Exception as exc:
+        return None, f"{cfg.run_id}: {type(exc).__name__}: {exc}"
+    return res, None
+
+
+class _Runner:
+    """Runs a batch of independent runs, in this process (``workers == 1``) or in a pool of
+    spawned worker processes, and returns the results in the batch's order."""
+
+    def __init__(self, workers: int, prepared_dir: str, datasets: list[str], device: str) -> None:
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                            initargs=(prepared_dir, list(datasets), device))
+
+    def map(self, jobs: list[dict[str, Any]], local: Any, done: Any) -> list[tuple[engine.RunResult | None, str | None]]:
+        if self.pool is None:
+            out = []
+            for job in jobs:
+                out.append(local(job))
+                done(*out[-1])
+            return out
+        from concurrent.futures import as_completed
+
+        futures = {self.pool.submit(_worker_run, job): i for i, job in enumerate(jobs)}
+        results: list[Any] = [None] * len(jobs)
+        for fut in as_completed(futures):
+            results[futures[fut]] = fut.result()
+            done(*results[futures[fut]])
+        return results
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
 def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: str = "runs/sweep") -> list[engine.RunResult]:
     """One slice of a study: ``method`` over the study's datasets x grid, LR search then seeds.
 
@@ -185,6 +268,17 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
     spec = resolve_study(params, study)
     if method not in spec.methods:
         raise ConfigError(f"{study}: method {method!r} is not in studies.{study}.methods; allowed: {', '.join(spec.methods)}")
+    if spec.skip is not None:  # not at this scale: an empty slice that says why (the analysis reports it)
+        out = Path(out_root) / study / method
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        doc = {"study": study, "method": method, "optimizer": resolve_method(params, method).get("optimizer"),
+               "analysis": spec.analysis, "verdict": False, "skipped": spec.skip, "scale": params.get("scale", "quick"),
+               "lrs": [], "search_seeds": [], "seeds": [], "points": [], "published": spec.published}
+        (out / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"{study}@{method}: skipped at scale {doc['scale']}: {spec.skip}")
+        return []
 
     def cfg_for(dataset: str, point: dict[str, Any], lr: float, seed: int, run_id: str) -> RunConfig:
         return study_run(params, spec, method, dataset=dataset, point=point, lr=lr, seed=seed, run_id=run_id)
@@ -214,58 +308,79 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
     slice_ckpt = _checkpoint_dir() / "sweep" / study / method
     prefix = method
 
-    def run(dataset: str, point: dict[str, Any], lr: float, seed: int, role: str, parent: Any) -> engine.RunResult | None:
+    workers = sweep_workers(params, per_point, device)
+    runner = _Runner(workers, first.prepared_dir, list(spec.datasets), first.device)
+
+    def job(dataset: str, point: dict[str, Any], lr: float, seed: int, role: str, parent: Any) -> dict[str, Any]:
         run_id = f"{prefix}-{dataset}-{_point_id(point)}-lr{lr:g}-s{seed}"
-        cfg = cfg_for(dataset, point, lr, seed, run_id)
         meta = {"study": study, "method": method, "role": role, "point": point, "select": spec.select,
                 "verdict": spec.verdict, "analysis": spec.analysis}
+        return {"cfg": cfg_for(dataset, point, lr, seed, run_id), "params": params, "parent": parent,
+                "run_dir": out / run_id, "tags": {**tags, "sweep_role": role}, "checkpoint_dir": slice_ckpt,
+                "sweep": meta, "keep_done": True}
+
+    def local(j: dict[str, Any]) -> tuple[engine.RunResult | None, str | None]:
+        cfg = j["cfg"]
         try:
             res = engine.train(
-                cfg, sinks=_sink(params, run_id, parent_run_id=parent), run_dir=out / run_id, data=cache[dataset],
-                tags={**tags, "sweep_role": role}, progress=sys.stderr.isatty(),
-                checkpoint_dir=slice_ckpt, sweep=meta, keep_done=True,
+                cfg, sinks=_sink(params, cfg.run_id, parent_run_id=j["parent"]), run_dir=j["run_dir"],
+                data=cache[cfg.dataset], tags=j["tags"], progress=sys.stderr.isatty(), checkpoint_dir=slice_ckpt,
+                sweep=j["sweep"], keep_done=True,
             )
         except Exception as exc:  # recorded as failed by the engine; the slice goes on
-            errors.append(f"{run_id}: {type(exc).__name__}: {exc}")
-            res = None
+            return None, f"{cfg.run_id}: {type(exc).__name__}: {exc}"
+        return res, None
+
+    def done(res: engine.RunResult | None, err: str | None) -> None:
+        if err is not None:
+            errors.append(err)
         if bar is not None:
             bar.update(1)
             if res is not None:
                 bar.set_postfix_str(_summary_line(res))
-        if res is not None:
-            results.append(res)
-        return res
 
-    with _parent(params, stage, {**tags, "method": method, "seed": ",".join(map(str, spec.seeds))}) as parent:
-        for dataset in spec.datasets:
-            stopped_at: Any = None
-            for point in points:
-                if stopped_at is not None and first_axis is not None and point[first_axis] > stopped_at:
-                    summary.append({"dataset": dataset, "point": point, "skipped": f"{first_axis} beyond failure at {stopped_at}"})
-                    continue
-                by_lr: dict[float, list[engine.RunResult]] = {}
-                role = "search" if searching else "confirm"
-                for lr in lrs:
+    def run_all(jobs: list[dict[str, Any]]) -> list[engine.RunResult | None]:
+        out_ = [res for res, _ in runner.map(jobs, local, done)]
+        results.extend(r for r in out_ if r is not None)
+        return out_
+
+    try:
+        with _parent(params, stage, {**tags, "method": method, "seed": ",".join(map(str, spec.seeds))}) as parent:
+            for dataset in spec.datasets:
+                stopped_at: Any = None
+                for point in points:
+                    if stopped_at is not None and first_axis in point and point[first_axis] > stopped_at:
+                        summary.append({"dataset": dataset, "point": point, "skipped": f"{first_axis} beyond failure at {stopped_at}"})
+                        continue
+                    role = "search" if searching else "confirm"
                     seeds = spec.search_seeds if searching else spec.seeds
-                    by_lr[lr] = [r for sd in seeds if (r := run(dataset, point, lr, sd, role, parent))]
-                best_lr = max(lrs, key=lambda lr: (_score(by_lr[lr], spec.select), -lr))
-                chosen = by_lr[best_lr]
-                if searching:
-                    chosen = chosen + [r for sd in confirm_seeds if (r := run(dataset, point, best_lr, sd, "confirm", parent))]
-                failures = sorted({r.failure for r in chosen if r.failure})
-                summary.append({"dataset": dataset, "point": point, "selected_lr": best_lr, "select": spec.select,
-                                "score": _score(by_lr[best_lr], spec.select), "failures": failures,
-                                "lr_edge": lr_edge(best_lr, lrs),
-                                "search_scores": {f"{lr:g}": _finite(_score(by_lr[lr], spec.select)) for lr in lrs}})
-                if spec.stop_on_failure and failures and first_axis is not None and stopped_at is None:
-                    stopped_at = point[first_axis]
+                    grid = [(lr, sd) for lr in lrs for sd in seeds]
+                    got = run_all([job(dataset, point, lr, sd, role, parent) for lr, sd in grid])
+                    by_lr: dict[float, list[engine.RunResult]] = {lr: [] for lr in lrs}
+                    for (lr, _), r in zip(grid, got):
+                        if r is not None:
+                            by_lr[lr].append(r)
+                    best_lr = max(lrs, key=lambda lr: (_score(by_lr[lr], spec.select), -lr))
+                    chosen = by_lr[best_lr]
+                    if searching:
+                        more = run_all([job(dataset, point, best_lr, sd, "confirm", parent) for sd in confirm_seeds])
+                        chosen = chosen + [r for r in more if r is not None]
+                    failures = sorted({r.failure for r in chosen if r.failure})
+                    summary.append({"dataset": dataset, "point": point, "selected_lr": best_lr, "select": spec.select,
+                                    "score": _score(by_lr[best_lr], spec.select), "failures": failures,
+                                    "lr_edge": lr_edge(best_lr, lrs),
+                                    "search_scores": {f"{lr:g}": _finite(_score(by_lr[lr], spec.select)) for lr in lrs}})
+                    if spec.stop_on_failure and failures and first_axis in point and stopped_at is None:
+                        stopped_at = point[first_axis]
+    finally:
+        runner.close()
     if bar is not None:
         bar.close()
     doc = {"study": study, "method": method, "optimizer": first.optimizer, "step_method": first.step_method,
            "analysis": spec.analysis, "verdict": spec.verdict_spec if spec.verdict else False,
            "primary": {"metric": spec.primary[0], "direction": spec.primary[1]}, "select": spec.select,
            "lr_policy": spec.lr_policy, "lrs": list(lrs), "search_seeds": list(spec.search_seeds),
-           "seeds": list(spec.seeds), "points": summary}
+           "seeds": list(spec.seeds), "points": summary, "published": spec.published}
     (out / "summary.json").write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
     if not errors:  # the slice is complete: its finished-run records are no longer needed
         shutil.rmtree(slice_ckpt, ignore_errors=True)

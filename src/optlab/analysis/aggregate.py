@@ -413,6 +413,8 @@ class SliceSummary:
     seeds: tuple[int, ...]
     points: tuple[dict[str, Any], ...]
     source: str
+    skipped: str | None = None  # why the slice did not run at its scale (``<scale>: {skip: reason}``)
+    published: tuple[tuple[str, Any], ...] = ()  # the study's labeled published reference (``studies.<s>.published``)
 
 
 def load_slices(root: Path | str) -> list[SliceSummary]:
@@ -444,6 +446,9 @@ def load_slices(root: Path | str) -> list[SliceSummary]:
             seeds=tuple(int(s) for s in doc.get("seeds") or []),
             points=tuple(p for p in points if isinstance(p, dict)),
             source=path.resolve().relative_to(base).as_posix(),
+            skipped=doc.get("skipped") if isinstance(doc.get("skipped"), str) else None,
+            published=tuple((str(k), v) for k, v in (doc.get("published") or {}).items())
+            if isinstance(doc.get("published"), dict) else (),
         ))
     return out
 

@@ -2,13 +2,15 @@
 
 | name | what it is |
 | --- | --- |
-| ``backprop`` | forward, backward, ``optimizer.step()`` (the default) |
+| ``backprop`` | forward, backward, ``optimizer.step()`` (the default); ``clip_norm``: gradient clipping before the step |
 | ``rho`` | forward, backward, the optimizer's step measured and sized by the rho controller |
 
 A method is a :class:`optlab.methods.base.Method` subclass in its own module, registered with
 ``@METHODS.register(name)``; its options are a pydantic model (``Options``) validated from the
 run's ``method_options``. The engine loop calls ``method.step(x, y, ctx)`` and has no branch for
-any method or optimizer.
+any method or optimizer; with an LR schedule (:mod:`optlab.schedule`) it also calls
+``method.set_lr_scale(scale)`` before each step (:meth:`Method.set_lr_scale` scales every param
+group of :meth:`Method.optimizers` from its base LR).
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ class Method:
         self.model, self.task, self.cfg, self.device, self.options = model, task, cfg, device, options
 
     optimizer: Any = None
+    _base_lrs: list[Any] | None = None  # the groups' LRs as built (set_lr_scale scales these)
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor, ctx: StepContext) -> StepOutput:  # pragma: no cover
         raise NotImplementedError
@@ -78,6 +79,34 @@ class Method:
     def optimizers(self) -> list[Any]:
         return [self.optimizer] if self.optimizer is not None else []
 
+    # -- learning-rate schedules (optlab.schedule)
+    def lr_groups(self) -> list[dict[str, Any]]:
+        """The param groups a learning-rate schedule scales: every group of every optimizer the
+        method owns (a ``Projected`` or rho-controller wrapper exposes its base optimizer's groups)."""
+        return [g for opt in self.optimizers() for g in opt.param_groups]
+
+    def _record_base_lrs(self) -> list[Any]:
+        if self._base_lrs is None:
+            self._base_lrs = [g["lr"].detach().clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+                              for g in self.lr_groups()]
+        return self._base_lrs
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Set every group's ``lr`` to its base LR times ``scale`` (the engine calls this before each
+        step when the run has a schedule, and never otherwise). The base LRs are the groups' LRs the
+        first time this (or :meth:`load_state_dict`) runs, i.e. the LRs the method built its
+        optimizers with; a checkpoint written mid-schedule, whose groups hold scaled LRs, does not
+        change them. A method with its own LR logic can override it."""
+        groups = self.lr_groups()
+        base = self._record_base_lrs()
+        if len(base) != len(groups):
+            raise ValueError(f"method {self.name}: the optimizers' param groups changed ({len(base)} -> {len(groups)})")
+        for g, b in zip(groups, base):
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].fill_(b * scale)
+            else:
+                g["lr"] = b * scale
+
     def modules(self) -> list[nn.Module]:
         """Modules the method owns beyond the model (trained or fixed)."""
         return []
@@ -87,6 +116,7 @@ class Method:
                 "modules": [m.state_dict() for m in self.modules()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._record_base_lrs()  # before the checkpoint's (maybe scaled) LRs replace the built ones
         opts, mods = self.optimizers(), self.modules()
         if len(state["optimizers"]) != len(opts) or len(state["modules"]) != len(mods):
             raise ValueError(f"method {self.name}: checkpoint state does not match this method's optimizers/modules")

@@ -9,7 +9,7 @@ projection). Options (``method_options``):
 | ``mode`` | ``capped`` | ``fixed`` (base LR, rho and r measured), ``capped`` (``min(lr, r_target rho / ||u||)``), ``set`` (``r_target rho / ||u||``, no base LR) |
 | ``r_target`` | 1.0 | target normalized step size |
 | ``samples`` | ``batch`` | ``batch``, ``subset:N`` (seeded, N of the batch), ``probe`` (the task's probe batch), ``full`` (the training inputs) |
-| ``derivative`` | ``auto`` | ``jvp``, ``fd`` (central difference, ``fd_eps``), ``auto`` (JVP, else the difference) |
+| ``derivative`` | ``auto`` | ``jvp``, ``fd`` (central difference, ``fd_eps``), ``fd1`` (one-sided difference against the training forward's outputs: one eval forward; models without batch norm or dropout, no amp or compile; samples ``batch`` or ``subset:N``), ``auto`` (JVP, else the central difference) |
 | ``fd_eps`` | 1e-4 | finite-difference step along the unit direction |
 | ``seed`` | 0 | seed of the ``subset`` draws |
 | ``chunk`` | 4096 | rows per JVP call over a pool |
@@ -41,7 +41,7 @@ class RhoOptions(BaseModel):
     mode: Literal["fixed", "capped", "set"] = "capped"
     r_target: float = Field(1.0, gt=0, allow_inf_nan=False)
     samples: str = "batch"
-    derivative: Literal["auto", "jvp", "fd"] = "auto"
+    derivative: Literal["auto", "jvp", "fd", "fd1"] = "auto"
     fd_eps: float = Field(FD_EPS, gt=0, allow_inf_nan=False)
     seed: int = Field(0, ge=0)
     chunk: int = Field(4096, ge=1)
@@ -79,6 +79,9 @@ class Rho(Method):
     def __init__(self, model: nn.Module, task: Any, cfg: Any, device: torch.device, options: Any) -> None:
         super().__init__(model, task, cfg, device, options)
         o = options
+        if o.derivative == "fd1" and (getattr(cfg, "amp", "none") != "none" or getattr(cfg, "compile", False)):
+            raise ValueError("method_options.derivative: fd1 reuses the training forward's outputs, which under amp or "
+                             "compile differ from the eval forward's; use jvp or fd")
         self.controller = RhoController(
             model, build_optimizer(model, cfg), mode=o.mode, r_target=o.r_target, samples=o.samples,
             derivative=o.derivative, fd_eps=o.fd_eps, pool=sample_pool(task, o.samples), seed=o.seed, chunk=o.chunk,
@@ -89,7 +92,7 @@ class Rho(Method):
     def step(self, xb: torch.Tensor, yb: torch.Tensor, ctx: StepContext) -> StepOutput:
         self.controller.mark_epoch(ctx.epoch)
         logits, loss = self.forward_backward(xb, yb, ctx, self.controller)
-        stats = self.controller.step(xb)
+        stats = self.controller.step(xb, logits if self.controller.derivative_used == "fd1" else None)
         return StepOutput(loss=loss, outputs=logits, stats=dict(stats))
 
     def summary(self) -> dict[str, Any]:

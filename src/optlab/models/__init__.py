@@ -2,10 +2,14 @@
 
 Archs: ``mlp`` (:class:`DeepMLP`: input_dim, n_classes, depth, width, activation, init),
 ``resnet18`` (:class:`optlab.models.resnet.ResNet18`: input_dim, n_classes, input_shape, width,
-residual, batch_norm) and ``gpt`` (:class:`optlab.models.gpt.GPT`: vocab_size, block_size,
-n_layer, n_head, n_embd, dropout, bias; anything else is refused). Models with convolutions
-also provide ``conv_specs()`` (conv weight name -> stride, padding, dilation, groups,
-input_hw), which the conv spectral projection uses.
+residual, batch_norm), ``gpt`` (:class:`optlab.models.gpt.GPT`: vocab_size, block_size,
+n_layer, n_head, n_embd, dropout, bias; anything else is refused), ``vit``
+(:class:`optlab.models.vit.ViT`: input_dim, n_classes, input_shape, width, depth, n_head, patch;
+image rows as tokens) and ``cnn`` (:class:`optlab.models.cnn.SmallCNN`: input_dim, n_classes,
+input_shape, width, depth, batch_norm). The deep MLP takes ``norm`` (``none`` | ``layer``).
+Models with convolutions (resnet18, cnn) also provide ``conv_specs()`` (conv weight name ->
+stride, padding, dilation, groups, input_hw), which the conv spectral projection and the
+operator-norm metrics use.
 
 Every model runs under ``torch.func.jvp`` + ``functional_call`` in eval mode;
 :func:`optlab.models.functional.jvp_outputs` gives a model's outputs and their derivative along a
@@ -24,6 +28,8 @@ from torch import nn
 
 from .mlp import DeepMLP
 from .gpt import GPT, GPTConfig, build_gpt
+from .cnn import SmallCNN
+from .vit import ViT
 from .functional import jvp_outputs
 
 ROLES = ("input", "hidden", "output", "bias_norm")
@@ -37,7 +43,8 @@ def _resnet18(**cfg: Any) -> nn.Module:
     return ResNet18(**cfg)
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {"mlp": DeepMLP, "resnet18": _resnet18, "gpt": build_gpt}
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {"mlp": DeepMLP, "resnet18": _resnet18, "gpt": build_gpt, "vit": ViT,
+                                                  "cnn": SmallCNN}
 
 
 def arch_names() -> list[str]:

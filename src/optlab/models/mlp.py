@@ -13,6 +13,17 @@ boundaries are kept; each segment is recomputed in backward). Its gradients are 
 against autograd through ``unbind`` (:meth:`DeepMLP.forward_autograd`, the reference path, also
 used under autocast, torch.compile, forward-mode AD and ``torch.func`` transforms, which the
 function does not support) in ``tests/test_models.py``.
+
+Normalization (``norm``, the run key of the same name; arch ``mlp`` only): ``none`` (default:
+the plain network above, exactly as without the option) or ``layer``: a LayerNorm (eps 1e-5,
+affine, init 1/0) after every linear layer that feeds an activation, before that activation,
+i.e. after the input projection and after each of the ``depth`` hidden layers (``depth + 1``
+LayerNorms; none after the output head): ``h <- act(LN(h W^T + b))``. The hidden layers'
+LayerNorm parameters are stored as ``(depth, width)`` stacks (``hidden_norm.weight``,
+``hidden_norm.bias``) beside the weight stack; every LayerNorm parameter has role ``bias_norm``.
+With ``norm="layer"`` the forward always takes the reference path (autograd through ``unbind``,
+``torch.utils.checkpoint`` for ``checkpoint_segments``): the fused stack function has no
+LayerNorm, and these models are small.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from .functional import forward_ad_active, functorch_active
 
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu}
 _GAINS = {"tanh": 5.0 / 3.0, "relu": math.sqrt(2.0), "gelu": math.sqrt(2.0)}
+NORMS = ("none", "layer")
 
 
 def orthogonal_(w: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -136,8 +148,18 @@ class HiddenStack(nn.Module):
         self.bias = nn.Parameter(torch.zeros(depth, width))
 
 
+class NormStack(nn.Module):
+    """``depth`` LayerNorm affine parameters stored as one ``(depth, width)`` weight (ones) and bias (zeros)."""
+
+    def __init__(self, depth: int, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(depth, width))
+        self.bias = nn.Parameter(torch.zeros(depth, width))
+
+
 class DeepMLP(nn.Module):
-    """input projection -> ``depth`` hidden layers (width x width) -> output head."""
+    """input projection -> ``depth`` hidden layers (width x width) -> output head
+    (``norm="layer"``: a LayerNorm before every activation; see the module docstring)."""
 
     def __init__(
         self,
@@ -148,8 +170,11 @@ class DeepMLP(nn.Module):
         activation: str = "tanh",
         init: str = "orthogonal",
         checkpoint_segments: int = 0,
+        norm: str = "none",
     ) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm: unknown {norm!r}; allowed: {', '.join(NORMS)}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation: unknown {activation!r}; allowed: {', '.join(_ACTIVATIONS)}")
         if init not in ("orthogonal", "kaiming"):
@@ -159,8 +184,13 @@ class DeepMLP(nn.Module):
         self.depth, self.width, self.activation, self.init = depth, width, activation, init
         self.checkpoint_segments = checkpoint_segments  # activation checkpointing: 0 = off
         self.act = _ACTIVATIONS[activation]
+        self.norm = norm
         self.input = nn.Linear(input_dim, width)
+        if norm == "layer":
+            self.input_norm = nn.LayerNorm(width)
         self.hidden = HiddenStack(depth, width)
+        if norm == "layer":
+            self.hidden_norm = NormStack(depth, width)
         self.head = nn.Linear(width, n_classes)
         self.reset_parameters()
 
@@ -173,10 +203,16 @@ class DeepMLP(nn.Module):
                 kaiming_(w, gain=_GAINS[self.activation])
         for b in (self.input.bias, self.hidden.bias, self.head.bias):
             nn.init.zeros_(b)
+        if self.norm == "layer":
+            for g in (self.input_norm.weight, self.hidden_norm.weight):
+                nn.init.ones_(g)
+            for b in (self.input_norm.bias, self.hidden_norm.bias):
+                nn.init.zeros_(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.hidden.weight, self.hidden.bias
-        if (not torch.is_grad_enabled() or torch.is_autocast_enabled() or torch.compiler.is_compiling()
+        if (self.norm != "none"  # LayerNorm: the reference path (the stack function has none)
+                or not torch.is_grad_enabled() or torch.is_autocast_enabled() or torch.compiler.is_compiling()
                 or w.dtype != b.dtype or functorch_active()
                 or forward_ad_active(x, w, b, *self.input.parameters())):  # raw tensors: no parametrization is evaluated
             return self.forward_autograd(x)
@@ -186,6 +222,8 @@ class DeepMLP(nn.Module):
 
     def forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
         """The reference forward: autograd through ``unbind`` (torch.utils.checkpoint for segments)."""
+        if self.norm != "none":
+            return self._forward_normed(x)
         h = self.act(self.input(x))
         ws, bs = self.hidden.weight.unbind(0), self.hidden.bias.unbind(0)
         k = self.checkpoint_segments
@@ -204,8 +242,28 @@ class DeepMLP(nn.Module):
             h = self.act(F.linear(h, w, b))
         return h
 
+    def _forward_normed(self, x: torch.Tensor) -> torch.Tensor:
+        """``norm="layer"``: act(LN(linear)) for the input projection and every hidden layer."""
+        h = self.act(self.input_norm(self.input(x)))
+        wb = (*self.hidden.weight.unbind(0), *self.hidden.bias.unbind(0),
+              *self.hidden_norm.weight.unbind(0), *self.hidden_norm.bias.unbind(0))
+        k = self.checkpoint_segments
+        if k > 0 and self.training and torch.is_grad_enabled():
+            d = self.depth
+            for a, z in _segments(d, k):
+                seg = [t for j in range(4) for t in wb[j * d + a : j * d + z]]
+                h = checkpoint(self._normed_segment, h, *seg, use_reentrant=False)
+            return self.head(h)
+        return self.head(self._normed_segment(h, *wb))
+
+    def _normed_segment(self, h: torch.Tensor, *p: torch.Tensor) -> torch.Tensor:
+        n = len(p) // 4
+        for w, b, g, beta in zip(p[:n], p[n : 2 * n], p[2 * n : 3 * n], p[3 * n :]):
+            h = self.act(F.layer_norm(F.linear(h, w, b), (self.width,), g, beta))
+        return h
+
     def param_roles(self) -> dict[str, str]:
-        return {
+        roles = {
             "input.weight": "input",
             "input.bias": "bias_norm",
             "hidden.weight": "hidden",
@@ -213,3 +271,6 @@ class DeepMLP(nn.Module):
             "head.weight": "output",
             "head.bias": "bias_norm",
         }
+        if self.norm == "layer":
+            roles.update({f"{m}.{p}": "bias_norm" for m in ("input_norm", "hidden_norm") for p in ("weight", "bias")})
+        return roles

@@ -20,12 +20,13 @@ convolution's input (``conv_input_hw``) and the full geometry of each convolutio
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+
+from .vision import resolve_image_shape, trace_conv_specs
 
 STAGE_STRIDES = (1, 2, 2, 2)
 BLOCKS_PER_STAGE = 2
@@ -66,7 +67,7 @@ class ResNet18(nn.Module):
         in_channels: int | None = None,
     ) -> None:
         super().__init__()
-        shape = _resolve_shape(input_dim, input_shape, in_channels)
+        shape = resolve_image_shape(input_dim, input_shape, in_channels, "ResNet18")
         if not isinstance(width, int) or isinstance(width, bool) or width < 1:
             raise ValueError(f"width: must be an integer >= 1, got {width!r}")
         if n_classes < 1:
@@ -92,7 +93,7 @@ class ResNet18(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, n_classes)
         self.reset_parameters()
-        self._conv_specs = self._trace_convs()
+        self._conv_specs = trace_conv_specs(self, self.input_shape)
 
     def _block(self, inplanes: int, planes: int, stride: int, norm: Callable[[int], nn.Module]) -> BasicBlock:
         if not self.residual:
@@ -144,40 +145,6 @@ class ResNet18(nn.Module):
 
     # -- convolution geometry (for the operator-norm projection and metrics)
     @torch.no_grad()
-    def _trace_convs(self) -> dict[str, dict[str, Any]]:
-        """Run one zero input of ``input_shape`` through the model with hooks on every convolution."""
-        seen: dict[str, tuple[int, int]] = {}
-        handles = []
-        for mod_name, mod in self.named_modules():
-            if isinstance(mod, nn.Conv2d):
-                def hook(m: nn.Module, args: tuple, _n: str = mod_name) -> None:
-                    seen[_n] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
-                handles.append(mod.register_forward_pre_hook(hook))
-        was = self.training
-        self.eval()  # no batch-norm statistics update
-        try:
-            p = self.conv1.weight
-            self.forward(torch.zeros(1, *self.input_shape, device=p.device, dtype=p.dtype))
-        except RuntimeError as e:
-            raise ValueError(f"input_shape {self.input_shape} is too small for ResNet18: {e}") from e
-        finally:
-            for h in handles:
-                h.remove()
-            self.train(was)
-        specs = {}
-        for mod_name, mod in self.named_modules():
-            if isinstance(mod, nn.Conv2d):
-                if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-                    raise ValueError(f"{mod_name}: only explicit zero padding is supported")
-                specs[f"{mod_name}.weight"] = {
-                    "stride": tuple(mod.stride),
-                    "padding": tuple(mod.padding),
-                    "dilation": tuple(mod.dilation),
-                    "groups": int(mod.groups),
-                    "input_hw": seen[mod_name],
-                }
-        return specs
-
     def conv_input_hw(self) -> dict[str, tuple[int, int]]:
         """Conv weight parameter name -> (H, W) of that convolution's input at ``input_shape``."""
         return {n: s["input_hw"] for n, s in self._conv_specs.items()}
@@ -185,25 +152,3 @@ class ResNet18(nn.Module):
     def conv_specs(self) -> dict[str, dict[str, Any]]:
         """Conv weight parameter name -> dict(stride, padding, dilation, groups, input_hw)."""
         return {n: dict(s) for n, s in self._conv_specs.items()}
-
-
-def _resolve_shape(
-    input_dim: int | None, input_shape: tuple[int, ...] | list[int] | None, in_channels: int | None
-) -> tuple[int, int, int]:
-    """(C, H, W) from ``input_shape``, or from ``input_dim`` and ``in_channels`` for square images."""
-    if input_shape is not None:
-        shape = tuple(int(s) for s in input_shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"input_shape: expected (C, H, W) with positive sizes, got {tuple(input_shape)}")
-        if in_channels is not None and in_channels != shape[0]:
-            raise ValueError(f"in_channels={in_channels} does not match input_shape {shape}")
-    else:
-        if input_dim is None or in_channels is None:
-            raise ValueError("ResNet18 needs input_shape (C, H, W), or input_dim and in_channels for square images")
-        side = math.isqrt(input_dim // in_channels) if input_dim % in_channels == 0 else 0
-        if side < 1 or in_channels * side * side != input_dim:
-            raise ValueError(f"input_dim={input_dim} is not in_channels={in_channels} square images; give input_shape")
-        shape = (in_channels, side, side)
-    if input_dim is not None and input_dim != shape[0] * shape[1] * shape[2]:
-        raise ValueError(f"input_dim={input_dim} does not match input_shape {shape}")
-    return shape  # type: ignore[return-value]

@@ -22,6 +22,8 @@ Every optimizer works in a user's own loop: ``opt.zero_grad(); loss.backward(); 
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -115,20 +117,25 @@ def build(
         raise ValueError(f"optimizer: unknown {name!r}; allowed: {', '.join(_NAMES)}")
     if sn_conv not in SN_CONV_FORMS:
         raise ValueError(f"sn.conv: unknown {sn_conv!r}; allowed: {', '.join(SN_CONV_FORMS)}")
+    wd = extra.pop("weight_decay", None)
     if extra:
-        raise ValueError(f"optimizer {name}: unexpected options {sorted(extra)}")
+        raise ValueError(f"optimizer {name}: unexpected options {sorted(extra)}; allowed: weight_decay")
+    if wd is not None and not (isinstance(wd, (int, float)) and not isinstance(wd, bool) and math.isfinite(wd) and wd >= 0):
+        raise ValueError(f"optimizer_options.weight_decay: expected a number >= 0, got {wd!r}")
     params = _params(model)
     if name in ("adam", "adamw"):
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return cls(params) if lr is None else cls(params, lr=lr)
+        kw: dict[str, Any] = {} if wd is None else {"weight_decay": float(wd)}  # adam: L2 in the gradient; adamw: decoupled
+        return cls(params, **kw) if lr is None else cls(params, lr=lr, **kw)
     if lr is None:
         raise ValueError(f"optimizer {name}: lr is required")
+    decay = 0.0 if wd is None else float(wd)  # torch SGD's weight_decay: L2 added to the gradient
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
+        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=decay)
     if name == "sgd_momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=decay)
     # sgd_sn
-    inner = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
+    inner = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=decay)
     chosen = [(canonical_name(n), p) for n, p in params_by_role(model, sn_roles) if p.dim() >= 2]
     matrices = [p for _, p in chosen if p.dim() <= 3]
     kernels = [(n, p) for n, p in chosen if p.dim() == 4]

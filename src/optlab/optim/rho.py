@@ -22,9 +22,17 @@ and weight decay; Adam, with or without amsgrad and L2 decay; AdamW; an ``sgd_sn
    eps)`` with the moments and bias corrections of the step about to happen, plus AdamW's
    decoupled ``weight_decay * p``), batched with ``torch._foreach`` ops; ``v = -u / ||u||``;
 2. ``a`` = the directional derivative of the logits along ``v`` on the chosen samples
-   (:func:`logit_slopes`: ``torch.func.jvp`` through :func:`optlab.models.jvp_outputs`, in eval
-   mode, batch-norm statistics untouched; or a central finite difference, ``fd_eps = 1e-4``,
-   for models without a forward-mode rule; ``derivative="auto"`` tries the JVP and falls back);
+   (:func:`logit_slopes`, in eval mode, batch-norm statistics untouched): ``jvp``, forward-mode AD
+   (:func:`optlab.models.functional.forward_tangents`: ``torch.autograd.forward_ad`` dual tensors
+   in the parameters' slots; bitwise the ``torch.func.jvp`` of :func:`optlab.models.jvp_outputs`
+   on the MLP and ResNet, within float rounding on the GPT); ``fd``, a central finite difference,
+   ``fd_eps = 1e-4`` along the unit direction, two forwards, for models without a forward-mode
+   rule; ``auto`` (the default) tries the JVP and falls back to ``fd``; or ``fd1``, only when
+   chosen: a one-sided difference against the outputs of the step's own training forward, one
+   eval forward, for models whose train- and eval-mode forwards agree (batch norm and dropout
+   with p > 0 are refused; samples ``batch`` or ``subset:N``; first order: Delta_a measured within
+   2e-4..2e-3 of the JVP's in float32, where the central difference is within 2e-4..7e-4, and
+   1e-5..1e-4 in float64);
 3. ``eta_eff`` by ``mode``: ``fixed`` (the base LR ``eta``; the base optimizer is unchanged, rho
    and r are still measured), ``capped`` (``min(eta, r_target * rho / ||u||)``) or ``set``
    (``r_target * rho / ||u||``; the base LR is ignored);
@@ -61,21 +69,19 @@ opt.step()`` works unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from ..models.functional import functorch_active, jvp_outputs
+from ..models.functional import ParamSlots, eval_outputs, forward_tangents, functorch_active
 from .projected import Projected
 
 MODES = ("fixed", "capped", "set")
-DERIVATIVES = ("auto", "jvp", "fd")
+DERIVATIVES = ("auto", "jvp", "fd", "fd1")
 APPLY = ("device", "torch")
 SAMPLE_KINDS = ("batch", "subset:N", "probe", "full")
 STAT_KEYS = ("tau", "rho", "r", "eta_eff", "capped", "delta_a")
@@ -265,49 +271,53 @@ def proposed_step(opt: Any, *, commit: bool = False, weights: list[float] | None
 # ---------------------------------------------------------------- derivatives of the logits
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was in flags:
-            m.training = was
-
-
 def _fd_slopes(model: nn.Module, inputs: torch.Tensor, tangents: Mapping[str, torch.Tensor], fd_eps: float,
-               tangent_norm: torch.Tensor | None) -> torch.Tensor:
-    """Central difference of the eval-mode outputs along ``tangents`` with step ``fd_eps`` along the
-    unit direction, scaled back to a derivative along ``tangents`` (buffers untouched)."""
-    own = dict(model.named_parameters())
+               tangent_norm: torch.Tensor | None, slots: ParamSlots | None = None,
+               base_outputs: torch.Tensor | None = None) -> torch.Tensor:
+    """A finite difference of the eval-mode outputs along ``tangents`` with step ``fd_eps`` along
+    the unit direction, scaled back to a derivative along ``tangents`` (buffers untouched).
+
+    Central (two forwards) by default; with ``base_outputs`` (the outputs at the current
+    parameters, e.g. the training forward's where it equals the eval forward) one-sided, one forward
+    at ``theta - h * tangents``: ``(base_outputs - f(theta - h * tangents)) / h``."""
+    slots = (slots if slots is not None and slots.model is model else ParamSlots(model)).current()
+    own = slots.params
     names = list(tangents)
     tan = [tangents[n] for n in names]
     base = [own[n] for n in names]
     if tangent_norm is None:
         tangent_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tan))) if tan else None
     if tangent_norm is None:
-        with _eval_mode(model), torch.no_grad():
-            return torch.zeros_like(model(inputs))
+        return torch.zeros_like(eval_outputs(slots, inputs))
     h = fd_eps / torch.clamp(tangent_norm, min=torch.finfo(tangent_norm.dtype).tiny)
-    with _eval_mode(model), torch.no_grad():
+    with torch.no_grad():
         step = torch._foreach_mul(tan, h)
-        plus = functional_call(model, dict(zip(names, torch._foreach_add(base, step))), (inputs,))
-        minus = functional_call(model, dict(zip(names, torch._foreach_sub(base, step))), (inputs,))
+        minus = eval_outputs(slots, inputs, dict(zip(names, torch._foreach_sub(base, step))))
+        if base_outputs is not None:
+            return (base_outputs.detach() - minus) / h
+        plus = eval_outputs(slots, inputs, dict(zip(names, torch._foreach_add(base, step))))
     return (plus - minus) / (2 * h)
 
 
 def logit_slopes(model: nn.Module, inputs: torch.Tensor, tangents: Mapping[str, torch.Tensor], *,
                  derivative: str = "jvp", fd_eps: float = FD_EPS,
-                 tangent_norm: torch.Tensor | None = None) -> torch.Tensor:
+                 tangent_norm: torch.Tensor | None = None, slots: ParamSlots | None = None,
+                 base_outputs: torch.Tensor | None = None) -> torch.Tensor:
     """``d/dt model(theta + t * tangents)`` at ``t = 0`` in eval mode (names as in
     ``model.named_parameters()``; missing names are zero tangents): ``jvp`` (forward-mode AD,
-    exact) or ``fd`` (a central finite difference of step ``fd_eps`` along the unit direction)."""
+    exact: :func:`optlab.models.functional.forward_tangents`), ``fd`` (a central finite difference
+    of step ``fd_eps`` along the unit direction) or ``fd1`` (the one-sided difference against
+    ``base_outputs``, the outputs at ``theta``: one forward instead of two, first-order accurate).
+    ``slots`` (a :class:`~optlab.models.functional.ParamSlots` of ``model``) is reused if given."""
     if derivative == "jvp":
-        return jvp_outputs(model, inputs, tangents)[1]
+        return forward_tangents(model, inputs, tangents, slots=slots)
     if derivative == "fd":
-        return _fd_slopes(model, inputs, tangents, fd_eps, tangent_norm)
-    raise ValueError(f"derivative: unknown {derivative!r}; allowed: jvp, fd")
+        return _fd_slopes(model, inputs, tangents, fd_eps, tangent_norm, slots)
+    if derivative == "fd1":
+        if base_outputs is None:
+            raise ValueError("derivative fd1: needs base_outputs (the outputs at the current parameters)")
+        return _fd_slopes(model, inputs, tangents, fd_eps, tangent_norm, slots, base_outputs)
+    raise ValueError(f"derivative: unknown {derivative!r}; allowed: jvp, fd, fd1")
 
 
 def spread(slopes: torch.Tensor) -> torch.Tensor:
@@ -320,14 +330,33 @@ def spread(slopes: torch.Tensor) -> torch.Tensor:
 
 
 class _InputTap:
-    """A forward pre-hook that keeps the inputs of the model's last training-mode call."""
+    """A forward pre-hook that keeps the inputs of the model's last training-mode call (and, as a
+    forward hook too, its outputs, detached, for ``derivative="fd1"``)."""
 
     def __init__(self) -> None:
         self.last: torch.Tensor | None = None
+        self.last_out: torch.Tensor | None = None  # the outputs of the call whose inputs are ``last``
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if module.training and args and isinstance(args[0], torch.Tensor) and not functorch_active():
-            self.last = args[0]
+            self.last, self.last_out = args[0], None
+
+    def outputs(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if (module.training and args and args[0] is self.last and isinstance(out, torch.Tensor)
+                and not functorch_active()):
+            self.last_out = out.detach()
+
+
+def _train_dependent(model: nn.Module) -> list[str]:
+    """Names of the modules whose train- and eval-mode forwards are known to differ: batch norm
+    (batch statistics vs running ones), instance norm with running statistics, dropout with p > 0."""
+    out = []
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.modules.batchnorm._BatchNorm)
+                or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats)
+                or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)):
+            out.append(name or type(m).__name__)
+    return out
 
 
 _N_SUM = 4  # accumulator sums: steps, r, eta_eff, capped
@@ -377,18 +406,31 @@ class RhoController:
         self.model, self.base = model, optimizer
         self.mode, self.r_target, self.samples = mode, float(r_target), samples
         self.derivative, self.fd_eps, self.pool, self.seed, self.chunk, self.apply = derivative, float(fd_eps), pool, seed, chunk, apply
-        self.derivative_used = "jvp" if derivative in ("auto", "jvp") else "fd"
+        self.derivative_used = "jvp" if derivative in ("auto", "jvp") else derivative
+        if derivative == "fd1":
+            if self.kind in ("probe", "full"):
+                raise ValueError(f"derivative fd1: reuses the training forward's outputs, so samples must be batch or "
+                                 f"subset:N, not {samples}")
+            bad = _train_dependent(model)
+            if bad:
+                raise ValueError(f"derivative fd1: {type(model).__name__}'s train- and eval-mode forwards differ "
+                                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); use jvp or fd")
         inner = _inner(optimizer)
         _direction_fn(inner)  # refuse an unsupported optimizer now, not at the first step
         self._name = {id(p): n for n, p in model.named_parameters()}
         missing = [i for g in inner.param_groups for i, p in enumerate(g["params"]) if id(p) not in self._name]
         if missing:
             raise ValueError("rho: the optimizer holds parameters that are not the model's own")
+        self._slots = ParamSlots(model)  # where the parameters live: for the JVP's and the differences' forwards
+        self._ones: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # see _one
         self._tap: _InputTap | None = None
         self._hook = None
+        self._out_hook = None
         if capture_inputs:
             self._tap = _InputTap()
             self._hook = model.register_forward_pre_hook(self._tap)
+            if derivative == "fd1":
+                self._out_hook = model.register_forward_hook(self._tap.outputs)
         self._gen: torch.Generator | None = None
         self._gen_state: torch.Tensor | None = None  # restored before the generator exists
         self._sums: torch.Tensor | None = None  # run: steps, sum r, sum eta_eff, sum capped
@@ -428,21 +470,41 @@ class RhoController:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._out_hook is not None:
+            self._out_hook.remove()
+            self._out_hook = None
 
     def __repr__(self) -> str:
         return (f"RhoController({self.base!r}, mode={self.mode}, r_target={self.r_target}, samples={self.samples}, "
                 f"derivative={self.derivative_used}, apply={self.apply})")
 
     # -- samples and slopes
-    def _sample_sets(self, inputs: torch.Tensor | None) -> list[torch.Tensor]:
+    def _sample_sets(self, inputs: torch.Tensor | None,
+                     outputs: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(inputs, outputs at the current parameters or None) per chunk of the samples."""
+        fd1 = self.derivative_used == "fd1"
+        out = None
         if self.kind in ("probe", "full"):
             x = self.pool
         else:
             if inputs is None:
                 inputs = self._tap.last if self._tap is not None else None
+                if fd1 and outputs is None and self._tap is not None:
+                    outputs = self._tap.last_out
+            elif fd1 and outputs is None and self._tap is not None and self._tap.last is inputs:
+                outputs = self._tap.last_out
             if inputs is None:
                 raise ValueError("rho: step() needs the batch inputs (or a training-mode forward of the model first)")
             x = inputs
+            if fd1:
+                if outputs is None:
+                    raise ValueError("rho: derivative fd1 needs the training forward's outputs: step(inputs, outputs) "
+                                     "(or a training-mode forward of the model with capture_inputs)")
+                p0 = self._slots.params[next(iter(self._slots.params))]
+                if outputs.shape[:1] != x.shape[:1] or outputs.dtype != p0.dtype:
+                    raise ValueError(f"rho: derivative fd1: outputs {tuple(outputs.shape)} {outputs.dtype} do not match "
+                                     f"inputs {tuple(x.shape)} and parameters {p0.dtype} (autocast is not supported)")
+                out = outputs.detach()
             if self.kind == "subset" and x.shape[0] > self.subset:
                 if self._gen is None or self._gen.device != x.device:
                     self._gen = torch.Generator(device=x.device).manual_seed(self.seed)
@@ -451,35 +513,43 @@ class RhoController:
                         self._gen_state = None
                 idx = torch.randperm(x.shape[0], generator=self._gen, device=x.device)[: self.subset]
                 x = x[idx]
+                out = None if out is None else out[idx]
         assert x is not None
-        return [x[i : i + self.chunk] for i in range(0, x.shape[0], self.chunk)]
+        c = self.chunk
+        if x.shape[0] <= c:
+            return [(x, out)]
+        return [(x[i : i + c], None if out is None else out[i : i + c]) for i in range(0, x.shape[0], c)]
 
-    def _spread(self, xs: list[torch.Tensor], tangents: dict[str, torch.Tensor], unorm: torch.Tensor) -> torch.Tensor:
+    def _spread(self, sets: list[tuple[torch.Tensor, torch.Tensor | None]], tangents: dict[str, torch.Tensor],
+                unorm: torch.Tensor) -> torch.Tensor:
         def run(how: str) -> torch.Tensor:
-            vals = [spread(logit_slopes(self.model, x, tangents, derivative=how, fd_eps=self.fd_eps, tangent_norm=unorm))
-                    for x in xs]
+            vals = [spread(logit_slopes(self.model, x, tangents, derivative=how, fd_eps=self.fd_eps, tangent_norm=unorm,
+                                        slots=self._slots, base_outputs=o))
+                    for x, o in sets]
             return vals[0] if len(vals) == 1 else torch.stack(vals).max()
 
         if self.derivative == "auto" and self.derivative_used == "jvp":
             try:
                 return run("jvp")
             except (RuntimeError, NotImplementedError) as exc:
-                warnings.warn(f"rho: torch.func.jvp failed on {type(self.model).__name__} ({type(exc).__name__}: {exc}); "
+                warnings.warn(f"rho: forward-mode AD failed on {type(self.model).__name__} ({type(exc).__name__}: {exc}); "
                               f"using a central finite difference (eps {self.fd_eps:g}) from now on")
                 self.derivative_used = "fd"
         return run(self.derivative_used)
 
     # -- the step
-    def step(self, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def step(self, inputs: torch.Tensor | None = None, outputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Measure the base optimizer's next step on the samples, size it by ``mode`` and take it.
 
         ``inputs``: the batch the gradients came from (default: the model's last training-mode
-        inputs). Returns the per-step statistics (device scalars, see ``STAT_KEYS``).
+        inputs). ``outputs``: that forward's outputs, used by ``derivative="fd1"`` only (default:
+        recorded by the hook). Returns the per-step statistics (device scalars, see ``STAT_KEYS``).
         """
         inner = _inner(self.base)
-        lrs = [float(g["lr"]) if not isinstance(g["lr"], torch.Tensor) else math.nan for g in inner.param_groups]
-        if any(math.isnan(x) for x in lrs):
+        raw = [g["lr"] for g in inner.param_groups]
+        if any(isinstance(x, torch.Tensor) for x in raw):
             raise ValueError("rho: a param group's lr must be a number, not a tensor")
+        lrs = [float(x) for x in raw]
         eta = lrs[0]
         weights = [1.0] * len(lrs) if self.mode == "set" else [x / eta if eta else 1.0 for x in lrs]
         commit = self.mode != "fixed" and self.apply == "device"
@@ -492,8 +562,9 @@ class RhoController:
         if len({n.dtype for n in norms}) > 1:
             norms = [n.float() for n in norms]
         unorm = torch.linalg.vector_norm(torch.stack(norms))
-        tangents = {self._name[id(p)]: u for p, u in zip(prop.params, prop.u)}
-        s = self._spread(self._sample_sets(inputs), tangents, unorm)  # Delta_a * ||u||
+        name = self._name
+        tangents = {name[id(p)]: u for p, u in zip(prop.params, prop.u)}
+        s = self._spread(self._sample_sets(inputs, outputs), tangents, unorm)  # Delta_a * ||u||
         zero = torch.zeros((), device=dev, dtype=unorm.dtype)
         delta_a = torch.where(unorm > 0, s / unorm, zero)
         cap = self.r_target * _PI / s  # r_target * rho / ||u|| (inf where the logits do not move)
@@ -530,10 +601,18 @@ class RhoController:
         self.last_stats = stats
         return stats
 
+    def _one(self, r: torch.Tensor) -> torch.Tensor:
+        """A cached device scalar 1 like ``r`` (internal: only ever copied by ``torch.stack``)."""
+        key = (r.device, r.dtype)
+        one = self._ones.get(key)
+        if one is None:
+            one = self._ones[key] = torch.ones((), device=r.device, dtype=r.dtype)
+        return one
+
     # -- accumulators (device-side)
     def _accumulate(self, st: dict[str, torch.Tensor]) -> None:
         r = st["r"].float()
-        row = torch.stack([torch.ones_like(r), r, st["eta_eff"].float(), st["capped"].float()])
+        row = torch.stack([self._one(r), r, st["eta_eff"].float(), st["capped"].float()])
         if self._sums is None:
             self._sums, self._max = torch.zeros(_N_SUM, device=r.device), torch.full((), -math.inf, device=r.device)
         if self._wsums is None:

@@ -3,6 +3,7 @@
 | name | point | rows (layers.csv ``metric``) | summary |
 | --- | --- | --- | --- |
 | ``grad_norm`` | after backward | ``grad_norm`` per layer | |
+| ``one_step`` | run end | per direction (gradient, random): ``one_step_rho``, ``one_step_r_rise``, ``one_step_ratio@r=<r>`` | ``one_step_r_rise_grad``, ``one_step_r_rise_random_min``, ``one_step_collapse_below_1`` |
 | ``rho`` | epoch end | curves ``epoch_r_mean``, ``epoch_r_max``, ``epoch_eta_eff_mean``, ``epoch_capped_frac`` | ``peak_r``, ``final_eta_eff``, ``final_capped_frac`` |
 | ``sigma_max`` | after step | ``sigma_max`` per layer, curve ``sigma_max`` | ``sigma_max_max``, ``sn_violations``, ``sn_active_frac`` |
 
@@ -36,7 +37,7 @@ def build(probes: dict[str, Any], env: Any) -> list[Any]:
     return [PROBES.get(n, key="probes")(validate_options(n, o), env) for n, o in probes.items()]
 
 
-from . import grad_norm, rho, spectral  # noqa: E402,F401  (register the built-in probes)
+from . import grad_norm, one_step, rho, spectral  # noqa: E402,F401  (register the built-in probes)
 from .base import POINTS, Probe, ProbeEnv, ProbeOptions  # noqa: E402
 
 __all__ = ["PROBES", "POINTS", "Probe", "ProbeEnv", "ProbeOptions", "build", "probe_names", "validate_options"]

@@ -25,6 +25,14 @@ class ClassificationTask(Task):
 
     def __init__(self, data: Any, cfg: Any, device: torch.device) -> None:
         self.data, self.batch_size, self.device = data, cfg.batch_size, device
+        self.augment = getattr(cfg, "augment", "none")
+        self.image_shape: tuple[int, ...] | None = None
+        if self.augment != "none":
+            shape = data.meta.get("input_shape")
+            if shape is None or len(shape) != 3:
+                raise ValueError(f"augment: {self.augment!r} needs an image dataset (C, H, W); {data.meta.get('name')!r} "
+                                 "has no input_shape; allowed here: none")
+            self.image_shape = tuple(int(v) for v in shape)
         self.x, self.y = data.train_x.to(device), data.train_y.to(device)
         self.n = self.x.shape[0]
         self.steps_per_epoch = math.ceil(self.n / self.batch_size)
@@ -41,7 +49,9 @@ class ClassificationTask(Task):
         return list(batch_indices(self.n, self.batch_size, gen, self.device))
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[idx], self.y[idx]
+        if self.image_shape is None:
+            return self.x[idx], self.y[idx]
+        return crop_flip(self.x[idx], self.image_shape), self.y[idx]
 
     @staticmethod
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -71,3 +81,22 @@ class ClassificationTask(Task):
         n = max(1, x.shape[0])
         loss, acc = torch.stack([loss_sum / n, correct / n]).tolist()
         return {"loss": float(loss), "acc": float(acc)}
+
+
+def crop_flip(x: torch.Tensor, shape: tuple[int, ...], pad: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation of a batch of flattened images, on the device: each image
+    zero-padded by ``pad`` pixels (zero is the training mean: features are standardized), cropped
+    back to its size at a uniformly random offset, and flipped left-right with probability 1/2.
+    Draws from torch's global generator of the batch's device (checkpointed with the run)."""
+    c, h, w = shape
+    n = x.shape[0]
+    img = F.pad(x.reshape(n, c, h, w), (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    flip = torch.rand(n, device=x.device) < 0.5
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # (n, h)
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # (n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    b = torch.arange(n, device=x.device)[:, None, None]
+    out = img.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2).reshape(n, c * h * w)

@@ -35,8 +35,11 @@ class RhoAnalysis(BaseAnalysis):
     seeds: tuple[int, ...] | None = None  # the multi-seed table's seeds; None: every seed but single_seed
 
     def tables(self, data: AnalysisData) -> dict[str, "Table"]:
-        out = dict(_tables.tables(data, self.single_seed, self.seeds))
+        ran = {s.study for s in data.slices if s.skipped is None} | set(_tables.sweep_runs(data.runs)["study"].dropna()) \
+            if len(data.runs) else {s.study for s in data.slices if s.skipped is None}
+        out = dict(_tables.tables(data, self.single_seed, self.seeds, studies=sorted(ran)))
         out.update(super().tables(data))  # rho_verdict: the core's paired verdict at the selected LRs
+        out[f"{self.name}_references"] = (_tables.references(data.slices), None)
         return out
 
     def figures(self, data: "FigureData") -> dict[str, Callable[[], "Figure"]]:

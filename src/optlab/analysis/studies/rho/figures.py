@@ -29,7 +29,7 @@ from matplotlib.ticker import PercentFormatter
 
 from ... import plots as P
 from ...aggregate import read_csv, slug, sweep_runs
-from .tables import MODE_ORDER, SINGLE_SEED, run_mode, run_r_target
+from .tables import MODE_ORDER, SINGLE_SEED, run_mode, run_r_target, study_single_seed
 
 PER_STEP = ("eta_eff", "r", "train_loss")
 PER_EPOCH = ("epoch_train_loss", "val_acc", "epoch_eta_eff_mean", "epoch_r_max")
@@ -52,14 +52,15 @@ def figures(fd: P.FigureData, single_seed: int = SINGLE_SEED,
 
     def epochs(study: str) -> pd.DataFrame:
         if study not in cache:
-            runs = study_runs(fd, study, single_seed, seeds)
+            runs = study_runs(fd, study, study_single_seed(fd.runs, study, single_seed), seeds)
             cache[study] = epoch_frame(runs, read_series(fd, runs))
         return cache[study]
 
     for study in studies:
         curves, control = figure_names(study)
-        out[curves] = lambda s=study: _curves(fd, s, epochs(s), single_seed, seeds)
-        out[control] = lambda s=study: _control(fd, s, epochs(s), single_seed, seeds)
+        seed = study_single_seed(fd.runs, study, single_seed)
+        out[curves] = lambda s=study, sd=seed: _curves(fd, s, epochs(s), sd, seeds)
+        out[control] = lambda s=study, sd=seed: _control(fd, s, epochs(s), sd, seeds)
     return out
 
 

@@ -22,13 +22,24 @@ R_TOL = 1e-5
 
 def section(rd: R.ReportData, single_seed: int = SINGLE_SEED) -> str:
     lines = [f"## {rd.title}", "", rd.comment(), "", intro(), ""]
+    refs_name = f"{rd.name}_references"
+    refs = rd.table(refs_name) if refs_name in rd.table_names else pd.DataFrame(columns=["study", "skipped", "label", "value"])
     studies = [s for s in rd.studies if table_names(s)[0] in rd.table_names]
     if not studies:
         lines += ["No rho study has runs yet.", ""]
     for study in studies:
         single_name, seeds_name = table_names(study)
         single, multi = rd.table(single_name), rd.table(seeds_name)
-        lines += study_lines(rd, study, single, multi, single_seed)
+        seed = int(single["seed"].dropna().iloc[0]) if len(single) and single["seed"].notna().any() else single_seed
+        lines += study_lines(rd, study, single, multi, seed)
+        lines += reference_lines(refs, study)
+    for study in sorted(set(refs.loc[refs["skipped"].fillna("").astype(str) != "", "study"])) if len(refs) else []:
+        if study in studies:
+            continue
+        reason = text(refs.loc[refs["study"] == study, "skipped"].iloc[0])
+        lines += [f"### {study}", "", f"Not run at this scale: {reason}. Its configuration is in params.yaml "
+                  f"(`studies.{study}`); `scale: full` runs it.", ""]
+        lines += reference_lines(refs, study)
     v = rd.table(f"{rd.name}_verdict") if f"{rd.name}_verdict" in rd.table_names else pd.DataFrame()
     if len(v):
         lines += ["### At the validation-selected LR", "",
@@ -43,6 +54,15 @@ def section(rd: R.ReportData, single_seed: int = SINGLE_SEED) -> str:
     names = [f"{t}.csv" for t in rd.table_names] + ["runs.csv", "divergence.csv"]
     lines += [f"Full tables: {rd.table_links(names)}.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def reference_lines(refs: pd.DataFrame, study: str) -> list[str]:
+    """The study's labeled published reference (``studies.<s>.published``), printed as given."""
+    g = refs[(refs["study"] == study) & (refs["label"].fillna("").astype(str) != "")] if len(refs) else refs
+    if g.empty:
+        return []
+    cells = "; ".join(f"{text(r['label'])}: {text(r['value'])}" for _, r in g.iterrows())
+    return [f"**Published reference** (as given by the seed, not an optlab run): {cells}.", ""]
 
 
 def intro() -> str:
@@ -125,7 +145,15 @@ def setup_lines(single: pd.DataFrame, multi: pd.DataFrame, single_seed: int) -> 
             f"selection); seed {single_seed} and {_seed_words(multi)}."]
 
 
+def base_word(df: pd.DataFrame) -> str:
+    """The base optimizer in words (the table's ``optimizer`` column): SGD, SGD with momentum, Adam."""
+    names = [text(v) for v in df["optimizer"].dropna().unique()] if "optimizer" in df else []
+    words = {"sgd": "SGD", "sgd_momentum": "SGD with momentum", "adam": "Adam", "adamw": "AdamW", "sgd_sn": "SGD+SN"}
+    return " / ".join(words.get(n, n) for n in names) or "SGD"
+
+
 def claim_single(single: pd.DataFrame, seed: int) -> list[str]:
+    B = base_word(single)
     fixed, capped = _mode(single, "fixed"), _mode(single, "capped")
     if fixed.empty or capped.empty:
         return [f"- **Seed {seed}**: the claim cannot be checked: no {'fixed' if fixed.empty else 'capped'}-mode runs."]
@@ -134,7 +162,7 @@ def claim_single(single: pd.DataFrame, seed: int) -> list[str]:
     bad = capped[capped["status"].map(status_word) != "completed"]
     div = bad[bad["status"].map(status_word) == "diverged"]
     missing = bad[bad["status"].map(status_word) == "not run"]
-    s = f"- **Seed {seed}**: fixed SGD at the largest LR ({_lr(top['lr'])}) {_status_phrase(top['status'])}; "
+    s = f"- **Seed {seed}**: fixed {B} at the largest LR ({_lr(top['lr'])}) {_status_phrase(top['status'])}; "
     if bad.empty:
         s += f"every capped run completed (LRs {_lrs(capped['lr'])}). "
     else:
@@ -142,7 +170,7 @@ def claim_single(single: pd.DataFrame, seed: int) -> list[str]:
     other = fixed.iloc[:-1]
     other_div = other[other["status"].map(status_word) == "diverged"]
     if len(other_div):
-        s += f"Fixed SGD also diverged at LR {_lrs(other_div['lr'])}. "
+        s += f"Fixed {B} also diverged at LR {_lrs(other_div['lr'])}. "
     if status_word(top["status"]) == "not run" or len(missing):
         s += "**Cannot be fully checked** (runs missing)."
     elif top_div and div.empty and bad.empty:
@@ -150,9 +178,9 @@ def claim_single(single: pd.DataFrame, seed: int) -> list[str]:
     else:
         why = []
         if not top_div:
-            why.append(f"fixed SGD did not diverge at LR {_lr(top['lr'])}")
+            why.append(f"fixed {B} did not diverge at LR {_lr(top['lr'])}")
         if len(div):
-            why.append(f"capped SGD diverged at LR {_lrs(div['lr'])}")
+            why.append(f"capped {B} diverged at LR {_lrs(div['lr'])}")
         if len(bad) > len(div):
             why.append("a capped run failed")
         s += f"**Does not agree**: {'; '.join(why)}."
@@ -175,6 +203,7 @@ def _acc_line(single: pd.DataFrame, seed: int) -> str:
 
 
 def claim_seeds(multi: pd.DataFrame, words: str) -> list[str]:
+    B = base_word(multi)
     fixed, capped = _mode(multi, "fixed"), _mode(multi, "capped")
     if fixed.empty or capped.empty or int(multi["n_seeds"].sum()) == 0:
         return [f"- **{words.capitalize()}**: no multi-seed runs of both fixed and capped mode."]
@@ -183,8 +212,8 @@ def claim_seeds(multi: pd.DataFrame, words: str) -> list[str]:
     c_div = int(capped["n_diverged"].sum())
     c_fail = int(capped["n_failed"].sum())
     c_n = int(capped["n_seeds"].sum())
-    s = (f"- **{words.capitalize()}**: fixed SGD at LR {_lr(top['lr'])} diverged in {d_top} of {n_top} seeds; "
-         f"capped SGD diverged in {c_div} of {c_n} runs over LRs {_lrs(capped['lr'])}")
+    s = (f"- **{words.capitalize()}**: fixed {B} at LR {_lr(top['lr'])} diverged in {d_top} of {n_top} seeds; "
+         f"capped {B} diverged in {c_div} of {c_n} runs over LRs {_lrs(capped['lr'])}")
     s += f" ({c_fail} failed otherwise). " if c_fail else ". "
     if len(capped) and c_div:
         s += "Capped divergences by LR: " + ", ".join(
@@ -193,7 +222,7 @@ def claim_seeds(multi: pd.DataFrame, words: str) -> list[str]:
     other = fixed.iloc[:-1]
     other = other[other["n_diverged"].astype(int) > 0]
     if len(other):
-        s += "Fixed SGD also diverged at " + ", ".join(
+        s += f"Fixed {B} also diverged at " + ", ".join(
             f"LR {_lr(r['lr'])} ({int(r['n_diverged'])} of {int(r['n_seeds'])})" for _, r in other.iterrows()) + ". "
     missing = int(top["n_seeds"]) == 0 or (capped["n_seeds"].astype(int) == 0).any()
     if missing:
@@ -201,13 +230,13 @@ def claim_seeds(multi: pd.DataFrame, words: str) -> list[str]:
     elif d_top == n_top and c_div == 0 and c_fail == 0:
         s += "**Agrees** with the claim in every seed."
     elif d_top > 0 and c_div == 0 and c_fail == 0:
-        s += f"**Agrees in part**: fixed SGD diverged in {d_top} of {n_top} seeds only; no capped run diverged."
+        s += f"**Agrees in part**: fixed {B} diverged in {d_top} of {n_top} seeds only; no capped run diverged."
     else:
         why = []
         if d_top == 0:
-            why.append(f"fixed SGD did not diverge at LR {_lr(top['lr'])} in any seed")
+            why.append(f"fixed {B} did not diverge at LR {_lr(top['lr'])} in any seed")
         if c_div:
-            why.append(f"capped SGD diverged in {c_div} runs")
+            why.append(f"capped {B} diverged in {c_div} runs")
         if c_fail:
             why.append(f"{c_fail} capped runs failed")
         s += f"**Does not agree**: {'; '.join(why)}."
@@ -226,14 +255,15 @@ def _frac(v: Any) -> str:
 
 def cap_lines(single: pd.DataFrame, multi: pd.DataFrame, seed: int, words: str) -> list[str]:
     """How large r got under each mode, and how often the cap bound."""
+    B = base_word(single)
     out = []
     fixed, capped, setm = (_mode(single, m) for m in ("fixed", "capped", "set"))
     if len(fixed):
-        out.append(f"- Peak r of fixed SGD (seed {seed}; r > 1: a step beyond the convergence radius): " + ", ".join(
+        out.append(f"- Peak r of fixed {B} (seed {seed}; r > 1: a step beyond the convergence radius): " + ", ".join(
             f"LR {_lr(r['lr'])} {format_value(r['peak_r'])}" for _, r in fixed.iterrows()) + ".")
     big = fixed[(fixed["status"].map(status_word) == "completed") & (fixed["peak_r"].astype(float) > 1.0)]
     if len(big):
-        out.append(f"- Fixed SGD completed at LR {_lrs(big['lr'])} although some of its steps had r > 1 (seed {seed}): "
+        out.append(f"- Fixed {B} completed at LR {_lrs(big['lr'])} although some of its steps had r > 1 (seed {seed}): "
                    "a step beyond the radius did not by itself make a run diverge.")
     for name, g in (("capped", capped), ("set", setm)):
         g = g[g["peak_r"].notna()]
@@ -242,7 +272,7 @@ def cap_lines(single: pd.DataFrame, multi: pd.DataFrame, seed: int, words: str) 
         rt = g["r_target"].astype(float).fillna(R_TARGET_DEFAULT)
         over = g[g["peak_r"].astype(float) > rt * (1 + R_TOL)]
         peak = float(g["peak_r"].astype(float).max())
-        s = (f"- Peak r of {name} SGD (seed {seed}): at most {format_value(peak)} over LRs {_lrs(g['lr'])} "
+        s = (f"- Peak r of {name} {B} (seed {seed}): at most {format_value(peak)} over LRs {_lrs(g['lr'])} "
              f"(r_target {', '.join(format_value(x) for x in sorted(set(rt)))}); ")
         s += ("no step exceeded r_target." if over.empty else
               f"r_target was exceeded at LR {_lrs(over['lr'])}.")
@@ -254,7 +284,7 @@ def cap_lines(single: pd.DataFrame, multi: pd.DataFrame, seed: int, words: str) 
                 continue
             p = f"LR {_lr(r['lr'])} {_frac(r['capped_frac'])} of all steps, {_frac(r['final_capped_frac'])} in the last epoch"
             if float(r["capped_frac"]) == 0.0:
-                p += " (never bound: the run is fixed SGD at that LR)"
+                p += f" (never bound: the run is fixed {B} at that LR)"
             parts.append(p)
         if parts:
             out.append(f"- How often the cap bound (seed {seed}): " + "; ".join(parts) + ".")

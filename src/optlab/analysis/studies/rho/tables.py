@@ -388,12 +388,38 @@ def runs_base(data: Any) -> Path | None:
     return base if any((base / str(d) / "metrics.json").is_file() for d in list(dirs)[:5]) else None
 
 
-def tables(data: Any, single_seed: int = SINGLE_SEED, seeds: Iterable[int] | None = None) -> dict[str, Table]:
-    """Both tables of every study of the analysis (:func:`table_names`)."""
+def study_single_seed(runs: pd.DataFrame, study: str, single_seed: int = SINGLE_SEED) -> int:
+    """The single-seed table's seed for ``study``: ``single_seed`` (the seed setup's 7) when the
+    study ran it, else the study's smallest seed (a study such as ``rho_cap_mlp`` runs seeds 0-2)."""
+    sw = sweep_runs(runs) if len(runs) else runs
+    seeds = sorted({int(s) for s in pd.to_numeric(sw.loc[sw["study"] == study, "seed"], errors="coerce").dropna()}) \
+        if len(sw) else []
+    return single_seed if not seeds or single_seed in seeds else seeds[0]
+
+
+def references(slices: Iterable[Any]) -> pd.DataFrame:
+    """Per study: why it did not run at this scale (``skipped``) and its labeled published
+    reference (``studies.<s>.published``: label -> value), one row per (study, label)."""
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for s in slices:
+        if s.study in seen:
+            continue
+        seen.add(s.study)
+        items = list(s.published) or [("", "")]
+        for label, value in items:
+            rows.append({"study": s.study, "skipped": s.skipped or "", "label": label, "value": value})
+    return pd.DataFrame(rows, columns=["study", "skipped", "label", "value"])
+
+
+def tables(data: Any, single_seed: int = SINGLE_SEED, seeds: Iterable[int] | None = None,
+           studies: Iterable[str] | None = None) -> dict[str, Table]:
+    """Both tables of every study of the analysis (:func:`table_names`; ``studies``: only these)."""
     out: dict[str, Table] = {}
     base = runs_base(data)
-    for study in data.studies:
+    for study in (data.studies if studies is None else studies):
         single, multi = table_names(study)
-        out[single] = (single_seed_table(data.runs, study, single_seed, base), SINGLE_MD)
-        out[multi] = (seeds_table(data.runs, study, seeds, exclude=single_seed, base=base), SEEDS_MD)
+        seed = study_single_seed(data.runs, study, single_seed)
+        out[single] = (single_seed_table(data.runs, study, seed, base), SINGLE_MD)
+        out[multi] = (seeds_table(data.runs, study, seeds, exclude=seed, base=base), SEEDS_MD)
     return out
