@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -22,6 +23,7 @@ from typing import Any, Iterator
 
 from . import engine
 from .config import (
+    RUN_KEYS,
     ConfigError,
     RunConfig,
     ablation_seeds,
@@ -139,13 +141,69 @@ def prepare(params_path: str = "params.yaml", raw_dir: str = "data/raw", out_dir
     return written
 
 
-def train_headline(params_path: str = "params.yaml", out_dir: str = "runs/train") -> engine.RunResult:
-    """The headline run from the top-level params (stage ``train``)."""
+# ---------------------------------------------------------------- headline overrides (train --key value)
+
+# policy and provenance keys stay in params.yaml: a phase is a claim about the committed tree
+_NOT_FLAGS = ("phase", "frozen_commit", "study")
+_FLAG_TYPES = {str: "a name", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def headline_flags() -> tuple[str, ...]:
+    """The headline's top-level run keys ``train`` accepts as ``--key value``: every scalar run key
+    (optimizer, lr, arch, dataset, depth, width, epochs, batch_size, seed, ...) but the phase
+    policy's."""
+    return tuple(k for k in RUN_KEYS if k not in _NOT_FLAGS and RunConfig.model_fields[k].annotation in _FLAG_TYPES)
+
+
+def _allowed_values(key: str) -> tuple[str, ...] | None:
+    from . import config as c
+
+    table = {"optimizer": c.optimizer_names, "step_method": c.method_names, "dataset": c.dataset_names,
+             "arch": lambda: c.ARCHS, "activation": lambda: c.ACTIVATIONS, "init": lambda: c.INITS,
+             "device": lambda: c.DEVICES, "amp": lambda: c.AMP, "scale": lambda: c.SCALES, "norm": lambda: c.NORMS,
+             "reparam": lambda: ("none", "spectral_norm"), "augment": lambda: ("none", "crop_flip")}
+    return tuple(table[key]()) if key in table else None
+
+
+def parse_override(text: str) -> Any:
+    """A command-line value read as params.yaml would read it (``0.01`` a float, ``64`` an int,
+    ``true`` a bool, ``null`` unset, anything else a string), except that ``1e-3`` is a number too
+    (YAML 1.1 reads it as a string). Validation is params.yaml's: the run config's one-line errors."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value)
+    return value if value is None or isinstance(value, (bool, int, float)) else text
+
+
+def train_headline(params_path: str = "params.yaml", out_dir: str = "runs/train",
+                   overrides: dict[str, Any] | None = None) -> engine.RunResult:
+    """The headline run from the top-level params (stage ``train``).
+
+    ``overrides`` (``train --optimizer adam --lr 0.01``) replace top-level keys of the params
+    before they are resolved and validated, exactly as if typed into params.yaml, for this run
+    only (the file is not changed); debug phase only, and recorded in the run's ``cli_overrides`` tag."""
     params = load_params(params_path)
+    overrides = dict(overrides or {})
+    if overrides:
+        bad = sorted(set(overrides) - set(headline_flags()))
+        if bad:
+            raise ConfigError(f"train: {bad[0]}: not a headline override; allowed: {', '.join(headline_flags())}")
+        params = {**params, **overrides}
     cfg = resolve_run(params, run_id="train")
+    if overrides and cfg.phase != "debug":
+        flags = " ".join(f"--{k}" for k in overrides)
+        raise ConfigError(f"phase: {cfg.phase!r} records the committed params; command-line overrides ({flags}) are for "
+                          "phase debug only: set them in params.yaml (or dvc exp run -S) instead")
     # the single-seed headline is exempt from the frozen seed rule and never counts as frozen
     tags, prov = _provenance(cfg, seeds_per_config=3, stage="train")
     tags["frozen"] = "false"
+    if overrides:
+        tags["cli_overrides"] = " ".join(f"{k}={v}" for k, v in overrides.items())
     result = engine.train(cfg, sinks=_sink(params, "train"), run_dir=out_dir, tags=tags, checkpoint_dir=_checkpoint_dir())
     print(_summary_line(result))
     return result
@@ -498,26 +556,80 @@ def report(
     write_report(Path(tables), Path(figures), Path(out_md), Path(readme) if readme else None)
 
 
+_COMMANDS = {
+    "prepare": ("build data/prepared/<dataset>.pt for every dataset of the scale (stage prepare)",
+                "Download (or copy from the data mirror), checksum and prepare every dataset that datasets.<scale> "
+                "lists into data/prepared/. OPTLAB_OFFLINE=1 refuses downloads."),
+    "train": ("the headline run from params.yaml's top-level keys (stage train); --key value overrides one",
+              "The headline run: params.yaml's top-level run keys (over the profile of its scale) -> runs/train/ "
+              "(metrics.json, epochs.csv) and one MLflow run. --key value overrides a top-level key for this run "
+              "only (params.yaml is not changed), validated exactly like params.yaml; debug phase only."),
+    "sweep": ("one study slice: a method over the study's grid, LR search then confirmation seeds (stage <study>@<method>)",
+              "One slice of a study: --method over studies.<study>'s datasets x grid; the learning rates are searched "
+              "on validation, the selected LR rerun with the confirmation seeds; runs/sweep/<study>/<method>/."),
+    "ablate": ("the ablation variants of profiles.<scale>.ablate x its seeds (stage ablate)",
+               "Every variant of profiles.<scale>.ablate with each of its seeds -> runs/ablate/."),
+    "aggregate": ("tables from the run directories -> reports/tables (stage aggregate)",
+                  "Read runs/ (run directories only) into the per-study tables under reports/tables/."),
+    "plot": ("figures from the run directories -> reports/figures (stage plot)",
+             "Draw the per-study figures from runs/ into reports/figures/."),
+    "report": ("the results page and README sections from tables and figures (stage report)",
+               "Write reports/results.md and the results sections of README.md between their markers."),
+}
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, extra: list[str], allowed: list[str]) -> None:
+    import difflib
+
+    flags = [a.split("=", 1)[0] for a in extra if a.startswith("-")]
+    hint = difflib.get_close_matches(flags[0], allowed, n=1) if flags else []
+    more = f" (did you mean {hint[0]}?)" if hint else ""
+    parser.error(f"unrecognized arguments: {' '.join(extra)}{more}; allowed: {', '.join(allowed)}")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line: one subcommand per stage (``--help`` describes each)."""
+    ap = argparse.ArgumentParser(
+        prog="python -m optlab.pipeline", description=__doc__.split("\n\n")[0].replace("\n", " "),
+        epilog="`python -m optlab.pipeline COMMAND --help` describes a command's options.")
+    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    sub = ap.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND")
+    parsers = {name: sub.add_parser(name, help=short, description=long, allow_abbrev=False)
+               for name, (short, long) in _COMMANDS.items()}
+    tp = parsers["train"]
+    tp.usage = "%(prog)s [-h] [--out-dir DIR] [--KEY VALUE ...]"
+    tp.add_argument("--out-dir", default="runs/train", metavar="DIR",
+                    help="where the run directory goes (default: runs/train, the DVC out)")
+    keys = tp.add_argument_group(
+        "headline overrides", "--KEY VALUE sets the top-level run key KEY of params.yaml for this run, read as YAML "
+        "(null: as if unset there) and validated like params.yaml; --batch-size is --batch_size")
+    for key in headline_flags():
+        allowed = _allowed_values(key)
+        kind = ", ".join(allowed) if allowed else _FLAG_TYPES[RunConfig.model_fields[key].annotation]
+        names = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
+        keys.add_argument(*names, dest=f"set_{key}", metavar="VALUE", default=argparse.SUPPRESS,
+                          help=kind)
+    sp = parsers["sweep"]
+    sp.add_argument("--study", required=True, help="the study (a section of params.yaml's studies)")
+    sp.add_argument("--method", required=True, help="the method (one of the study's methods)")
+    sp.add_argument("--out-root", default="runs/sweep", help="root of the slice's run directories (default: runs/sweep)")
+    return ap, parsers
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m optlab.pipeline", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("prepare")
-    sub.add_parser("train")
-    sp = sub.add_parser("sweep")
-    sp.add_argument("--study", required=True)
-    sp.add_argument("--method", required=True)
-    sp.add_argument("--out-root", default="runs/sweep")
-    sub.add_parser("ablate")
-    sub.add_parser("aggregate")
-    sub.add_parser("plot")
-    sub.add_parser("report")
-    args = ap.parse_args(argv)
+    ap, parsers = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        sub = parsers.get(args.cmd, ap)
+        allowed = [a.option_strings[-1] if a.option_strings[0] == "-h" else a.option_strings[0]
+                   for a in sub._actions if a.option_strings]  # noqa: SLF001
+        _unknown_flags(sub, extra, allowed)
+    overrides = {k[len("set_"):]: parse_override(v) for k, v in vars(args).items() if k.startswith("set_")}
     try:
         if args.cmd == "prepare":
             prepare(args.params)
         elif args.cmd == "train":
-            train_headline(args.params)
+            train_headline(args.params, out_dir=args.out_dir, overrides=overrides)
         elif args.cmd == "sweep":
             sweep(args.study, args.method, args.params, out_root=args.out_root)
         elif args.cmd == "ablate":

@@ -11,6 +11,12 @@ Models with convolutions (resnet18, cnn) also provide ``conv_specs()`` (conv wei
 stride, padding, dilation, groups, input_hw), which the conv spectral projection and the
 operator-norm metrics use.
 
+Defaults (for a user's own loop; the engine passes every argument): ``build("mlp")`` is a 784-in,
+10-class MLP with 16 hidden layers of width 64; ``build("resnet18")`` is the CIFAR-10 variant
+(``input_shape (3, 32, 32)``, 10 classes, width 64), and ``cnn`` and ``vit`` default to CIFAR-10
+images too; ``gpt`` needs ``vocab_size`` and ``block_size``. A module without ``param_roles()``
+gets roles by :func:`infer_roles` (every parameter of 2+ dimensions is a weight matrix).
+
 Every model runs under ``torch.func.jvp`` + ``functional_call`` in eval mode;
 :func:`optlab.models.functional.jvp_outputs` gives a model's outputs and their derivative along a
 parameter direction without touching its buffers.
@@ -51,11 +57,34 @@ def arch_names() -> list[str]:
     return list(_REGISTRY)
 
 
+MLP_DEFAULTS: dict[str, Any] = {"input_dim": 784, "n_classes": 10, "depth": 16, "width": 64}
+"""``build("mlp")`` without arguments: MNIST-shaped (784 inputs, 10 classes), 16 hidden layers of width 64
+(the run config's default depth and width)."""
+IMAGE_DEFAULT_SHAPE = (3, 32, 32)
+"""``build("resnet18" | "cnn" | "vit")`` given none of input_shape, input_dim, in_channels: CIFAR-10 images
+(their n_classes already defaults to 10; resnet18's width to 64)."""
+
+
+def _with_defaults(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with the documented defaults for the keys it leaves out. The engine passes every key
+    explicitly, so its models never see these."""
+    if arch == "mlp":
+        return {**MLP_DEFAULTS, **cfg}
+    if arch in ("resnet18", "cnn", "vit") and all(cfg.get(k) is None for k in ("input_shape", "input_dim", "in_channels")):
+        return {**cfg, "input_shape": IMAGE_DEFAULT_SHAPE}
+    return cfg  # gpt: vocab_size and block_size come from the data and stay required
+
+
 def build(arch: str, **cfg: Any) -> nn.Module:
-    """Build a model by name; unknown names raise ValueError naming the allowed ones."""
+    """Build a model by name; unknown names raise ValueError naming the allowed ones.
+
+    Defaults for a user's own loop: ``build("mlp")`` is a 784-in, 10-class MLP of 16 hidden layers of
+    width 64 (:data:`MLP_DEFAULTS`); ``build("resnet18")``, ``build("cnn")`` and ``build("vit")`` take
+    CIFAR-10 images (``input_shape (3, 32, 32)``, 10 classes; resnet18 width 64) unless given a shape;
+    ``build("gpt")`` needs ``vocab_size`` and ``block_size`` (they depend on the tokenized data)."""
     if arch not in _REGISTRY:
         raise ValueError(f"arch: unknown {arch!r}; allowed: {', '.join(_REGISTRY)}")
-    model = _REGISTRY[arch](**cfg)
+    model = _REGISTRY[arch](**_with_defaults(arch, cfg))
     check_roles(model)
     return model
 
@@ -80,9 +109,32 @@ def check_roles(model: nn.Module) -> None:
         raise ValueError(f"param_roles mismatch: missing={sorted(missing)} unknown={sorted(unknown)} bad={bad}")
 
 
+def infer_roles(model: nn.Module) -> dict[str, str]:
+    """Roles for a module without ``param_roles()`` (a user's own ``nn.Sequential``, say), by a
+    simple rule: every parameter of 2 or more dimensions is a weight matrix (the first one in
+    module order ``input``, the last ``output``, the others ``hidden``; a single one is
+    ``input``); 1-D and 0-D parameters (biases, norm scales) are ``bias_norm``. Keys are
+    canonical names (parametrization wrappers removed)."""
+    named = [(canonical_name(n), p) for n, p in model.named_parameters()]
+    mats = [n for n, p in named if p.dim() >= 2]
+    roles = {}
+    for n, p in named:
+        if p.dim() < 2:
+            roles[n] = "bias_norm"
+        else:
+            roles[n] = "input" if n == mats[0] else "output" if n == mats[-1] else "hidden"
+    return roles
+
+
+def roles_of(model: nn.Module) -> dict[str, str]:
+    """``model.param_roles()``, or :func:`infer_roles` for a module without it."""
+    fn = getattr(model, "param_roles", None)
+    return dict(fn()) if callable(fn) else infer_roles(model)
+
+
 def params_by_role(model: nn.Module, roles: tuple[str, ...] | list[str]) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) pairs whose role is in ``roles``, in module order."""
-    role_of = model.param_roles()  # type: ignore[operator]
+    """(name, parameter) pairs whose role is in ``roles``, in module order (roles by :func:`roles_of`)."""
+    role_of = roles_of(model)
     return [(n, p) for n, p in model.named_parameters() if role_of[canonical_name(n)] in roles]
 
 
@@ -91,7 +143,7 @@ def weight_layers(model: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
 
     A 3-D stack holds several layers (one per slice); a 4-D conv kernel is one layer.
     """
-    role_of = model.param_roles()  # type: ignore[operator]
+    role_of = roles_of(model)
     out = []
     for n, p in model.named_parameters():
         role = role_of[canonical_name(n)]

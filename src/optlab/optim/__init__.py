@@ -1,4 +1,4 @@
-"""Optimizers. ``build(name, model, **cfg)`` returns a torch optimizer or a ``Projected`` wrapper.
+"""Optimizers. ``build(name, model, **cfg)`` returns a ``torch.optim.Optimizer`` (a torch one, or a ``Projected`` wrapper).
 
 | name | what it is |
 | --- | --- |
@@ -18,18 +18,26 @@ layer's input size (``sn_conv="operator"``, geometry from the model's ``conv_spe
 reshaped-kernel matrix norm (``sn_conv="matrix"``).
 
 Every optimizer works in a user's own loop: ``opt.zero_grad(); loss.backward(); opt.step()``.
+Every one is a ``torch.optim.Optimizer`` (``Projected`` and the rho controller are subclasses that
+share the inner optimizer's ``param_groups`` and ``state``), so ``torch.optim.lr_scheduler``
+schedulers, ``state_dict()``/``load_state_dict()`` and ``torch.save(opt.state_dict())`` work.
+``model`` may be any ``nn.Module``: one without ``param_roles()`` gets roles by
+:func:`optlab.models.infer_roles` (every parameter of 2 or more dimensions is a weight matrix,
+so ``sgd_sn`` projects it; 1-D parameters are ``bias_norm``), and ``sgd_sn`` warns once, naming
+the parameters it treats as weight matrices.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..models import WEIGHT_ROLES, canonical_name, params_by_role
+from ..models import WEIGHT_ROLES, canonical_name, infer_roles, params_by_role
 from .conv_spectral import FORMS as SN_CONV_FORMS
 from .conv_spectral import ConvSpec, ConvSpectralProjection
 from .projected import Projected
@@ -74,6 +82,21 @@ def _params(model: nn.Module | Any) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _note_inferred_roles(name: str, model: nn.Module) -> None:
+    """One warning when ``model`` has no ``param_roles()``: which parameters are treated as weight matrices."""
+    if callable(getattr(model, "param_roles", None)):
+        return
+    roles = infer_roles(model)
+    mats = [n for n, r in roles.items() if r != "bias_norm"]
+    rest = len(roles) - len(mats)
+    warnings.warn(
+        f"optim.build({name!r}): {type(model).__name__} has no param_roles(); treating its {len(mats)} parameters of 2+ "
+        f"dimensions as weight matrices ({', '.join(mats) or 'none'}; first input, last output, others hidden) and "
+        f"the other {rest} as bias_norm",
+        stacklevel=3,
+    )
+
+
 def build(
     name: str,
     model: nn.Module,
@@ -88,7 +111,7 @@ def build(
     seed: int = 0,
     rho: dict[str, Any] | None = None,
     **extra: Any,
-) -> torch.optim.Optimizer | Projected | Any:
+) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for ``model``.
 
     ``rho`` (a mapping of :class:`optlab.optim.rho.RhoController` options, e.g. ``{"mode":
@@ -106,6 +129,11 @@ def build(
     per step; needs the model's ``conv_specs()``; ``sn_sigma`` does not apply, there is no cheap
     exact value) or ``matrix`` (the reshaped ``(out, in*kh*kw)`` kernel, with ``sn_sigma`` like
     the matrices).
+
+    ``model`` may be any ``nn.Module``: without ``param_roles()`` its roles follow
+    :func:`optlab.models.infer_roles` and ``sgd_sn`` warns which parameters it projects (a plain
+    module's convs have no ``conv_specs()``: give ``sn_conv="matrix"``). The result is always a
+    ``torch.optim.Optimizer``.
     """
     if rho is not None:
         from .rho import build_controller
@@ -135,6 +163,7 @@ def build(
     if name == "sgd_momentum":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=decay)
     # sgd_sn
+    _note_inferred_roles(name, model)
     inner = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=decay)
     chosen = [(canonical_name(n), p) for n, p in params_by_role(model, sn_roles) if p.dim() >= 2]
     matrices = [p for _, p in chosen if p.dim() <= 3]

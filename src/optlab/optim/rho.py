@@ -78,7 +78,7 @@ import torch
 from torch import nn
 
 from ..models.functional import ParamSlots, eval_outputs, forward_tangents, functorch_active
-from .projected import Projected
+from .projected import OptimizerWrapper, Projected
 
 MODES = ("fixed", "capped", "set")
 DERIVATIVES = ("auto", "jvp", "fd", "fd1")
@@ -362,14 +362,15 @@ def _train_dependent(model: nn.Module) -> list[str]:
 _N_SUM = 4  # accumulator sums: steps, r, eta_eff, capped
 
 
-class RhoController:
+class RhoController(OptimizerWrapper):
     """A base optimizer whose steps are measured (and, in ``capped``/``set`` mode, sized) by rho.
 
-    See the module docstring. Behaves like an optimizer for training loops and checkpoints:
-    ``step(inputs=None)``, ``zero_grad``, ``param_groups``/``state``/``defaults`` (the base
-    optimizer's), ``state_dict``/``load_state_dict`` (the base optimizer's state plus the
-    controller's generator, accumulators and derivative choice); ``projections`` and
-    ``active_steps`` pass through to an ``sgd_sn`` base.
+    See the module docstring. A ``torch.optim.Optimizer`` (:class:`optlab.optim.projected.OptimizerWrapper`)
+    for training loops, schedulers and checkpoints: ``step(inputs=None)``, ``zero_grad``,
+    ``param_groups``/``state``/``defaults`` (the base optimizer's own objects, so an LR scheduler
+    reaches it), step hooks (around the controller's whole step), ``state_dict``/``load_state_dict``
+    (the base optimizer's state plus the controller's generator, accumulators and derivative
+    choice); ``projections`` and ``active_steps`` pass through to an ``sgd_sn`` base.
     """
 
     def __init__(
@@ -441,18 +442,9 @@ class RhoController:
         self._epoch: int | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
 
-    # -- optimizer surface
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.base.param_groups
-
-    @property
-    def state(self) -> Any:
-        return self.base.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.base.defaults
+    # -- optimizer surface (param_groups, state, defaults: OptimizerWrapper's, from _wrapped)
+    def _wrapped(self) -> Any:
+        return self.base
 
     @property
     def projections(self) -> list[Any]:
