@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vision import positive_int, resolve_image_shape, trace_conv_specs
+from .vision import init_convs_and_bn, positive_int, resolve_image_shape, trace_conv_specs
 
 
 class SmallCNN(nn.Module):
@@ -71,14 +71,7 @@ class SmallCNN(nn.Module):
         self._conv_specs = trace_conv_specs(self, shape)
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convs_and_bn(self)
         self.head.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from .vision import resolve_image_shape, trace_conv_specs
+from .vision import init_convs_and_bn, resolve_image_shape, trace_conv_specs
 
 STAGE_STRIDES = (1, 2, 2, 2)
 BLOCKS_PER_STAGE = 2
@@ -112,14 +112,7 @@ class ResNet18(nn.Module):
 
     def reset_parameters(self) -> None:
         """torchvision's ResNet init: Kaiming normal (fan_out, relu) convs, BN at (1, 0), zero conv biases."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convs_and_bn(self)
         self.fc.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

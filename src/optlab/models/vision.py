@@ -42,6 +42,19 @@ def positive_int(who: str, key: str, value: Any) -> int:
     return value
 
 
+def init_convs_and_bn(model: nn.Module) -> None:
+    """torchvision's ResNet init, in module order: Kaiming normal (fan_out, relu) conv weights, zero
+    conv biases, batch norm at (1, 0) (the image models' shared init; heads are initialised apart)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 @torch.no_grad()
 def trace_conv_specs(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, dict[str, Any]]:
     """Conv weight name -> dict(stride, padding, dilation, groups, input_hw), from one zero input of
