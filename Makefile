@@ -33,8 +33,9 @@ bench: venv
 	$(BIN)/python -m benchmarks.memory --depth 1000 --peer
 	$(BIN)/python -m benchmarks.rho
 
-# The MLflow UI on loopback only.
+# The MLflow UI on loopback only (first uploading any runs still waiting in the tracking spool).
 mlflow-ui: venv
+	-$(BIN)/python -m optlab.tracking sync
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
 
 lock: venv

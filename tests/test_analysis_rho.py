@@ -145,7 +145,7 @@ def test_the_registry_holds_the_rho_analysis() -> None:
     reg = registry()
     assert reg["rho"] is not None and reg["rho"].title.startswith("Step-length control from the softmax")
     assert list(reg)[:2] == ["sgd_sn", "rho"] and not reg["rho"].claims_unlabelled
-    assert set(reg) == {"sgd_sn", "rho", "rho_scan", "rho_phase", "rho_spike"}
+    assert {"sgd_sn", "rho", "rho_scan", "rho_phase", "rho_spike"} <= set(reg)  # other families add theirs
 
 
 def test_single_seed_table_has_a_row_per_method_and_lr_and_keeps_diverged_runs(tmp_path: Path) -> None:

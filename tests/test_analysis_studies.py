@@ -408,6 +408,11 @@ def test_aggregate_plot_report(root: Path, tmp_path: Path) -> None:
     assert any("headline_curves.png skipped" in str(w.message) for w in caught)
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+    # identical data, identical bytes (no random jitter, no timestamps): no spurious image diffs per experiment
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = plot_all(root, tmp_path / "again")
+    assert {p.name: p.read_bytes() for p in again} == {p.name: p.read_bytes() for p in paths}
 
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n" + START + "\nold\n" + END + "\n")

@@ -35,7 +35,7 @@ def _set(params: dict, dotted: str, value) -> None:
 CASES = [
     # (id, stage args, params edits, expected regex)
     ("unknown-optimizer", ["train"], {"optimizer": "adamw2"}, r"optimizer: unknown value 'adamw2'.*allowed: sgd, sgd_momentum, adam, adamw, sgd_sn"),
-    ("unknown-arch", ["train"], {"arch": "vgg"}, r"arch: unknown value 'vgg'; allowed: mlp, resnet18, gpt, vit, cnn"),
+    ("unknown-arch", ["train"], {"arch": "vgg"}, r"arch: unknown value 'vgg'; allowed: mlp, resnet18, gpt, gpt_modern, vit, cnn"),
     ("unknown-dataset", ["train"], {"dataset": "imagenet"}, r"dataset: unknown value 'imagenet'.*allowed: digits, mnist, fashion_mnist"),
     ("unknown-activation", ["train"], {"activation": "swish"}, r"activation: unknown value 'swish'; allowed: tanh, relu, gelu"),
     ("unknown-init", ["train"], {"init": "xavier"}, r"init: unknown value 'xavier'; allowed: orthogonal, kaiming"),

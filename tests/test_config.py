@@ -62,7 +62,7 @@ def test_lr_null_takes_optimizer_default(params):
         ({"studies": {"s": {"methods": ["sgd"], "quick": {"datasets": ["digits"], "lrs": [0.1], "seeds": "x"}}}}, r"studies.s.quick.seeds"),
         ({"probes": {"grad_norm": {"evry": 2}}}, r"probes.grad_norm.evry: unknown key \(did you mean 'every'\?\)"),
         ({"probes": {"sigma": {"every": 2}}}, r"probes: unknown value 'sigma' \(did you mean 'sigma_max'\?\)"),
-        ({"step_method": "dfa"}, r"step_method: unknown value 'dfa'; allowed: backprop"),
+        ({"step_method": "feedback_alignment"}, r"step_method: unknown value 'feedback_alignment'; allowed: backprop, "),
         ({"compile": "yes"}, r"compile: expected true or false"),
     ],
 )

@@ -48,6 +48,8 @@ def test_sweep_with_huge_lrs_completes_and_records_divergence(tmp_path, monkeypa
     got = {(row.run_id, int(row.diverged_step)) for row in div.itertuples() if row.status == "diverged"}
     assert got == {(r.run_id, r.diverged_step) for r in diverged}
 
+    assert not (tmp_path / "mlflow.db").exists()  # on a CPU the runs wait in the spool (tracking.upload: auto)
+    assert pipeline.track() == 0  # the `track` stage uploads them
     con = sqlite3.connect(tmp_path / "mlflow.db")
     rows = con.execute(
         "SELECT t1.value, r.status FROM runs r JOIN tags t1 ON t1.run_uuid=r.run_uuid AND t1.key='run_id' "
@@ -60,3 +62,12 @@ def test_sweep_with_huge_lrs_completes_and_records_divergence(tmp_path, monkeypa
         "WHERE m.key='final.diverged_step'"
     ).fetchall())
     assert {k: int(v) for k, v in steps.items()} == {r.run_id: r.diverged_step for r in diverged}
+    # deferred upload keeps the nesting: 2 slice parents, 12 children, each child's parent exists
+    parents = {u for (u,) in con.execute("SELECT run_uuid FROM runs r WHERE NOT EXISTS (SELECT 1 FROM tags t "
+                                          "WHERE t.run_uuid=r.run_uuid AND t.key='mlflow.parentRunId')")}
+    links = con.execute("SELECT value FROM tags WHERE key='mlflow.parentRunId'").fetchall()
+    assert len(parents) == 2 and len(links) == 12 and {v for (v,) in links} == parents
+    statuses = {s for (s,) in con.execute("SELECT status FROM runs")}
+    assert statuses == {"FINISHED"}
+    assert pipeline.track() == 0  # nothing left: a second upload is a no-op
+    assert con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 14

@@ -27,6 +27,11 @@ SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32,
 
 
 def _data(dataset: str):
+    if dataset == "lq":  # issue #13's synthetic linear-quadratic toy, small
+        from optlab.data import Splits
+        from optlab.data.lq import make_lq
+
+        return Splits(**make_lq(n_train=64, n_val=32, n_test=32))
     if dataset in SHAPES:
         shape = SHAPES[dataset]
         s = make_splits(n_train=64, n_val=32, n_test=32, dim=int(torch.tensor(shape).prod()), n_classes=10)

@@ -54,6 +54,8 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "resnet-plain-bn": lambda: _resnet(residual=False),
     "gpt": lambda: _gpt(),
     "gpt-bias": lambda: _gpt(bias=True),
+    "gpt_modern": lambda: (models.build("gpt_modern", vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8),
+                           torch.randint(0, 11, (2, 8))),
 }
 
 

@@ -83,9 +83,15 @@ def test_lr_edge():
     assert pipeline.lr_edge(0.1, [0.1]) is None
 
 
-def test_worker_processes_give_the_same_runs(study_dir, monkeypatch):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_worker_processes_give_the_same_runs(study_dir, monkeypatch, start):
     """Two worker processes run the slice's runs side by side: the same runs, bitwise, in the same
-    order, as one process (each run's threads are fixed by its config, not by the pool)."""
+    order, as one process (each run's threads are fixed by its config, not by the pool), whether
+    the workers are forked (CPU on Linux, the default there) or spawned (elsewhere)."""
+    if start == "fork" and not pipeline._can_fork("cpu"):
+        pytest.skip("fork is not available here")
+    if start == "spawn":
+        monkeypatch.setattr(pipeline, "_can_fork", lambda device: False)
     one = pipeline.sweep("f", "sgd", out_root="runs/one")
     monkeypatch.setenv("OPTLAB_WORKERS", "2")
     two = pipeline.sweep("f", "sgd", out_root="runs/two")

@@ -156,7 +156,7 @@ def test_debug_accepts_dirty_tree(repo: Path, outside: Path) -> None:
     (repo / "src" / "pkg" / "a.py").write_text("x = 2\n")
     out = check("debug", repo)
     head = git(repo, "rev-parse", "HEAD")
-    assert out == {"phase": "debug", "git_commit": head, "git_dirty": True, "frozen": False}
+    assert out == {"phase": "debug", "git_commit": head, "git_dirty": True, "frozen": False, "frozen_commit": None}
     assert check("debug", outside)["git_commit"] is None
 
 
@@ -184,7 +184,7 @@ def test_pilot_accepts_unwatched_changes(repo: Path) -> None:
     (repo / "reports" / "y.md").write_text("untracked\n")
     out = check("pilot", repo / "src")
     head = git(repo, "rev-parse", "HEAD")
-    assert out == {"phase": "pilot", "git_commit": head, "git_dirty": False, "frozen": False}
+    assert out == {"phase": "pilot", "git_commit": head, "git_dirty": False, "frozen": False, "frozen_commit": None}
 
 
 def test_pilot_refuses_outside_git(outside: Path) -> None:
@@ -197,18 +197,27 @@ def test_frozen_rules(repo: Path) -> None:
     with pytest.raises(PhaseError, match=r"^frozen_commit: required"):
         check("frozen", repo, None)
     wrong = ("0" if head[0] != "0" else "1") + head[1:]
-    with pytest.raises(PhaseError, match=rf"^frozen_commit: '{wrong}' does not match HEAD"):
+    with pytest.raises(PhaseError, match=rf"^frozen_commit: '{wrong}' is not a commit of the repository"):
         check("frozen", repo, wrong)
     with pytest.raises(PhaseError, match=r"^frozen_commit: '[0-9a-f]{6}' is not a commit sha"):
         check("frozen", repo, head[:6])
-    with pytest.raises(PhaseError, match=r"^seeds_per_config: 2 is below 3"):
+    with pytest.raises(PhaseError, match=r"^seeds_per_config: 2 distinct seeds per configuration .* below 3"):
         check("frozen", repo, head, seeds=2)
-    expected = {"phase": "frozen", "git_commit": head, "git_dirty": False, "frozen": True}
+    expected = {"phase": "frozen", "git_commit": head, "git_dirty": False, "frozen": True, "frozen_commit": head}
     assert check("frozen", repo, head) == expected
     assert check("frozen", repo, head[:7].upper()) == expected
+    # the frozen commit need not be HEAD: a later results-only commit keeps the runs frozen
+    (repo / "reports" / "x.md").write_text("results\n")
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {a: 1}\n")
+    git(repo, "commit", "-qam", "results")
+    new_head = git(repo, "rev-parse", "HEAD")
+    assert check("frozen", repo, head) == {**expected, "git_commit": new_head}
     (repo / "src" / "pkg" / "a.py").write_text("x = 3\n")
-    with pytest.raises(PhaseError, match=r"^phase: 'frozen' needs a clean tree"):
+    with pytest.raises(PhaseError) as err:
         check("frozen", repo, head)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"frozen_commit: {head[:12]}: src/pkg/a.py changed since the frozen commit")
 
 
 def test_policy_module_does_not_import_mlflow() -> None:

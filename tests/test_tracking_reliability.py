@@ -169,7 +169,7 @@ def test_partial_replay_resumes_without_resending(tmp_path, _isolated, monkeypat
     sink = MlflowSink(f"http://127.0.0.1:{free_port()}", run_name="partial", flush_every=1)
     with pytest.warns(RuntimeWarning):
         sink.start({"lr": 0.1}, base_tags())
-    for step in range(10):  # ten metric operations of 100 points each
+    for step in range(30):  # thirty metric operations of 100 points each: replayed as 3 batches of 1000
         sink.log_metrics([("train_loss", 1.0 / (step * 100 + i + 1), step * 100 + i) for i in range(100)])
     sink.finish("completed", {"val_acc": 0.5})
 
@@ -181,7 +181,7 @@ def test_partial_replay_resumes_without_resending(tmp_path, _isolated, monkeypat
     def flaky(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
         if metrics:
             calls.append(len(metrics))
-            if len(calls) == 4 and not failed:
+            if len(calls) == 2 and not failed:
                 failed.append(True)
                 raise mlflow.exceptions.MlflowException("503 Service Unavailable")
         return original(self, run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous)
@@ -190,14 +190,14 @@ def test_partial_replay_resumes_without_resending(tmp_path, _isolated, monkeypat
     first = sync(tracking_uri=store)
     assert len(first.failed) == 1 and "503" in first.failed[0]["error"]
     [entry] = pending()
-    assert entry.done == 4 and entry.error  # run + 3 metric operations replayed
+    assert entry.done == 11 and entry.error  # the run + the 10 metric operations of the first batch replayed
     calls.clear()
     second = sync(tracking_uri=store)
     assert second.ok and len(second.uploaded) == 1
-    assert calls == [100] * 7 + [1]  # only what the first attempt had not sent
+    assert calls == [1000, 1000, 1]  # only what the first attempt had not sent (and the summary point)
     run_id = second.uploaded[0]["run_id"]
     client = MlflowClient(store)
-    assert len(client.get_metric_history(run_id, "train_loss")) == 1000
+    assert len(client.get_metric_history(run_id, "train_loss")) == 3000
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
     assert_spool_empty(_isolated)
 

@@ -17,13 +17,15 @@ params.yaml resolves in layers, later wins:
   <- the study's ``sn`` <- (dataset, lr, seed). Only the engine keys (device, amp, compile,
   log_every, checkpoint_every, diverge_loss, phase) come from the top level, so a headline
   experiment never changes a study's runs, and a slice depends only on its study's and its
-  method's params sections.
+  method's params sections. A study section may set its own ``phase`` and ``frozen_commit``,
+  which replace the top-level pair for that study's runs only.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .registry import UnknownName, unknown_message
 
-ARCHS = ("mlp", "resnet18", "gpt", "vit", "cnn")
+ARCHS = ("mlp", "resnet18", "gpt", "gpt_modern", "vit", "cnn", "lq")
 RESNET18_DEPTH = 18  # weighted layers of ResNet-18 (the run key `depth` for arch resnet18)
-ARCH_TASK = {"mlp": "classification", "resnet18": "classification", "gpt": "lm", "vit": "classification",
-             "cnn": "classification"}
+ARCH_TASK = {"mlp": "classification", "resnet18": "classification", "gpt": "lm", "gpt_modern": "lm", "vit": "classification",
+             "cnn": "classification", "lq": "lq"}
 NORMS = ("none", "layer")  # mlp: normalization before each hidden activation
 ACTIVATIONS = ("tanh", "relu", "gelu")
 INITS = ("orthogonal", "kaiming")
@@ -48,6 +50,7 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16")
 LR_POLICIES = ("search", "fixed")
 DIRECTIONS = ("up", "down")
+_SHA = re.compile(r"[0-9a-fA-F]{7,40}")
 DEFAULT_PROBES: dict[str, dict[str, Any]] = {"grad_norm": {"every": 25}, "sigma_max": {"every": 25}}
 
 
@@ -256,12 +259,18 @@ class RunConfig(_Section):
                          ("checkpoint_every", 0), ("n_head", 1), ("block_size", 2), ("steps_per_epoch", 0),
                          ("max_steps", 0), ("act_checkpoint", 0), ("eval_tokens", 0), ("lr_spike_step", 0), ("threads", 0)):
             _int_at_least(key, getattr(self, key), low)
-        if self.arch in ("gpt", "vit") and self.width % self.n_head:
+        if self.arch in ("gpt", "gpt_modern", "vit") and self.width % self.n_head:
             raise ConfigError(f"width: {self.width} must be divisible by n_head={self.n_head} for arch {self.arch}")
         from .methods import validate_options as method_options
         from .probes import validate_options as probe_options
 
         method_options(self.step_method, dict(self.method_options))
+        from .optim import validate_options as optimizer_options
+
+        try:
+            optimizer_options(self.optimizer, dict(self.optimizer_options))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         for name, opts in self.probes.items():
             _choice("probes", name, probe_names())
             probe_options(name, opts)
@@ -364,13 +373,15 @@ ENGINE_KEYS = ("device", "threads", "amp", "compile", "log_every", "checkpoint_e
 PARAMS_KEYS = RUN_KEYS + ("workers", "sn", "data", "tracking", "default_lr", "profiles", "methods", "studies", "datasets")
 SN_KEYS = tuple(SNConfig.model_fields)
 DATA_KEYS = ("mirror", "val_fraction", "test_fraction", "prepared_dir")
-TRACKING_KEYS = ("experiment",)
+TRACKING_KEYS = ("experiment", "upload")
+TRACKING_UPLOADS = ("auto", "live", "deferred")
 PROFILE_KEYS = RUN_KEYS + ("sn", "ablate")
 ABLATE_KEYS = ("seeds", "base", "variants")
 METHOD_KEYS = ("optimizer", "optimizer_options", "step_method", "method_options", "sn", "probes", "lr")
 STUDY_SCALE_KEYS = ("skip", "datasets", "grid", "lrs", "lr_policy", "search_seeds", "seeds", "set", "sn", "select",
                     "stop_on_failure", "probes")
-STUDY_KEYS = ("analysis", "arch", "methods", "verdict", "published") + STUDY_SCALE_KEYS + SCALES
+STUDY_PHASE_KEYS = ("phase", "frozen_commit")  # a study's own phase, overriding the top-level pair for its runs
+STUDY_KEYS = ("analysis", "arch", "methods", "verdict", "published") + STUDY_PHASE_KEYS + STUDY_SCALE_KEYS + SCALES
 VERDICT_KEYS = ("method", "reference", "metric", "direction", "bar")
 GRID_AXES = ("model", "arch", "depth", "width", "block_size", "batch_size", "residual", "batch_norm", "activation", "init",
              "norm", "lr_spike_step", "lr_spike_factor")
@@ -413,6 +424,8 @@ class StudySpec(BaseModel):
     primary: tuple[str, str]
     skip: str | None = None  # the reason this study does not run at the selected scale (e.g. GPU only)
     published: dict[str, Any] = {}  # a labeled published reference (row -> value or text) the analysis prints beside ours
+    phase: str | None = None  # the study's own phase (None: the top-level phase and frozen_commit apply)
+    frozen_commit: str | None = None  # with `phase`: the study's frozen commit
 
     @property
     def verdict(self) -> bool:
@@ -424,6 +437,12 @@ class StudySpec(BaseModel):
         for ax in self.grid:  # a `model` value is a mapping of run keys, merged into the point
             out = [dict(p, **(dict(v) if ax == "model" else {ax: v})) for p in out for v in self.grid[ax]]
         return out
+
+    def seeds_per_config(self) -> int:
+        """Distinct seeds of each reported configuration (LR x grid point): every seed at every LR
+        under ``lr_policy: fixed``; the search seeds and the confirm seeds at the selected LR under
+        ``search`` (the unselected LRs of a search are selection runs, not reported configurations)."""
+        return len(set(self.seeds) | set(self.search_seeds))
 
     def confirm_seeds(self) -> list[int]:
         return [sd for sd in self.seeds if sd not in self.search_seeds]
@@ -453,6 +472,9 @@ def validate_params(params: dict[str, Any]) -> None:
     _check_keys("sn", params.get("sn") or {}, SN_KEYS)
     _check_keys("data", params.get("data") or {}, DATA_KEYS)
     _check_keys("tracking", params.get("tracking") or {}, TRACKING_KEYS)
+    upload = (params.get("tracking") or {}).get("upload", "auto")
+    if upload not in TRACKING_UPLOADS:
+        raise ConfigError(f"tracking.upload: unknown {upload!r}; allowed: {', '.join(TRACKING_UPLOADS)}")
     _check_keys("default_lr", params.get("default_lr") or {}, optimizer_names())
     profiles = params.get("profiles") or {}
     _check_keys("profiles", profiles, SCALES)
@@ -475,6 +497,7 @@ def validate_params(params: dict[str, Any]) -> None:
         resolve_method(params, name)
     for name in params.get("studies") or {}:
         resolve_study(params, name)
+    study_phase_keys(params, "")
     resolve_ablation(params)
 
 
@@ -533,6 +556,7 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
     if not isinstance(published, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float))
                                                   for k, v in published.items()):
         raise ConfigError(f"{where}.published: expected a mapping of labels to numbers or text, got {published!r}")
+    phase, frozen_commit = study_phase_keys(raw, where)
     skip = spec.get("skip")
     if skip is not None:  # `<scale>: {skip: reason}`: the study does not run at this scale (its slices say why)
         if not isinstance(skip, str) or not skip.strip():
@@ -543,7 +567,8 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
         return StudySpec(name=name, analysis=spec.get("analysis", name), arch=arch, methods=methods, datasets=(), grid={},
                          lrs=(), lr_policy="fixed", search_seeds=(), seeds=(), fixed={}, sn={}, select="val_acc",
                          select_direction="up", stop_on_failure=False, probes=None,
-                         verdict_spec=None, primary=prim, skip=skip.strip(), published=published)
+                         verdict_spec=None, primary=prim, skip=skip.strip(), published=published, phase=phase,
+                         frozen_commit=frozen_commit)
     datasets = tuple(spec.get("datasets") or ())
     if not datasets:
         raise ConfigError(f"{wscale}.datasets: give at least one dataset; allowed: {', '.join(dataset_names(ARCH_TASK[arch]))}")
@@ -612,8 +637,57 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
         search_seeds=search, seeds=seeds, fixed=fixed, sn=sn, select=select,
         select_direction="up" if select == "val_acc" else "down",
         stop_on_failure=_flag(f"{wscale}.stop_on_failure", spec.get("stop_on_failure", False)),
-        probes=probes, verdict_spec=vspec, primary=task.primary, published=published,
+        probes=probes, verdict_spec=vspec, primary=task.primary, published=published, phase=phase,
+        frozen_commit=frozen_commit,
     )
+
+
+def study_phase_keys(section: dict[str, Any], where: str) -> tuple[str | None, str | None]:
+    """The (phase, frozen_commit) a params section sets (``where``: ``studies.<name>`` or ``""``
+    for the top level), validated: phase one of :data:`PHASES`; frozen_commit null or a commit
+    sha of 7 to 40 hex characters (quoted in YAML, or an all-digit sha parses as a number),
+    required with phase frozen in a study section. A study's frozen_commit without its phase is
+    an error: the two override the top-level pair together."""
+    pre = f"{where}." if where else ""
+    phase, commit = section.get("phase"), section.get("frozen_commit")
+    if phase is not None:
+        _choice(f"{pre}phase", phase, PHASES)
+    elif where and commit is not None:
+        raise ConfigError(f"{pre}frozen_commit: set {pre}phase too (a study's phase and frozen_commit override the "
+                          "top-level pair together); allowed phases: " + ", ".join(PHASES))
+    if commit is not None and not (isinstance(commit, str) and _SHA.fullmatch(commit)):
+        raise ConfigError(f"{pre}frozen_commit: expected null or a commit sha (7 to 40 hex characters, quoted), got {commit!r}")
+    if where and phase == "frozen" and commit is None:
+        raise ConfigError(f"{pre}frozen_commit: required when {pre}phase is 'frozen' (the commit whose code and params "
+                          "the study's runs must match)")
+    return phase, commit
+
+
+# keys that never determine a run's numbers: the phase policy's own, the worker count, tracking, the data mirror's location
+_NOT_DETERMINING = ("phase", "frozen_commit", "workers", "tracking")
+
+
+def determining_params(params: dict[str, Any], study: str | None = None) -> dict[str, Any]:
+    """The params that determine the runs of ``study`` (our definition, for the frozen phase):
+    its section ``studies.<study>`` (less its ``phase``/``frozen_commit``), the sections
+    ``methods.<m>`` of the methods it lists, the engine keys (:data:`ENGINE_KEYS` less the phase
+    pair) and the data keys the prepare stage reads (``data`` less ``mirror``, a location).
+    ``study=None``: the headline and ablation runs, i.e. everything but ``studies``, ``methods``,
+    the phase pair, ``workers``, ``tracking`` and ``data.mirror``. Read without validation, so a
+    params file from an old commit works too."""
+    params = dict(params or {})
+    data = {k: v for k, v in dict(params.get("data") or {}).items() if k != "mirror"}
+    if study is None:
+        out = {k: v for k, v in params.items() if k not in _NOT_DETERMINING + ("studies", "methods", "data")}
+        out["data"] = data
+        return out
+    section = (params.get("studies") or {}).get(study)
+    section = {k: v for k, v in dict(section or {}).items() if k not in STUDY_PHASE_KEYS} if section is not None else None
+    methods = (params.get("methods") or {})
+    listed = list((section or {}).get("methods") or ())
+    out = {k: params.get(k) for k in ENGINE_KEYS if k not in STUDY_PHASE_KEYS}
+    out.update({"studies": {study: section}, "methods": {m: methods.get(m) for m in listed}, "data": data})
+    return out
 
 
 def study_run(params: dict[str, Any], spec: StudySpec, method: str, *, dataset: str, point: dict[str, Any],
@@ -623,6 +697,8 @@ def study_run(params: dict[str, Any], spec: StudySpec, method: str, *, dataset: 
         raise ConfigError(unknown_message(f"studies.{spec.name}.methods", method, spec.methods))
     msec = resolve_method(params, method)
     values: dict[str, Any] = {k: params[k] for k in ENGINE_KEYS if params.get(k) is not None}
+    if spec.phase is not None:  # the study's own phase keys override the top-level pair, for its runs only
+        values["phase"], values["frozen_commit"] = spec.phase, spec.frozen_commit
     data = params.get("data") or {}
     if data.get("prepared_dir"):
         values["prepared_dir"] = data["prepared_dir"]

@@ -19,7 +19,10 @@ one the call is skipped.
 
 Outputs in ``run_dir``: ``metrics.json``, ``curves.csv`` (step, epoch, metric, value: losses,
 epoch metrics, the method's per-step statistics, whole-model probe values) and ``layers.csv``
-(step, epoch, layer, role, metric, value: one row per layer and probe metric).
+(step, epoch, layer, role, metric, value: one row per layer and probe metric). The sinks
+(MLflow) get the same curves, except that the method's per-step statistics arrive as one point
+per ``log_every`` interval (the interval's mean, like ``train_loss``); every step's value is in
+curves.csv.
 """
 
 from __future__ import annotations
@@ -188,15 +191,24 @@ class _Recorder:
         self.layers: list[tuple[int, int, int, str, str, float]] = []
         self._pending: list[tuple[str, float, int]] = []
 
-    def metric(self, step: int, epoch: int, key: str, value: float) -> None:
+    def metric(self, step: int, epoch: int, key: str, value: float, sinks: bool = True) -> None:
+        """A curve row (curves.csv); also sent to the sinks unless ``sinks`` is False."""
         self.curves.append((step, epoch, key, value))
+        if sinks and math.isfinite(value):
+            self._pending.append((key, value, step))
+
+    def to_sinks(self, step: int, key: str, value: float) -> None:
+        """A point for the sinks only (not a curve row)."""
         if math.isfinite(value):
             self._pending.append((key, value, step))
 
-    def layer_rows(self, step: int, epoch: int, metric: str, roles: list[str], values: list[float]) -> None:
-        """One long-format row per layer: (step, epoch, layer, role, metric, value)."""
-        for i, (r, v) in enumerate(zip(roles, values)):
-            self.layers.append((step, epoch, i, r, metric, float(v)))
+    def layer_rows(self, step: int, epoch: int, metric: str, roles: list[str], values: list[float],
+                   layers: list[int] | None = None) -> None:
+        """One long-format row per layer: (step, epoch, layer, role, metric, value). ``layers``: the
+        layer numbers of the values when they are a subset (default 0, 1, ... in order)."""
+        ids = range(len(values)) if layers is None else layers
+        for i, r, v in zip(ids, roles, values):
+            self.layers.append((step, epoch, int(i), r, metric, float(v)))
 
     def flush(self) -> None:
         if self._pending:
@@ -301,6 +313,8 @@ def _train(
         "git_commit": base_tags.get("git_commit"),
         "git_dirty": base_tags.get("git_dirty") == "true" if "git_dirty" in base_tags else None,
         "frozen": base_tags.get("frozen", str(cfg.phase == "frozen").lower()) == "true",
+        "phase": base_tags.get("phase", cfg.phase),
+        "frozen_commit": None if base_tags.get("frozen_commit", "none") == "none" else base_tags["frozen_commit"],
         "numerics": numerics,
     }
     try:
@@ -695,12 +709,14 @@ def model_kwargs(cfg: RunConfig, task: Any) -> dict[str, Any]:
                      "checkpoint_segments": cfg.act_checkpoint, "norm": cfg.norm}
     if cfg.arch == "resnet18":
         return kw | {"width": cfg.width, "residual": cfg.residual, "batch_norm": cfg.batch_norm}
-    if cfg.arch == "gpt":
+    if cfg.arch in ("gpt", "gpt_modern"):
         return kw | {"n_layer": cfg.depth, "n_embd": cfg.width, "n_head": cfg.n_head}
     if cfg.arch == "vit":
         return kw | {"width": cfg.width, "depth": cfg.depth, "n_head": cfg.n_head}
     if cfg.arch == "cnn":
         return kw | {"width": cfg.width, "depth": cfg.depth, "batch_norm": cfg.batch_norm}
+    if cfg.arch == "lq":  # the toy linear system: depth layers of the data's width
+        return kw | {"depth": cfg.depth}
     raise ValueError(f"arch: unknown {cfg.arch!r}")
 
 
@@ -717,9 +733,16 @@ def _flush_losses(buf: list[torch.Tensor], step: int, epoch: int, cfg: RunConfig
         nan = torch.tensor(float("nan"), device=buf[0].device)
         table = torch.stack([torch.stack([d.get(k, nan).float().reshape(()) for k in keys]) for d in stats]).cpu().tolist()
         s0 = step - len(table) + 1
+        # every step's row goes to curves.csv; the sinks (MLflow) get one point per flush, the
+        # interval's mean over its finite values, as for train_loss: per-step rows into a SQL
+        # store were most of a quick sweep's tracking time (a rho run logs 6 keys per step)
         for i, row in enumerate(table):
             for k, v in zip(keys, row):
-                rec.metric(s0 + i, epoch, k, v)
+                rec.metric(s0 + i, epoch, k, v, sinks=False)
+        for j, k in enumerate(keys):
+            vals = [row[j] for row in table if math.isfinite(row[j])]
+            if vals:
+                rec.to_sinks(step, k, sum(vals) / len(vals))
     for i, v in enumerate(losses):
         s = first + i
         if not math.isfinite(v) or v > cfg.diverge_loss:

@@ -41,14 +41,25 @@ def _tracking_enabled() -> bool:
     return os.environ.get("OPTLAB_TRACKING", "1").lower() not in ("0", "false", "no", "off")
 
 
-def _provenance(cfg: RunConfig, seeds_per_config: int, stage: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """Phase check (raises PhaseError before anything is written) and the run tags."""
+def _provenance(cfg: RunConfig, seeds_per_config: int, stage: str, *, params: dict[str, Any] | None = None,
+                params_path: str = "params.yaml", study: str | None = None, where: str = "",
+                seeds_key: str = "seeds_per_config") -> tuple[dict[str, str], dict[str, Any]]:
+    """Phase check (raises PhaseError before anything is written) and the run tags.
+
+    ``params`` (parsed ``params_path``) and ``study`` (None: headline/ablation) are what a frozen
+    run compares with the frozen commit; ``where`` prefixes the phase keys in messages
+    (``studies.<name>.`` when the study sets its own phase)."""
     from .tracking.policy import check_phase
     from .tracking.policy import WATCHED
     from .tracking.provenance import dvc_stage, find_work_tree, git_info
 
     root = find_work_tree(Path.cwd())  # the tree being run (a DVC temp workspace is its own checkout)
-    prov = check_phase(cfg.phase, frozen_commit=cfg.frozen_commit, seeds_per_config=seeds_per_config, root=root)
+    params_file = Path(params_path)
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            params_file = params_file.resolve().relative_to(root)
+    prov = check_phase(cfg.phase, frozen_commit=cfg.frozen_commit, seeds_per_config=seeds_per_config, root=root,
+                       params=params, study=study, params_file=params_file.as_posix(), where=where, seeds_key=seeds_key)
     # dirty means code or params changed; dvc.lock and outs change during every repro
     info = git_info(root, WATCHED) if root is not None else {"git_commit": None, "git_dirty": None, "diff": None}
     tags = {
@@ -58,6 +69,7 @@ def _provenance(cfg: RunConfig, seeds_per_config: int, stage: str) -> tuple[dict
         "study": cfg.study,
         "dvc_stage": dvc_stage() or stage,
         "scale": cfg.scale,
+        "frozen_commit": str(prov.get("frozen_commit") or "none"),  # the full sha a frozen run matched
     }
     if info.get("git_dirty") and info.get("diff"):
         tags["_diff"] = info["diff"]
@@ -72,19 +84,35 @@ def _checkpoint_dir() -> Path:
     return Path(os.environ.get("OPTLAB_CHECKPOINT_DIR", root / ".optlab" / "checkpoints"))
 
 
+def tracking_deferred(params: dict[str, Any]) -> bool:
+    """Whether runs go to the tracking spool for one upload later instead of to the store live.
+
+    ``tracking.upload``: ``live`` (each run logs to the store as it trains), ``deferred`` (each
+    run writes its MLflow record to the local spool, a file append; the ``track`` stage, or
+    ``python -m optlab.tracking sync``, uploads them all in one process), ``auto`` (the default:
+    deferred when the runs train on the CPU, where a quick run takes seconds and opening the
+    store took longer than training; live on a GPU, where a run is worth watching)."""
+    mode = (params.get("tracking") or {}).get("upload", "auto")
+    if mode == "auto":
+        return engine.resolve_device(params.get("device") or "auto").type == "cpu"
+    return mode == "deferred"
+
+
 def _sink(params: dict[str, Any], run_name: str, parent_run_id: str | None = None) -> list[Any]:
     if not _tracking_enabled():
         return []
-    try:
-        import mlflow  # noqa: F401  (the sink imports it lazily; check it is installed at all)
+    import importlib.util
 
-        from .tracking import MlflowSink, try_sync
-    except ImportError as exc:  # torch-only machine
-        warnings.warn(f"MLflow tracking skipped ({exc}); DVC outs are still written")
+    if importlib.util.find_spec("mlflow") is None:  # torch-only machine
+        warnings.warn("MLflow tracking skipped (mlflow is not installed); DVC outs are still written")
         return []
-    try_sync()  # best effort, seconds at most: upload runs spooled during an earlier outage
+    from .tracking import MlflowSink, try_sync
+
+    deferred = tracking_deferred(params)
+    if not deferred:
+        try_sync()  # best effort, seconds at most: upload runs spooled during an earlier outage
     experiment = (params.get("tracking") or {}).get("experiment", "optlab")
-    return [MlflowSink(experiment=experiment, run_name=run_name, parent_run_id=parent_run_id)]
+    return [MlflowSink(experiment=experiment, run_name=run_name, parent_run_id=parent_run_id, deferred=deferred)]
 
 
 @contextlib.contextmanager
@@ -93,15 +121,101 @@ def _parent(params: dict[str, Any], name: str, tags: dict[str, str]) -> Iterator
     if not _tracking_enabled():
         yield None
         return
-    try:
-        from .tracking import parent_run
-    except ImportError as exc:
-        warnings.warn(f"MLflow tracking skipped ({exc})")
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        warnings.warn("MLflow tracking skipped (mlflow is not installed)")
         yield None
         return
+    from .tracking import parent_run
+
     experiment = (params.get("tracking") or {}).get("experiment", "optlab")
-    with parent_run(tags.get("study", "adhoc"), experiment=experiment, tags=tags, run_name=name) as parent:
+    with parent_run(tags.get("study", "adhoc"), experiment=experiment, tags=tags, run_name=name,
+                    deferred=tracking_deferred(params)) as parent:
         yield parent
+
+
+TRAINING_CODE_EXCLUDE = ("analysis/", "robustness.py")
+"""Paths under src/optlab that no training stage runs (the tables, figures and README sections;
+the cross-machine robustness check): editing them reruns only the analysis stages."""
+
+
+def training_code_fingerprint(root: Path | None = None) -> str:
+    """sha256 over the path and bytes of every .py file under src/optlab that training runs
+    (everything but :data:`TRAINING_CODE_EXCLUDE`), in path order."""
+    import hashlib
+
+    base = root or Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(base.rglob("*.py")):
+        rel = f.relative_to(base).as_posix()
+        if any(rel == x or rel.startswith(x) for x in TRAINING_CODE_EXCLUDE):
+            continue
+        h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def validate(params_path: str = "params.yaml", out: str | None = "runs/validated.txt") -> int:
+    """Stage ``validate``: check the whole params file before any stage runs, and fingerprint the
+    training code.
+
+    Checked: every key (a misspelled one, or one added with ``dvc exp run -S +key=val``,
+    included), the headline run's resolved config, every study slice's configurations (each
+    method x dataset x grid point, at its first LR and seed, as ``sweep`` does before it writes
+    anything) and the ablation variants. A bad params file stops ``dvc repro`` / ``dvc exp run``
+    here, with one line naming the key and the allowed values, before DVC removes any earlier
+    output. The out holds only :func:`training_code_fingerprint`, and every training stage
+    depends on it instead of on the code's directories: a params edit changes nothing
+    downstream (each stage still depends on its own params), a change to any code a run executes
+    reruns every training stage, an edit of the analysis code none, and each stage's lock entry
+    stays short (DVC rewrites the whole dvc.lock after every stage, so its size costs every stage
+    time). Returns the number of configurations checked."""
+    params = load_params(params_path)
+    n = 1
+    resolve_run(params, run_id="validate")
+    for study in params.get("studies") or {}:
+        spec = resolve_study(params, study)
+        if spec.skip is not None:
+            continue
+        for method in spec.methods:
+            mlr = resolve_method(params, method).get("lr")
+            lr = float(mlr) if mlr is not None else spec.lrs[0]
+            for ds in spec.datasets:
+                for pt in spec.points():
+                    study_run(params, spec, method, dataset=ds, point=pt, lr=lr, seed=spec.seeds[0], run_id="validate")
+                    n += 1
+    for name, var in resolve_ablation(params).items():
+        resolve_run(params, **var, seed=ablation_seeds(params)[0], study="ablate", run_id=name)
+        n += 1
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(f"training code sha256 {training_code_fingerprint()}\n")
+    print(f"validate: {params_path} is valid ({n} run configurations checked)")
+    return n
+
+
+def track(params_path: str = "params.yaml") -> int:
+    """Stage ``track``: upload every spooled run (deferred runs, and runs spooled during a store
+    outage) to its tracking store, in one process. Returns 0, or 1 when some upload failed (they
+    stay in the spool for the next sync)."""
+    load_params(params_path)  # validates tracking.*
+    if not _tracking_enabled():
+        print("track: tracking is off (OPTLAB_TRACKING); nothing uploaded")
+        return 0
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        print("track: mlflow is not installed; spooled runs wait in the spool")
+        return 0
+    from .tracking.spool import default_spool_dir, sync
+
+    summary = sync()
+    lines = summary.lines()
+    print("track: " + lines[-1] + ("" if summary.uploaded else f" ({default_spool_dir()})"))
+    for line in lines[:-1]:
+        if not line.startswith("uploaded"):
+            print(f"track: {line}")
+    return 0 if summary.ok else 1
 
 
 def prepare(params_path: str = "params.yaml", raw_dir: str = "data/raw", out_dir: str | None = None) -> list[Path]:
@@ -121,6 +235,10 @@ def prepare(params_path: str = "params.yaml", raw_dir: str = "data/raw", out_dir
             from .data.synthetic import prepare_markov
 
             prepare_markov(path, val_fraction=float(data.get("val_fraction", 0.1)), seed=0)
+        elif name == "lq":  # issue #13's linear-quadratic toy (synthetic, seeded)
+            from .data.lq import prepare_lq
+
+            prepare_lq(path, seed=0)
         elif name in ("tinyshakespeare", "tinystories"):
             from .data.text import prepare_text
 
@@ -200,13 +318,31 @@ def train_headline(params_path: str = "params.yaml", out_dir: str = "runs/train"
         raise ConfigError(f"phase: {cfg.phase!r} records the committed params; command-line overrides ({flags}) are for "
                           "phase debug only: set them in params.yaml (or dvc exp run -S) instead")
     # the single-seed headline is exempt from the frozen seed rule and never counts as frozen
-    tags, prov = _provenance(cfg, seeds_per_config=3, stage="train")
+    tags, prov = _provenance(cfg, seeds_per_config=3, stage="train", params=params, params_path=params_path)
     tags["frozen"] = "false"
     if overrides:
         tags["cli_overrides"] = " ".join(f"{k}={v}" for k, v in overrides.items())
     result = engine.train(cfg, sinks=_sink(params, "train"), run_dir=out_dir, tags=tags, checkpoint_dir=_checkpoint_dir())
+    write_final_metrics(result, Path(out_dir) / "final.json")
     print(_summary_line(result))
     return result
+
+
+FINAL_METRICS = ("test_acc", "test_loss", "val_acc", "val_loss", "train_loss", "best_val_acc", "test_bpb",
+                 "epochs_completed", "steps", "wall_time_s", "seconds_per_epoch", "step_mem_mb", "peak_mem_mb")
+
+
+def write_final_metrics(result: engine.RunResult, path: Path) -> None:
+    """The headline run's DVC metrics file: its final numbers only (metrics.json beside it also
+    holds the config, provenance and sweep labels), so ``dvc metrics show`` and ``dvc exp show``
+    show metrics, not config strings. ``diverged`` is 1 for a diverged run."""
+    final = result.final or {}
+    doc: dict[str, Any] = {"diverged": int(result.status == "diverged")}
+    for key in FINAL_METRICS:
+        v = final.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            doc[key] = v
+    path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def _point_id(point: dict[str, Any]) -> str:
@@ -254,6 +390,28 @@ def sweep_workers(params: dict[str, Any], n_jobs: int, device: Any) -> int:
     return max(1, min(n, n_jobs))
 
 
+def _can_fork(device: str) -> bool:
+    import multiprocessing as mp
+
+    return (sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
+            and engine.resolve_device(device).type == "cpu")
+
+
+def _noop() -> None:
+    return None
+
+
+def _preload_for_workers() -> None:
+    """Import in this process what every worker would import at its first run (torch's optimizer
+    machinery pulls in torch._dynamo; the MLflow sink its SQL store), so forked workers share it."""
+    import torch._dynamo  # noqa: F401
+
+    if _tracking_enabled():
+        with contextlib.suppress(ImportError):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+            import mlflow.tracking.client  # noqa: F401
+
+
 def _worker_init(prepared_dir: str, datasets: list[str], device: str) -> None:
     dev = engine.resolve_device(device)
     _WORKER.clear()
@@ -276,17 +434,35 @@ def _worker_run(job: dict[str, Any]) -> tuple[engine.RunResult | None, str | Non
 
 class _Runner:
     """Runs a batch of independent runs, in this process (``workers == 1``) or in a pool of
-    spawned worker processes, and returns the results in the batch's order."""
+    worker processes, and returns the results in the batch's order.
 
-    def __init__(self, workers: int, prepared_dir: str, datasets: list[str], device: str) -> None:
+    On a CPU under Linux the workers are forked from this process, once, before any tracking
+    store is opened: they inherit the imported modules (torch, torch._dynamo, MLflow's store
+    code) and the loaded datasets, so a worker starts in milliseconds instead of repeating
+    seconds of imports (most of a quick slice's fixed cost). Elsewhere (CUDA, macOS, Windows)
+    they are spawned and load the data themselves. Each run's numerics are fixed by its own
+    ``threads`` either way, so the start method never changes a result."""
+
+    def __init__(self, workers: int, prepared_dir: str, datasets: list[str], device: str,
+                 data: dict[str, Any] | None = None) -> None:
         self.workers = workers
         self.pool = None
         if workers > 1:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                            initargs=(prepared_dir, list(datasets), device))
+            if _can_fork(device):
+                _preload_for_workers()
+                _WORKER.clear()
+                _WORKER.update(data if data is not None else
+                               {ds: engine.load_prepared(prepared_dir, ds, engine.resolve_device(device)) for ds in datasets})
+                self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+                # a fork pool starts all its workers at the first submit: do it now, before this
+                # process opens a tracking store connection the children must not share
+                self.pool.submit(_noop).result()
+            else:
+                self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                                initargs=(prepared_dir, list(datasets), device))
 
     def map(self, jobs: list[dict[str, Any]], local: Any, done: Any) -> list[tuple[engine.RunResult | None, str | None]]:
         if self.pool is None:
@@ -350,7 +526,10 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
     stage = f"{study}@{method}"
     first = cfg_for(spec.datasets[0], points[0], lrs[0], spec.seeds[0], stage)
     searching = spec.lr_policy == "search"
-    tags, prov = _provenance(first, seeds_per_config=len(set(spec.seeds) | set(spec.search_seeds)), stage=stage)
+    where = f"studies.{study}." if spec.phase is not None else ""
+    tags, prov = _provenance(first, seeds_per_config=spec.seeds_per_config(), stage=stage, params=params,
+                             params_path=params_path, study=study, where=where,
+                             seeds_key=f"studies.{study}.{params.get('scale', 'quick')}.seeds")
     tags["frozen"] = str(bool(prov.get("frozen"))).lower()
     device = engine.resolve_device(first.device)
     cache = {ds: engine.load_prepared(first.prepared_dir, ds, device) for ds in spec.datasets}
@@ -367,7 +546,7 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
     prefix = method
 
     workers = sweep_workers(params, per_point, device)
-    runner = _Runner(workers, first.prepared_dir, list(spec.datasets), first.device)
+    runner = _Runner(workers, first.prepared_dir, list(spec.datasets), first.device, data=cache)
 
     def job(dataset: str, point: dict[str, Any], lr: float, seed: int, role: str, parent: Any) -> dict[str, Any]:
         run_id = f"{prefix}-{dataset}-{_point_id(point)}-lr{lr:g}-s{seed}"
@@ -438,7 +617,9 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
            "analysis": spec.analysis, "verdict": spec.verdict_spec if spec.verdict else False,
            "primary": {"metric": spec.primary[0], "direction": spec.primary[1]}, "select": spec.select,
            "lr_policy": spec.lr_policy, "lrs": list(lrs), "search_seeds": list(spec.search_seeds),
-           "seeds": list(spec.seeds), "points": summary, "published": spec.published}
+           "seeds": list(spec.seeds), "points": summary, "published": spec.published,
+           "phase": first.phase, "frozen": bool(prov.get("frozen")), "frozen_commit": prov.get("frozen_commit"),
+           "git_commit": prov.get("git_commit")}
     (out / "summary.json").write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
     if not errors:  # the slice is complete: its finished-run records are no longer needed
         shutil.rmtree(slice_ckpt, ignore_errors=True)
@@ -486,7 +667,8 @@ def ablate(params_path: str = "params.yaml", out_root: str = "runs/ablate") -> l
         for sd in seeds
     }
     first = next(iter(cfgs.values()))
-    tags, prov = _provenance(first, seeds_per_config=len(seeds), stage="ablate")
+    tags, prov = _provenance(first, seeds_per_config=len(set(seeds)), stage="ablate", params=params,
+                             params_path=params_path, seeds_key=f"profiles.{params.get('scale', 'quick')}.ablate.seeds")
     tags["frozen"] = str(bool(prov.get("frozen"))).lower()
     device = engine.resolve_device(first.device)
     cache = {ds: engine.load_prepared(first.prepared_dir, ds, device) for ds in {c.dataset for c in cfgs.values()}}
@@ -569,6 +751,13 @@ _COMMANDS = {
               "on validation, the selected LR rerun with the confirmation seeds; runs/sweep/<study>/<method>/."),
     "ablate": ("the ablation variants of profiles.<scale>.ablate x its seeds (stage ablate)",
                "Every variant of profiles.<scale>.ablate with each of its seeds -> runs/ablate/."),
+    "validate": ("check every key and every run configuration of the params file (stage validate)",
+                 "Validate params.yaml as a whole: unknown keys, the headline run, every study slice's configurations "
+                 "and the ablation variants; writes runs/validated.txt (the training code's fingerprint). Every training "
+                 "stage depends on it, so a bad params file stops dvc repro before any earlier output is removed."),
+    "track": ("upload the spooled MLflow runs to the tracking store (stage track)",
+              "Upload every run waiting in the tracking spool (runs with tracking.upload deferred, the default on a "
+              "CPU, and runs spooled while the store was down) in one process; same as `python -m optlab.tracking sync`."),
     "aggregate": ("tables from the run directories -> reports/tables (stage aggregate)",
                   "Read runs/ (run directories only) into the per-study tables under reports/tables/."),
     "plot": ("figures from the run directories -> reports/figures (stage plot)",
@@ -634,6 +823,10 @@ def main(argv: list[str] | None = None) -> int:
             sweep(args.study, args.method, args.params, out_root=args.out_root)
         elif args.cmd == "ablate":
             ablate(args.params)
+        elif args.cmd == "validate":
+            validate(args.params)
+        elif args.cmd == "track":
+            return track(args.params)
         elif args.cmd == "aggregate":
             aggregate()
         elif args.cmd == "plot":

@@ -4,7 +4,8 @@
 listed there, in order, for its section (``StudyAnalysis.section(ReportData)``); it writes them
 to ``results.md`` and, when given a README, replaces the text between ``<!-- results:start -->``
 and ``<!-- results:end -->`` with the same sections (links made relative to the README's
-directory). Every number in a section is read from the tables that ``aggregate`` wrote; nothing
+directory), and each analysis's own pages (``pages``, e.g. ``credit_notes.md``) beside
+``results.md``. Every number in a section is read from the tables that ``aggregate`` wrote; nothing
 is recomputed from runs here. The helpers below (best-LR tables, the divergence summary, the
 interval sentence, scope and provenance lines) are shared by the study analyses' sections.
 """
@@ -55,6 +56,7 @@ class ReportData:
     figures_dir: Path
     base: Path  # links are relative to this directory (the README's or results.md's)
     _cache: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+    pages_dir: Path | None = None  # where the analyses' own pages are written (beside results.md)
 
     def table(self, name: str) -> pd.DataFrame:
         """``<name>.csv`` from the tables directory (``FileNotFoundError`` when missing)."""
@@ -138,7 +140,7 @@ def write_report(
             analysis = resolve(reg, entry["name"])
             title = heading if heading and i == 0 else (analysis.title or entry["name"])
             rd = ReportData(entry["name"], title, tuple(entry.get("studies") or ()), tuple(entry.get("tables") or ()),
-                            tables_dir, figures_dir, base, cache)
+                            tables_dir, figures_dir, base, cache, out_md.parent)
             parts.append(analysis.section(rd).strip("\n"))
         if not parts:
             parts = [f"## {heading or 'Results'}\n\nNo study runs were found."]
@@ -151,9 +153,34 @@ def write_report(
     text = sections(out_md.parent)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text)
+    write_pages(manifest, reg, tables_dir, figures_dir, out_md.parent, cache)
     if readme is not None and new_readme is not None and new_readme != readme.read_text():
         readme.write_text(new_readme)
     return text
+
+
+def write_pages(manifest: list[dict[str, Any]], analyses: Mapping[str, "StudyAnalysis"], tables_dir: Path,
+                figures_dir: Path, out_dir: Path, cache: dict[str, pd.DataFrame] | None = None) -> list[Path]:
+    """Write the pages of every registered analysis that has them (an optional
+    ``pages(ReportData) -> {file name: text}``, e.g. an experiment-notes page) into ``out_dir``,
+    links relative to it; return the paths written. An analysis with no runs still writes its
+    pages (saying so), so the report stage's outputs always exist."""
+    written = []
+    listed = {e["name"] for e in manifest}
+    entries = [*manifest, *({"name": n, "studies": [], "tables": []} for n in analyses if n not in listed)]
+    for entry in entries:
+        analysis = analyses.get(entry["name"])
+        make = getattr(analysis, "pages", None)
+        if not callable(make):
+            continue
+        rd = ReportData(entry["name"], analysis.title or entry["name"], tuple(entry.get("studies") or ()),
+                        tuple(entry.get("tables") or ()), tables_dir, figures_dir, out_dir,
+                        cache if cache is not None else {}, out_dir)
+        for name, text in make(rd).items():
+            path = out_dir / name
+            path.write_text(text.rstrip("\n") + "\n")
+            written.append(path)
+    return written
 
 
 def replace_marked(text: str, section: str, source: str = "README") -> str:

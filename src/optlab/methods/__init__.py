@@ -4,6 +4,7 @@
 | --- | --- |
 | ``backprop`` | forward, backward, ``optimizer.step()`` (the default); ``clip_norm``: gradient clipping before the step |
 | ``rho`` | forward, backward, the optimizer's step measured and sized by the rho controller |
+| ``credit_bp``, ``dfa``, ``state_bridge``, ``credit_bridge`` | credit assignment (issue #13): exact costates, DFA feedback, a state bridge, a value bridge, each through the local surrogate (:mod:`optlab.credit`) |
 
 A method is a :class:`optlab.methods.base.Method` subclass in its own module, registered with
 ``@METHODS.register(name)``; its options are a pydantic model (``Options``) validated from the
@@ -43,6 +44,7 @@ def build(cfg: Any, model: nn.Module, task: Any, device: torch.device) -> Any:
 
 
 from . import backprop, rho  # noqa: E402,F401  (register the built-in methods)
+from . import credit_bp, dfa, state_bridge, credit_bridge  # noqa: E402,F401  (issue #13: credit assignment, optlab.credit)
 from .base import Method, NoOptions, StepContext, StepOutput  # noqa: E402
 
 __all__ = ["METHODS", "Method", "NoOptions", "StepContext", "StepOutput", "build", "method_names", "validate_options"]

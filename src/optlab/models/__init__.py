@@ -3,7 +3,10 @@
 Archs: ``mlp`` (:class:`DeepMLP`: input_dim, n_classes, depth, width, activation, init),
 ``resnet18`` (:class:`optlab.models.resnet.ResNet18`: input_dim, n_classes, input_shape, width,
 residual, batch_norm), ``gpt`` (:class:`optlab.models.gpt.GPT`: vocab_size, block_size,
-n_layer, n_head, n_embd, dropout, bias; anything else is refused), ``vit``
+n_layer, n_head, n_embd, dropout, bias; anything else is refused), ``gpt_modern``
+(:class:`optlab.models.gpt_modern.GPTModern`: RMSNorm, SwiGLU, no biases, fused qkv, rotary
+positions, tied embedding with role ``input``; vocab_size, block_size, n_layer, n_head, n_embd,
+ffn_hidden), ``vit``
 (:class:`optlab.models.vit.ViT`: input_dim, n_classes, input_shape, width, depth, n_head, patch;
 image rows as tokens) and ``cnn`` (:class:`optlab.models.cnn.SmallCNN`: input_dim, n_classes,
 input_shape, width, depth, batch_norm). The deep MLP takes ``norm`` (``none`` | ``layer``).
@@ -34,8 +37,10 @@ from torch import nn
 
 from .mlp import DeepMLP
 from .gpt import GPT, GPTConfig, build_gpt
+from .gpt_modern import GPTModern, GPTModernConfig, build_gpt_modern
 from .cnn import SmallCNN
 from .vit import ViT
+from .lq import LinearSystem
 from .functional import jvp_outputs
 
 ROLES = ("input", "hidden", "output", "bias_norm")
@@ -49,8 +54,8 @@ def _resnet18(**cfg: Any) -> nn.Module:
     return ResNet18(**cfg)
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {"mlp": DeepMLP, "resnet18": _resnet18, "gpt": build_gpt, "vit": ViT,
-                                                  "cnn": SmallCNN}
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {"mlp": DeepMLP, "resnet18": _resnet18, "gpt": build_gpt, "gpt_modern": build_gpt_modern, "vit": ViT,
+                                                  "cnn": SmallCNN, "lq": LinearSystem}
 
 
 def arch_names() -> list[str]:

@@ -262,6 +262,52 @@ class DeepMLP(nn.Module):
             h = self.act(F.layer_norm(F.linear(h, w, b), (self.width,), g, beta))
         return h
 
+    # -- layer states for credit assignment (optlab.credit.core); ``forward`` is unchanged.
+    # States: s_0 = x, s_1 = act(input(x)), s_{i+2} = act(W_i s_{i+1} + b_i) (hidden layer i), s_L = head(s_{L-1})
+    # with L = depth + 2 layers: 1 the input projection, 2..depth+1 the hidden stack, L the head.
+    def credit_supported(self) -> str:
+        """Why the layer states are unavailable ("" when they are): only the plain network has them."""
+        return "" if self.norm == "none" else f"layer states need norm none (got {self.norm!r})"
+
+    def credit_layers(self) -> int:
+        return self.depth + 2
+
+    def credit_widths(self) -> tuple[int, int]:
+        return self.width, self.head.out_features
+
+    def layer_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[s_0, ..., s_L]`` by the reference path (autograd through ``unbind``)."""
+        h = self.act(self.input(x))
+        out = [x, h]
+        for w, b in zip(self.hidden.weight.unbind(0), self.hidden.bias.unbind(0)):
+            h = self.act(F.linear(h, w, b))
+            out.append(h)
+        out.append(self.head(h))
+        return out
+
+    def layer_forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each layer on its own input (``inputs``: s_0..s_{L-1}); the hidden stack in one ``baddbmm``."""
+        d = self.depth
+        hin = torch.stack(list(inputs[1 : d + 1]))
+        z = torch.baddbmm(self.hidden.bias.unsqueeze(1), hin, self.hidden.weight.transpose(1, 2))
+        return [self.act(self.input(inputs[0])), *self.act(z).unbind(0), self.head(inputs[d + 1])]
+
+    def forward_from(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """The output when state ``k`` (0..L) is ``h``."""
+        L = self.depth + 2
+        if k == L:
+            return h
+        if k == 0:
+            h, k = self.act(self.input(h)), 1
+        for i in range(k - 1, self.depth):
+            h = self.act(F.linear(h, self.hidden.weight[i], self.hidden.bias[i]))
+        return self.head(h)
+
+    def layer_param_groups(self) -> list[list[tuple[str, int | None]]]:
+        return [[("input.weight", None), ("input.bias", None)],
+                *[[("hidden.weight", i), ("hidden.bias", i)] for i in range(self.depth)],
+                [("head.weight", None), ("head.bias", None)]]
+
     def param_roles(self) -> dict[str, str]:
         roles = {
             "input.weight": "input",

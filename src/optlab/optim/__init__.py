@@ -7,6 +7,18 @@
 | ``adam`` | torch Adam with its defaults (lr 1e-3 unless given) |
 | ``adamw`` | torch AdamW with its defaults |
 | ``sgd_sn`` | vanilla SGD, then every weight matrix projected to spectral norm <= 1 after each step |
+| ``muon`` | Muon (Nesterov 0.95, ``ns_steps`` Newton-Schulz steps) on hidden-role matrices, AdamW on the rest |
+| ``baseline_adamw`` | modular preset: AdamW on every role |
+| ``baseline_muon`` | modular preset: Muon on input and hidden, AdamW on output (and biases) |
+| ``modular_sphere`` | modular preset: AdamW + unit-row sphere on input, Muon on hidden and output |
+| ``modular_stiefel`` | modular preset: Muon on input, Muon + Stiefel projection on hidden, AdamW on output |
+| ``full_modular`` | modular preset: AdamW + sphere on input, Muon + Stiefel on hidden, AdamW on output |
+
+``muon`` and the presets are :class:`optlab.optim.modular.Modular` (per-role optimizer, post-step
+constraint and LR multiplier from ``param_roles()``; ``lr`` is the Muon LR, ``adamw_lr`` the
+AdamW one). Their options (``optimizer_options``): ``ns_steps`` (1, 2, 3, 5, 10; default 5),
+``ns`` (quintic | polar_express), ``momentum`` (0.95), ``nesterov`` (true), ``weight_decay`` (0),
+``adamw_lr``, ``stiefel`` (exact | ns) and ``roles`` (per-role overrides); see that module.
 
 Any of them with ``rho={...}``: wrapped in the rho step-length controller
 (:class:`optlab.optim.rho.RhoController`: the next step measured by a JVP along it, ``rho =
@@ -40,12 +52,16 @@ from torch import nn
 from ..models import WEIGHT_ROLES, canonical_name, infer_roles, params_by_role
 from .conv_spectral import FORMS as SN_CONV_FORMS
 from .conv_spectral import ConvSpec, ConvSpectralProjection
+from .modular import PRESETS as _MODULAR_PRESETS
+from .modular import Modular, build_modular
 from .projected import Projected
 from .spectral import SpectralProjection, power_iteration, spectral_norm_exact
 
 __all__ = [
     "build",
     "optimizer_names",
+    "validate_options",
+    "Modular",
     "ConvSpec",
     "ConvSpectralProjection",
     "Projected",
@@ -54,7 +70,8 @@ __all__ = [
     "spectral_norm_exact",
 ]
 
-_NAMES = ("sgd", "sgd_momentum", "adam", "adamw", "sgd_sn")
+MODULAR_NAMES = tuple(_MODULAR_PRESETS)  # muon and the modular presets (optlab.optim.modular)
+_NAMES = ("sgd", "sgd_momentum", "adam", "adamw", "sgd_sn", *MODULAR_NAMES)
 CONV_WARMUP_ITERS = 100  # Lanczos steps for each conv's operator norm at construction
 # optimizers that read the run's ``sn`` section (the post-step spectral projection)
 _USES_SN = frozenset({"sgd_sn"})
@@ -143,6 +160,9 @@ def build(
         return build_controller(model, base, **dict(rho))
     if name not in _NAMES:
         raise ValueError(f"optimizer: unknown {name!r}; allowed: {', '.join(_NAMES)}")
+    if name in MODULAR_NAMES:
+        _note_inferred_roles(name, model)
+        return build_modular(name, model, lr, extra)
     if sn_conv not in SN_CONV_FORMS:
         raise ValueError(f"sn.conv: unknown {sn_conv!r}; allowed: {', '.join(SN_CONV_FORMS)}")
     wd = extra.pop("weight_decay", None)
@@ -180,6 +200,25 @@ def build(
     opt = Projected(inner, projs)
     opt.project()
     return opt
+
+
+def validate_options(name: str, options: dict[str, Any]) -> None:
+    """Check ``optimizer_options`` for optimizer ``name`` without building it (one-line ValueError
+    naming the key and the allowed values). ``build``'s own keywords (``rho``, ``sn_*``, ``seed``)
+    pass through: ``build`` checks them."""
+    own = {"rho", "sn_mode", "sn_sigma", "sn_power_iters", "sn_roles", "sn_conv", "sn_conv_warmup", "seed"}
+    options = {k: v for k, v in options.items() if k not in own}
+    if name in MODULAR_NAMES:
+        from .modular import parse_options
+
+        parse_options(name, options)
+        return
+    extra = sorted(set(options) - {"weight_decay"})
+    if extra:
+        raise ValueError(f"optimizer {name}: unexpected options {extra}; allowed: weight_decay")
+    wd = options.get("weight_decay")
+    if wd is not None and not (isinstance(wd, (int, float)) and not isinstance(wd, bool) and math.isfinite(wd) and wd >= 0):
+        raise ValueError(f"optimizer_options.weight_decay: expected a number >= 0, got {wd!r}")
 
 
 def _conv_specs(model: nn.Module, names: list[str], required: bool) -> dict[str, Any]:

@@ -230,6 +230,8 @@ def _inner(opt: Any) -> torch.optim.Optimizer:
 
 
 def _direction_fn(opt: torch.optim.Optimizer) -> Callable[..., list[torch.Tensor]]:
+    if callable(getattr(opt, "proposed_step", None)):  # gives its own step at LR 1 (optlab.optim.modular.Modular)
+        return opt.proposed_step
     for cls, fn in _DIRECTIONS:
         if isinstance(opt, cls):
             if isinstance(opt, torch.optim.AdamW) and "decoupled_weight_decay" not in opt.defaults:
@@ -250,6 +252,9 @@ def proposed_step(opt: Any, *, commit: bool = False, weights: list[float] | None
     opt = _inner(opt)
     fn = _direction_fn(opt)
     out = Proposal()
+    if callable(getattr(opt, "proposed_step", None)):
+        out.params, out.u = opt.proposed_step(commit=commit, weights=weights)
+        return out
     for gi, group in enumerate(opt.param_groups):
         if isinstance(group["lr"], torch.Tensor):
             raise ValueError("rho: a param group's lr must be a number, not a tensor")
@@ -579,6 +584,8 @@ class RhoController(OptimizerWrapper):
             if isinstance(self.base, Projected):
                 self.base.project()
                 self.base._count_active()
+            elif callable(getattr(self.base, "project", None)):  # a modular optimizer's constraints
+                self.base.project()
         else:
             e = float(eta_eff)  # the one host sync of apply="torch"
             saved = [g["lr"] for g in inner.param_groups]

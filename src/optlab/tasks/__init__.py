@@ -61,7 +61,7 @@ def build(cfg: Any, data: Any, device: torch.device) -> Any:
 
 build_task = build  # the engine's older name
 
-from . import classification, lm  # noqa: E402,F401  (register the built-in tasks)
+from . import classification, lm, lq  # noqa: E402,F401  (register the built-in tasks)
 from .classification import ClassificationTask  # noqa: E402
 from .lm import LMTask  # noqa: E402
 

@@ -57,6 +57,13 @@ ROLE_TAG = "optlab.role"
 REDACTED_TAG = "optlab.redacted"
 _MLFLOW_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED"}
 _LOCK_MESSAGES = ("database is locked", "database table is locked")
+DEFERRED_REASON = "upload deferred (tracking.upload: deferred)"
+"""The spool reason of a deferred run: written to the spool by request, uploaded by
+`python -m optlab.tracking sync` (the pipeline's `track` stage); no warning, no store contact."""
+
+
+class _Deferred(Exception):
+    """Not an error: a deferred parent takes the spool path."""
 
 
 def _retry(
@@ -221,8 +228,10 @@ class MlflowSink:
         flush_every: int = 1000,
         summary_prefix: str = "final.",
         spool_dir: str | Path | None = None,
+        deferred: bool = False,
     ) -> None:
         self.tracking_uri = tracking_uri
+        self.deferred = deferred
         self.experiment = experiment
         self.run_name = run_name
         self.parent_run_id = parent_run_id
@@ -278,6 +287,9 @@ class MlflowSink:
             "params": flat,
             "start_time": start_time,
         }
+        if self.deferred:  # by request, not an outage: straight to the spool, no store contact
+            self._spool(DEFERRED_REASON)
+            return
         if parent and is_spool_ref(parent):
             self._spool(f"its parent run {parent} is spooled")
             return
@@ -326,7 +338,9 @@ class MlflowSink:
             step = int(step)
             self._last_step = max(self._last_step, step)
             self._buffer.append((name, float(value), now, step))
-        if len(self._buffer) >= self.flush_every or self._writer is not None:
+        # spooled during an outage, every batch goes to the file at once (little is lost if the
+        # process dies); deferred, batches of flush_every points like a live run
+        if len(self._buffer) >= self.flush_every or (self._writer is not None and not self.deferred):
             self.flush()
 
     def log_artifact(self, path: str | Path) -> None:
@@ -478,6 +492,8 @@ class MlflowSink:
             return
         self._writer = writer
         self.spool_path = writer.path
+        if reason is DEFERRED_REASON:
+            return
         where = f"run {self.run_id}" if self.run_id else "a run to be created on upload"
         warnings.warn(
             f"optlab: tracking store {self.tracking_uri} failed ({why}); the rest of run {name} "
@@ -568,6 +584,7 @@ def parent_run(
     run_name: str | None = None,
     reuse: bool = False,
     spool_dir: str | Path | None = None,
+    deferred: bool = False,
 ) -> ParentRun:
     """Create a parent run for a sweep or study; children pass its id as
     `MlflowSink(parent_run_id=...)`. The result is the run_id (a `str`): used plainly, the run
@@ -579,12 +596,16 @@ def parent_run(
     the first parent at the same instant.
 
     When the store fails, the parent is spooled (see `MlflowSink`) and the result is
-    `spool:<id>`; never raises for store errors."""
+    `spool:<id>`; never raises for store errors. `deferred=True` spools it by request (no store
+    contact, no warning, `reuse` does not apply): its children are spooled too, and
+    `python -m optlab.tracking sync` uploads them together."""
     uri = tracking_uri or default_tracking_uri()
     run_tags, diff = build_tags({**(tags or {}), "study": study}, role="parent")
     name = run_name or study
     run_id: str | None = None
     try:
+        if deferred:
+            raise _Deferred(DEFERRED_REASON)
         if not reachable(uri):
             raise ConnectionError(f"no answer from {uri}/health")
         with bounded_http():
@@ -629,12 +650,13 @@ def parent_run(
             stacklevel=2,
         )
         return ParentRun(run_id or "", uri, spool_dir)
-    warnings.warn(
-        f"optlab: tracking store {uri} failed ({type(reason).__name__}: {reason}); parent run "
-        f"{name} is spooled to {writer.path}; upload it with `python -m optlab.tracking sync`",
-        TrackingOutageWarning,
-        stacklevel=2,
-    )
+    if not isinstance(reason, _Deferred):
+        warnings.warn(
+            f"optlab: tracking store {uri} failed ({type(reason).__name__}: {reason}); parent run "
+            f"{name} is spooled to {writer.path}; upload it with `python -m optlab.tracking sync`",
+            TrackingOutageWarning,
+            stacklevel=2,
+        )
     return ParentRun(run_id or writer.ref, uri, spool_dir)
 
 

@@ -623,8 +623,23 @@ def _replay(
         "missing_artifacts": [],
     }
     finished = False
+    pending: list[Any] = []  # metric points of consecutive `metrics` operations, sent together
+
+    def send_pending(upto: int) -> None:
+        nonlocal done
+        if not pending:
+            return
+        for j in range(0, len(pending), MAX_METRICS_PER_CALL):
+            _retry(client.log_batch, run_id, metrics=pending[j : j + MAX_METRICS_PER_CALL], synchronous=True)
+        report["metric_points"] += len(pending)
+        pending.clear()
+        done = upto
+        _write_json(progress_path, {"done": done, "run_id": run_id, "created": created})
+
     for i, op in enumerate(ops):
         kind = op.get("op")
+        if kind != "metrics" or len(pending) >= MAX_METRICS_PER_CALL:
+            send_pending(i)
         if kind == "finish":
             finished = True
             report["status"] = op.get("status") or op.get("mlflow_status")
@@ -637,14 +652,11 @@ def _replay(
             report["created"] = created
         elif run_id is None:
             raise SpoolError(f"{path.name}: operation {i + 1} ({kind}) comes before the run")
-        elif kind == "metrics":
+        elif kind == "metrics":  # sent with the consecutive ones (one log_batch per 1000 points)
             from mlflow.entities import Metric
 
-            points = [Metric(str(k), float(v), int(ts), int(step)) for k, v, ts, step in op["metrics"]]
-            for j in range(0, len(points), MAX_METRICS_PER_CALL):
-                _retry(client.log_batch, run_id, metrics=points[j : j + MAX_METRICS_PER_CALL],
-                       synchronous=True)
-            report["metric_points"] += len(points)
+            pending.extend(Metric(str(k), float(v), int(ts), int(step)) for k, v, ts, step in op["metrics"])
+            continue
         elif kind == "artifact":
             local = files / str(op["file"])
             if not local.exists():
@@ -664,6 +676,7 @@ def _replay(
             raise SpoolError(f"{path.name}: unknown operation {kind!r} on line {i + 2}")
         done = i + 1
         _write_json(progress_path, {"done": done, "run_id": run_id, "created": created})
+    send_pending(len(ops))
     if header.get("kind", "run") == "run" and not finished and run_id is not None:
         # nobody holds the file's lock, so the process that wrote it ended without finishing
         _retry(client.set_terminated, run_id, "KILLED")

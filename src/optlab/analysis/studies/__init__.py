@@ -15,7 +15,9 @@ its README section). Its interface (:class:`StudyAnalysis`):
   analysis name unless they are the README's historical ones);
 - ``figures(data: plots.FigureData) -> {file name: () -> Figure}``: a maker raises
   :class:`..plots.NoData` to skip its figure;
-- ``section(report: report.ReportData) -> str``: its README section, from its tables only.
+- ``section(report: report.ReportData) -> str``: its README section, from its tables only;
+- optionally ``pages(report: report.ReportData) -> {file name: text}``: its own pages (e.g. the
+  credit study's experiment notes), written beside ``results.md`` by the report stage.
 
 **Adding a study family is adding a file**: a module (or package) in this package that defines
 ``ANALYSIS`` is registered under ``ANALYSIS.name`` by :func:`registry`, which imports the package's

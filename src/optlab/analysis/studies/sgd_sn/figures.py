@@ -263,7 +263,13 @@ def _ablation(fd: P.FigureData) -> Figure:
     if not ok.empty:
         sns.barplot(data=ok, y="variant", x="test_acc", order=order, hue="variant", hue_order=order, palette=colors,
                     errorbar="sd", capsize=0.2, alpha=0.55, legend=False, ax=ax)
-        sns.stripplot(data=ok, y="variant", x="test_acc", order=order, color="0.15", size=5, jitter=0.15, ax=ax)
+        # the seeds' dots spread evenly across the bar (seaborn's jitter is random: the same data
+        # would give a different image on every run)
+        for i, v in enumerate(order):
+            vals = ok.loc[ok["variant"] == v].sort_values("seed")["test_acc"].astype(float).to_numpy()
+            if len(vals):
+                ys = i + (np.linspace(-0.15, 0.15, len(vals)) if len(vals) > 1 else np.zeros(1))
+                ax.scatter(vals, ys, s=25, color="0.15", zorder=3)
     means = ok.groupby("variant")["test_acc"].mean()
     for i, v in enumerate(order):
         if v in means.index:  # the mean, written inside the bar at its base

@@ -1,0 +1,10 @@
+"""DVC stage `track`: thin entry point; the work is optlab.pipeline.track (upload the spooled MLflow runs)."""
+
+import os
+import sys
+
+from optlab.pipeline import main
+
+if __name__ == "__main__":
+    os.environ.setdefault("OPTLAB_DVC_STAGE", "track")
+    sys.exit(main(["track", *sys.argv[1:]]))
