@@ -25,6 +25,36 @@ def make_splits(n_train: int = 256, n_val: int = 64, n_test: int = 64, dim: int 
     return Splits(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx, test_y=sy, meta=meta)
 
 
+class KillAt:
+    """A sink that raises KeyboardInterrupt (which gets past the engine's sink guard) once a metric
+    batch reaches ``step``: a crash inside the process, for the resume tests."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def start(self, params, tags):
+        pass
+
+    def log_metrics(self, batch):
+        if any(s >= self.step for _, _, s in batch):
+            raise KeyboardInterrupt("simulated kill")
+
+    def log_artifact(self, path):
+        pass
+
+    def finish(self, status, summary):
+        pass
+
+
+def comparable(res) -> tuple:
+    """What a resumed run must reproduce exactly: status, final metrics, curves and layer rows,
+    without the timing keys."""
+    from optlab.engine import TIMING_KEYS
+
+    final = {k: v for k, v in res.final.items() if k not in TIMING_KEYS}
+    return res.status, final, [c for c in res.curves if c[2] not in TIMING_KEYS], res.layers
+
+
 @pytest.fixture
 def toy_splits() -> Splits:
     return make_splits()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_splits, one_thread_fixture
+from conftest import KillAt, comparable, make_splits, one_thread_fixture
 from optlab import engine
 from optlab.config import RunConfig
 from optlab.data import Splits
@@ -14,7 +14,6 @@ from optlab.data.lq import make_lq
 from optlab.probes.costate import METRICS
 
 one_thread = pytest.fixture(autouse=True)(one_thread_fixture)
-TIMING = engine.TIMING_KEYS
 
 
 def _mlp_cfg(method: str, **kw) -> RunConfig:
@@ -64,29 +63,6 @@ def test_credit_method_rejects_a_model_without_states():
                                width=8, epochs=1, device="cpu", probes={}), data=make_splits(), progress=False)
 
 
-class _KillAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def start(self, params, tags):
-        pass
-
-    def log_metrics(self, batch):
-        if any(s >= self.step for _, _, s in batch):
-            raise KeyboardInterrupt("simulated kill")
-
-    def log_artifact(self, path):
-        pass
-
-    def finish(self, status, summary):
-        pass
-
-
-def _comparable(res):
-    final = {k: v for k, v in res.final.items() if k not in TIMING}
-    return res.status, final, [c for c in res.curves if c[2] not in TIMING], res.layers
-
-
 @pytest.mark.parametrize("method,opts", [("state_bridge", {"flow_matching": True}), ("credit_bridge", {"warmup_frac": 0.1, "flow_matching": True})])
 def test_bridge_resume_matches_uninterrupted(tmp_path, method, opts):
     data = Splits(**make_lq(dim=6, n_train=128, n_val=32, n_test=32))
@@ -95,9 +71,9 @@ def test_bridge_resume_matches_uninterrupted(tmp_path, method, opts):
     assert any(k == "bridge_loss" for (_, _, k, _) in ref.curves)
     cfg = _lq_cfg(method, method_options=opts, checkpoint_every=5)
     with pytest.raises(KeyboardInterrupt):
-        engine.train(cfg, data=data, sinks=[_KillAt(13)], checkpoint_dir=tmp_path, progress=False)
+        engine.train(cfg, data=data, sinks=[KillAt(13)], checkpoint_dir=tmp_path, progress=False)
     assert list(tmp_path.glob("r-*/step-*.pt"))
     resumed = engine.train(cfg, data=data, checkpoint_dir=tmp_path, progress=False)
-    assert _comparable(resumed) == _comparable(ref)
+    assert comparable(resumed) == comparable(ref)
     # the bridge's state is part of the checkpoint and of the memory count
     assert resumed.final["state_mem_mb"] > 0

@@ -16,7 +16,7 @@ import yaml
 
 from optlab import engine
 from optlab.config import RunConfig, SNConfig
-from tests.conftest import make_splits
+from tests.conftest import make_splits, KillAt, comparable
 from conftest import every
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,40 +30,15 @@ def _cfg(**kw) -> RunConfig:
     return RunConfig(sn=SNConfig(sigma="power"), probes=every(4), **base)
 
 
-def _comparable(res: engine.RunResult) -> tuple:
-    final = {k: v for k, v in res.final.items() if k not in TIMING}
-    return res.status, final, [c for c in res.curves if c[2] not in TIMING], res.layers
-
-
-class _KillAt:
-    """A sink that raises at a given step, standing in for a crash inside the process."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def start(self, params, tags):
-        pass
-
-    def log_metrics(self, batch):
-        if any(s >= self.step for _, _, s in batch):
-            raise KeyboardInterrupt("simulated kill")
-
-    def log_artifact(self, path):
-        pass
-
-    def finish(self, status, summary):
-        pass
-
-
 def test_resume_in_process_matches_uninterrupted(tmp_path):
     data = make_splits()
     ref = engine.train(_cfg(checkpoint_every=0), data=data, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        engine.train(_cfg(), data=data, sinks=[_KillAt(13)], checkpoint_dir=tmp_path, progress=False)
+        engine.train(_cfg(), data=data, sinks=[KillAt(13)], checkpoint_dir=tmp_path, progress=False)
     ckpts = sorted((tmp_path).glob("r-*/step-*.pt"))
     assert ckpts, "a checkpoint was written before the kill"
     resumed = engine.train(_cfg(), data=data, checkpoint_dir=tmp_path, progress=False)
-    assert _comparable(resumed) == _comparable(ref)
+    assert comparable(resumed) == comparable(ref)
     assert not list(tmp_path.glob("r-*/step-*.pt")), "checkpoints are removed once the run completes"
 
 
@@ -71,23 +46,23 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path):
     data = make_splits()
     ref = engine.train(_cfg(checkpoint_every=0), data=data, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        engine.train(_cfg(), data=data, sinks=[_KillAt(25)], checkpoint_dir=tmp_path, progress=False)
+        engine.train(_cfg(), data=data, sinks=[KillAt(25)], checkpoint_dir=tmp_path, progress=False)
     ckpts = sorted(tmp_path.glob("r-*/step-*.pt"))
     assert len(ckpts) == 2
     newest = ckpts[-1]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])  # truncated
     with pytest.warns(UserWarning, match=r"unreadable.*falling back to the previous one"):
         resumed = engine.train(_cfg(), data=data, checkpoint_dir=tmp_path, progress=False)
-    assert _comparable(resumed) == _comparable(ref)
+    assert comparable(resumed) == comparable(ref)
 
 
 def test_changed_config_does_not_resume(tmp_path):
     data = make_splits()
     with pytest.raises(KeyboardInterrupt):
-        engine.train(_cfg(), data=data, sinks=[_KillAt(13)], checkpoint_dir=tmp_path, progress=False)
+        engine.train(_cfg(), data=data, sinks=[KillAt(13)], checkpoint_dir=tmp_path, progress=False)
     other = engine.train(_cfg(lr=0.1), data=data, checkpoint_dir=tmp_path, progress=False)
     ref = engine.train(_cfg(lr=0.1, checkpoint_every=0), data=data, progress=False)
-    assert _comparable(other) == _comparable(ref)
+    assert comparable(other) == comparable(ref)
 
 
 def test_checkpoint_loads_weights_only(tmp_path):

@@ -14,15 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from conftest import every, make_splits, one_thread_fixture
+from conftest import KillAt, comparable, every, make_splits, one_thread_fixture
 from optlab import engine, methods, models, probes, schedule, tasks
 from optlab.config import ConfigError, RunConfig
 from optlab.methods.base import Method, StepContext
 from optlab.probes.base import Probe
 
 one_thread = pytest.fixture(autouse=True)(one_thread_fixture)
-
-TIMING = engine.TIMING_KEYS
 
 
 def digits_like(n_train: int = 256, seed: int = 0, shape: tuple[int, int, int] = (1, 8, 8)):
@@ -41,11 +39,6 @@ def _cfg(**kw) -> RunConfig:
 
 def _series(res: engine.RunResult, key: str) -> list[tuple[int, float]]:
     return [(s, v) for s, e, k, v in res.curves if k == key]
-
-
-def _comparable(res: engine.RunResult) -> tuple:
-    final = {k: v for k, v in res.final.items() if k not in TIMING}
-    return res.status, final, [c for c in res.curves if c[2] not in TIMING], res.layers
 
 
 # ---------------------------------------------------------------- models: build, roles, shapes
@@ -416,8 +409,8 @@ def test_a_factor_one_spike_is_the_unscheduled_run_bitwise():
     a = engine.train(_cfg(probes=every(4)), data=data, progress=False)
     b = engine.train(_cfg(probes=every(4), lr_spike_step=3, lr_spike_factor=1.0), data=data, progress=False)
     c = engine.train(_cfg(probes=every(4), lr_spike_step=3, lr_spike_factor=1.5), data=data, progress=False)
-    assert _comparable(a)[2:] == _comparable(b)[2:]
-    assert _comparable(a)[2] != _comparable(c)[2]
+    assert comparable(a)[2:] == comparable(b)[2:]
+    assert comparable(a)[2] != comparable(c)[2]
 
 
 @pytest.mark.parametrize("arch,kw", [("mlp", dict(norm="layer")), ("vit", {}), ("cnn", dict(width=4, depth=3))])
@@ -443,7 +436,7 @@ def test_rho_set_mode_ignores_the_spike():
     kw = dict(step_method="rho", method_options={"mode": "set", "r_target": 0.5}, probes=every(2))
     a = engine.train(_cfg(**kw), data=data, progress=False)
     b = engine.train(_cfg(lr_spike_step=2, lr_spike_factor=1e4, **kw), data=data, progress=False)
-    assert a.status == "completed" and _comparable(a)[2:] == _comparable(b)[2:]
+    assert a.status == "completed" and comparable(a)[2:] == comparable(b)[2:]
 
 
 def test_a_diverging_spike_run_is_recorded_as_diverged():
@@ -458,26 +451,6 @@ def test_a_diverging_spike_run_is_recorded_as_diverged():
     assert ok.status == "completed"
 
 
-class _KillAt:
-    """A sink that raises at a given step (a crash mid-run; KeyboardInterrupt gets past the guard)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def start(self, params, tags):
-        pass
-
-    def log_metrics(self, batch):
-        if any(s >= self.step for _, _, s in batch):
-            raise KeyboardInterrupt("simulated kill")
-
-    def log_artifact(self, path):
-        pass
-
-    def finish(self, status, summary):
-        pass
-
-
 @pytest.mark.parametrize("kw", [dict(), dict(step_method="rho", method_options={"mode": "capped"})])
 def test_resume_mid_spike_matches_the_uninterrupted_run(tmp_path, kw):
     """A checkpoint taken after the spike holds spiked LRs; the resumed run keeps the built ones as base."""
@@ -486,14 +459,14 @@ def test_resume_mid_spike_matches_the_uninterrupted_run(tmp_path, kw):
                probes=every(4), **kw)
     ref = engine.train(cfg.replace(checkpoint_every=0), data=data, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        engine.train(cfg, data=data, sinks=[_KillAt(13)], checkpoint_dir=tmp_path, progress=False)
+        engine.train(cfg, data=data, sinks=[KillAt(13)], checkpoint_dir=tmp_path, progress=False)
     ck = sorted(tmp_path.glob("r-*/step-*.pt"))
     assert [p.name for p in ck] == ["step-000000005.pt", "step-000000010.pt"]
     saved = torch.load(ck[-1], weights_only=True)["method"]["optimizers"][0]
     saved_groups = (saved.get("base") or saved)["param_groups"]
     assert saved_groups[0]["lr"] == pytest.approx(1e-2)  # written mid-spike
     resumed = engine.train(cfg, data=data, checkpoint_dir=tmp_path, progress=False)
-    assert ref.status == "completed" and _comparable(resumed) == _comparable(ref)
+    assert ref.status == "completed" and comparable(resumed) == comparable(ref)
 
 
 # ---------------------------------------------------------------- gradient clipping
