@@ -23,40 +23,18 @@ import argparse
 import json
 import math
 import os
-import statistics
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.rho import machine
-from benchmarks.timing import median_time
+from benchmarks.timing import interleaved, machine
 from optlab import models
 from optlab.optim.manifold import StiefelProjection, orthogonality_error, polar
 from optlab.optim.muon import Muon
 
 LR, WD = 0.02, 0.01
-
-
-def _interleaved(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    base = min(median_time(f, device, repeats=1, warmup=0) for f in fns.values())
-    n = max(1, math.ceil(0.03 / max(base, 1e-6)))  # each timed call lasts >= ~30 ms
-
-    def many(f: Callable[[], None]) -> Callable[[], None]:
-        def g() -> None:
-            for _ in range(n):
-                f()
-        return g
-
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            times[k].append(median_time(many(f), device, repeats=1, warmup=0) / n)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _randn(shape: tuple[int, ...], device: torch.device, seed: int) -> torch.Tensor:
@@ -80,7 +58,7 @@ def bench_muon(device: torch.device, count: int, rows: int, cols: int, repeats: 
     ref_w = torch.stack([p.detach() for p in sep_ref])
     diff_sep = (torch.stack([p.detach() for p in sep_ours]) - ref_w).abs().max().item()
     diff_stack = (stack.detach() - ref_w).abs().max().item()
-    med = _interleaved({"torch.optim.Muon": ref.step, "optlab Muon (2-D params)": ours.step,
+    med, _ = interleaved({"torch.optim.Muon": ref.step, "optlab Muon (2-D params)": ours.step,
                         "optlab Muon (stack)": ours_stack.step}, device, repeats, warmup)
     return {"case": f"{count} x {rows}x{cols}", "diff_2d": diff_sep, "diff_stack": diff_stack,
             "ms": {k: 1e3 * v for k, v in med.items()},
@@ -127,7 +105,7 @@ def bench_stiefel(device: torch.device, depth: int, width: int, batch: int, repe
     fns: dict[str, Callable[[], None]] = {"train step (fwd+bwd+Muon)": train_step, "Muon step": muon.step}
     for name, proj in variants.items():
         fns[name] = proj.project
-    med = _interleaved(fns, device, repeats, warmup)
+    med, _ = interleaved(fns, device, repeats, warmup)
     return {"case": f"deep MLP 784-({depth}x{width})-10, batch {batch}", "ms": {k: 1e3 * v for k, v in med.items()},
             "over_muon": {k: med[k] / med["Muon step"] for k in variants},
             "over_train": {k: med[k] / med["train step (fwd+bwd+Muon)"] for k in variants}, "ortho_error": errors}

@@ -32,8 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,7 +41,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, jvp
 
-from benchmarks.timing import median_time
+from benchmarks.timing import interleaved, machine
 from optlab import models, optim
 from optlab.optim.rho import RhoController
 
@@ -183,23 +181,9 @@ def run(device: torch.device, quick: bool, repeats: int, steps: int, warmup: int
     for case, make, x, y in _case_models(quick, device):
         for opt_name in OPTIMIZERS:
             fns = _variants(make, opt_name, device, x, y)
-            for f in fns.values():  # warm-up: optimizer state, first-call costs
-                for _ in range(warmup):
-                    f()
+            # warm-up (optimizer state, first-call costs), then every variant once per repetition,
             # enough steps per timed call that one call lasts >= ~30 ms (timer and scheduler noise)
-            n = max(steps, math.ceil(0.03 / max(median_time(fns["plain"], device, repeats=3, warmup=0), 1e-6)))
-            times: dict[str, list[float]] = {k: [] for k in fns}
-
-            def many(f: Callable[[], None]) -> Callable[[], None]:
-                def g() -> None:
-                    for _ in range(n):
-                        f()
-                return g
-
-            for _ in range(repeats):  # interleaved: every variant once per repetition
-                for k, f in fns.items():
-                    times[k].append(median_time(many(f), device, repeats=1, warmup=0) / n)
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med, n = interleaved(fns, device, repeats, warmup, pace="plain", min_calls=steps)
             fd1 = med.get("rho fd1")
             rows.append({"case": case, "optimizer": opt_name, "steps_per_call": n, "ms": {k: 1e3 * v for k, v in med.items()},
                          "rho_over_plain": med["rho jvp"] / med["plain"], "fd_over_plain": med["rho fd"] / med["plain"],
@@ -210,20 +194,6 @@ def run(device: torch.device, quick: bool, repeats: int, steps: int, warmup: int
                          "naive_over_fd1": None if fd1 is None else med["naive"] / fd1})
             print(f"{case} | {opt_name} | " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in med.items()), flush=True)
     return rows
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
 
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device, out: Path) -> Path:
