@@ -5,7 +5,6 @@ Riccati solution, the definitions recomputed independently)."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ the costate probe's records, and checkpoint/resume of the bridge methods."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import KillAt, comparable, make_splits, one_thread_fixture
 from optlab import engine
