@@ -323,7 +323,7 @@ def test_engine_resume_with_a_preset_matches_uninterrupted(tmp_path, preset):
     from optlab import engine
     from optlab.config import RunConfig
     from tests.conftest import make_splits
-    from test_resume import _KillAt, _comparable
+    from conftest import KillAt, comparable
 
     def cfg(**kw):
         base = dict(optimizer=preset, lr=0.02, depth=3, width=16, epochs=4, batch_size=32, log_every=3,
@@ -333,10 +333,10 @@ def test_engine_resume_with_a_preset_matches_uninterrupted(tmp_path, preset):
     data = make_splits()
     ref = engine.train(cfg(checkpoint_every=0), data=data, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        engine.train(cfg(), data=data, sinks=[_KillAt(13)], checkpoint_dir=tmp_path, progress=False)
+        engine.train(cfg(), data=data, sinks=[KillAt(13)], checkpoint_dir=tmp_path, progress=False)
     assert sorted(tmp_path.glob("r-*/step-*.pt"))
     resumed = engine.train(cfg(), data=data, checkpoint_dir=tmp_path, progress=False)
-    assert ref.status == "completed" and _comparable(resumed) == _comparable(ref)
+    assert ref.status == "completed" and comparable(resumed) == comparable(ref)
 
 
 def test_conv_kernels_are_out_by_fan_in_matrices():
