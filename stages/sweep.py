@@ -3,11 +3,11 @@
 import os
 import sys
 
-from optlab.pipeline import main
+from optlab.pipeline import stage_main
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     method = args[args.index("--method") + 1] if "--method" in args else "?"
     study = args[args.index("--study") + 1] if "--study" in args else "?"
     os.environ.setdefault("OPTLAB_DVC_STAGE", f"{study}@{method}")
-    sys.exit(main(["sweep", *args]))
+    stage_main(["sweep", *args])

@@ -3,8 +3,8 @@
 import os
 import sys
 
-from optlab.pipeline import main
+from optlab.pipeline import stage_main
 
 if __name__ == "__main__":
     os.environ.setdefault("OPTLAB_DVC_STAGE", "track")
-    sys.exit(main(["track", *sys.argv[1:]]))
+    stage_main(["track", *sys.argv[1:]])

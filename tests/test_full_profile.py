@@ -55,7 +55,7 @@ def test_every_study_has_its_matrix_stage_and_full_datasets_are_prepared():
         assert stage is not None, f"dvc.yaml has no stage for study {name}"
         assert stage["matrix"] == {"method": f"${{studies.{name}.methods}}"}
         assert stage["cmd"] == f"python stages/sweep.py --study {name} --method ${{item.method}}"
-        assert f"studies.{name}" in stage["params"] and "methods.${item.method}" in stage["params"]
+        assert f"runs/config/{name}/${{item.method}}.json" in stage["deps"] and "params" not in stage
         spec = resolve_study(FULL, name)
         assert set(spec.datasets) <= set(datasets_to_prepare(FULL)) == set(FULL["datasets"]["full"])
 

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from . import engine
 from .config import (
     RUN_KEYS,
+    SCALES,
     ConfigError,
     RunConfig,
     ablation_seeds,
@@ -135,9 +136,10 @@ def _parent(params: dict[str, Any], name: str, tags: dict[str, str]) -> Iterator
         yield parent
 
 
-TRAINING_CODE_EXCLUDE = ("analysis/", "robustness.py")
+TRAINING_CODE_EXCLUDE = ("analysis/", "robustness.py", "repro.py")
 """Paths under src/optlab that no training stage runs (the tables, figures and README sections;
-the cross-machine robustness check): editing them reruns only the analysis stages."""
+the cross-machine robustness check; the `make repro` driver): editing them reruns only the
+analysis stages."""
 
 
 def training_code_fingerprint(root: Path | None = None) -> str:
@@ -155,7 +157,52 @@ def training_code_fingerprint(root: Path | None = None) -> str:
     return h.hexdigest()
 
 
-def validate(params_path: str = "params.yaml", out: str | None = "runs/validated.txt") -> int:
+SLICE_ENGINE_KEYS = ("scale", "phase", "frozen_commit", "device", "threads", "amp", "compile", "log_every",
+                     "checkpoint_every", "diverge_loss", "tracking")
+"""The top-level keys every study slice and the ablation read (besides their own sections)."""
+
+
+def _json_text(doc: Any) -> str:
+    return json.dumps(doc, indent=1, sort_keys=True, default=_json_default) + "\n"
+
+
+def slice_configs(params: dict[str, Any], fingerprint: str) -> dict[str, dict[str, Any]]:
+    """What each training stage's results depend on, one JSON document per stage: ``<study>/<method>.json``
+    for every study slice, ``ablate.json`` for the ablation.
+
+    A slice's file holds the training code's fingerprint, the engine keys, the study's section
+    (its common keys and the selected scale's; not its list of methods, so adding a method to a
+    study reruns only the new slice; not the other scales' sections), the method's section, and
+    the resolved configuration of one run per dataset x grid point (which also captures anything
+    a run inherits from profiles or default_lr). DVC tracks each file as the stage's one
+    dependency, so dvc.lock holds one hash per stage instead of every value of its params (DVC
+    rewrites the whole lock after every stage; at 80 stages that cost seconds per stage)."""
+    scale = params.get("scale", "quick")
+    engine_keys = {k: params.get(k) for k in SLICE_ENGINE_KEYS}
+    out: dict[str, dict[str, Any]] = {}
+    for study, raw in (params.get("studies") or {}).items():
+        spec = resolve_study(params, study)
+        section = {k: v for k, v in (raw or {}).items() if k != "methods" and (k not in SCALES or k == scale)}
+        for method in spec.methods:
+            resolved = []
+            if spec.skip is None:
+                mlr = resolve_method(params, method).get("lr")
+                lr = float(mlr) if mlr is not None else spec.lrs[0]
+                resolved = [study_run(params, spec, method, dataset=ds, point=pt, lr=lr, seed=spec.seeds[0],
+                                      run_id="validate").model_dump()
+                            for ds in spec.datasets for pt in spec.points()]
+            out[f"{study}/{method}.json"] = {
+                "training_code": fingerprint, "engine": engine_keys, "study": section,
+                "method": (params.get("methods") or {}).get(method), "runs": resolved}
+    seeds = ablation_seeds(params)
+    variants = {name: resolve_run(params, **var, seed=seeds[0], study="ablate", run_id=name).model_dump()
+                for name, var in resolve_ablation(params).items()} if seeds else {}
+    out["ablate.json"] = {"training_code": fingerprint, "engine": engine_keys, "seeds": seeds, "variants": variants}
+    return out
+
+
+def validate(params_path: str = "params.yaml", out: str | None = "runs/validated.txt",
+             config_dir: str | None = "runs/config") -> int:
     """Stage ``validate``: check the whole params file before any stage runs, and fingerprint the
     training code.
 
@@ -164,32 +211,30 @@ def validate(params_path: str = "params.yaml", out: str | None = "runs/validated
     method x dataset x grid point, at its first LR and seed, as ``sweep`` does before it writes
     anything) and the ablation variants. A bad params file stops ``dvc repro`` / ``dvc exp run``
     here, with one line naming the key and the allowed values, before DVC removes any earlier
-    output. The out holds only :func:`training_code_fingerprint`, and every training stage
-    depends on it instead of on the code's directories: a params edit changes nothing
-    downstream (each stage still depends on its own params), a change to any code a run executes
-    reruns every training stage, an edit of the analysis code none, and each stage's lock entry
-    stays short (DVC rewrites the whole dvc.lock after every stage, so its size costs every stage
-    time). Returns the number of configurations checked."""
+    output. The outs: ``runs/validated.txt`` holds :func:`training_code_fingerprint` (the
+    headline stage depends on it and on its params), and ``runs/config/`` one file per study
+    slice and one for the ablation (:func:`slice_configs`), each that stage's only dependency
+    besides its script and the data. So a params edit reruns only the stages whose file it
+    changes, a change to any code a run executes reruns every training stage, an edit of the
+    analysis code none, and each stage's lock entry stays a few lines (DVC rewrites the whole
+    dvc.lock after every stage, so its size costs every stage time). Returns the number of
+    configurations checked."""
     params = load_params(params_path)
-    n = 1
     resolve_run(params, run_id="validate")
-    for study in params.get("studies") or {}:
-        spec = resolve_study(params, study)
-        if spec.skip is not None:
-            continue
-        for method in spec.methods:
-            mlr = resolve_method(params, method).get("lr")
-            lr = float(mlr) if mlr is not None else spec.lrs[0]
-            for ds in spec.datasets:
-                for pt in spec.points():
-                    study_run(params, spec, method, dataset=ds, point=pt, lr=lr, seed=spec.seeds[0], run_id="validate")
-                    n += 1
-    for name, var in resolve_ablation(params).items():
-        resolve_run(params, **var, seed=ablation_seeds(params)[0], study="ablate", run_id=name)
-        n += 1
+    fingerprint = training_code_fingerprint()
+    docs = slice_configs(params, fingerprint)  # resolves every slice's and variant's configurations
+    n = 1 + sum(len(d.get("runs", d.get("variants", ()))) for d in docs.values())
+    if config_dir is not None:
+        texts = {rel: _json_text(doc) for rel, doc in docs.items()}
+        root = Path(config_dir)
+        if root.exists():
+            shutil.rmtree(root)
+        for rel, text in texts.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(f"training code sha256 {training_code_fingerprint()}\n")
+        Path(out).write_text(f"training code sha256 {fingerprint}\n")
     print(f"validate: {params_path} is valid ({n} run configurations checked)")
     return n
 
@@ -401,12 +446,14 @@ def _noop() -> None:
     return None
 
 
-def _preload_for_workers() -> None:
+def _preload_for_workers(live_tracking: bool) -> None:
     """Import in this process what every worker would import at its first run (torch's optimizer
-    machinery pulls in torch._dynamo; the MLflow sink its SQL store), so forked workers share it."""
+    machinery pulls in torch._dynamo; a live MLflow sink its SQL store), so forked workers share
+    it. With deferred tracking the workers only append to the spool: MLflow (3 s of imports) is
+    not loaded at all."""
     import torch._dynamo  # noqa: F401
 
-    if _tracking_enabled():
+    if live_tracking and _tracking_enabled():
         with contextlib.suppress(ImportError):
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
             import mlflow.tracking.client  # noqa: F401
@@ -444,7 +491,7 @@ class _Runner:
     ``threads`` either way, so the start method never changes a result."""
 
     def __init__(self, workers: int, prepared_dir: str, datasets: list[str], device: str,
-                 data: dict[str, Any] | None = None) -> None:
+                 data: dict[str, Any] | None = None, live_tracking: bool = True) -> None:
         self.workers = workers
         self.pool = None
         if workers > 1:
@@ -452,7 +499,7 @@ class _Runner:
             from concurrent.futures import ProcessPoolExecutor
 
             if _can_fork(device):
-                _preload_for_workers()
+                _preload_for_workers(live_tracking)
                 _WORKER.clear()
                 _WORKER.update(data if data is not None else
                                {ds: engine.load_prepared(prepared_dir, ds, engine.resolve_device(device)) for ds in datasets})
@@ -546,7 +593,8 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
     prefix = method
 
     workers = sweep_workers(params, per_point, device)
-    runner = _Runner(workers, first.prepared_dir, list(spec.datasets), first.device, data=cache)
+    runner = _Runner(workers, first.prepared_dir, list(spec.datasets), first.device, data=cache,
+                     live_tracking=not tracking_deferred(params))
 
     def job(dataset: str, point: dict[str, Any], lr: float, seed: int, role: str, parent: Any) -> dict[str, Any]:
         run_id = f"{prefix}-{dataset}-{_point_id(point)}-lr{lr:g}-s{seed}"
@@ -712,10 +760,10 @@ def _summary_line(r: engine.RunResult) -> str:
         return f"{r.run_id}: diverged at step {r.diverged_step} ({r.diverge_reason})"
     if r.status == "failed":
         return f"{r.run_id}: failed ({r.error})"
-    return (
-        f"{r.run_id}: val_acc {f.get('val_acc', float('nan')):.4f} test_acc {f.get('test_acc', float('nan')):.4f} "
-        f"in {f.get('wall_time_s', float('nan')):.1f}s"
-    )
+    shown = [k for k in ("val_acc", "test_acc") if _finite(f.get(k, float("nan"))) is not None] or \
+            [k for k in ("val_loss", "test_loss") if _finite(f.get(k, float("nan"))) is not None]
+    values = " ".join(f"{k} {f[k]:.4f}" for k in shown)  # tasks without an accuracy (LM, LQ) show losses
+    return f"{r.run_id}: {values} in {f.get('wall_time_s', float('nan')):.1f}s"
 
 
 def aggregate(runs_root: str = "runs", out_dir: str = "reports/tables") -> None:
@@ -840,6 +888,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"optlab: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def stage_main(argv: list[str]) -> None:
+    """Entry point of the DVC stage scripts: :func:`main`, then end the process at once.
+
+    Python's teardown after a stage (collecting torch's, dynamo's and MLflow's modules) takes 2
+    to 3 s, about as long as a quick slice trains, and DVC waits for it 80 times per repro.
+    Every file a stage writes is closed when ``main`` returns, so after the exit handlers and a
+    flush of stdout/stderr the process leaves with ``os._exit`` and the same exit status."""
+    import atexit
+    import traceback
+
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's --help and usage errors
+        rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - report it as Python would, then exit 1
+        traceback.print_exc()
+        rc = 1
+    atexit._run_exitfuncs()  # noqa: SLF001 - logging and multiprocessing clean up here
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":

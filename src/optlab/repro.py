@@ -1,0 +1,186 @@
+"""``make repro``: ``dvc repro`` with the training stages run side by side.
+
+``dvc repro`` runs one stage at a time, and a quick-profile stage is mostly fixed cost: DVC
+starting and rewriting dvc.lock, Python importing torch, a few seconds of training. DVC's own
+answer is to launch ``dvc repro`` several times on independent parts of the graph (it releases
+the repository lock while a stage's command runs and takes it again to write dvc.lock). This
+module does that, and nothing DVC would not do itself:
+
+1. ``dvc repro validate prepare`` (everything else depends on them);
+2. ``dvc status`` names the stale training stages; they are grouped by study (``<study>@*``,
+   plus ``train`` and ``ablate``), and up to ``--jobs`` groups run at once, each as
+   ``dvc --wait-for-lock repro --single-item <its stages>``, longest first (by the group's last
+   recorded wall time, kept in ``.optlab/repro-times.json``), with ``OPTLAB_WORKERS`` set so
+   that the processes training at once do not exceed the cores (a run's numbers never depend
+   on the worker count: each run's threads are fixed);
+3. plain ``dvc repro``: everything left (tracking upload, tables, figures, report). It finds
+   the training stages up to date, so the result is exactly what ``dvc repro`` alone gives.
+
+Each group's output goes to ``.optlab/repro/<group>.log``; a failed group's tail is printed
+and ``make repro`` stops with status 1 before the analysis stages. Not part of the training
+code (it runs DVC, not runs): editing it reruns nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATE = Path(".optlab")
+TIMES = STATE / "repro-times.json"
+LOGS = STATE / "repro"
+FIRST = ("validate", "prepare")
+SOLO = ("train", "ablate")
+
+
+def _dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def stale_stages() -> list[str]:
+    """The stages ``dvc status`` reports as changed, in dvc.yaml order."""
+    proc = subprocess.run(_dvc("status", "--json"), capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(proc.returncode)
+    text = proc.stdout.strip()
+    return list(json.loads(text[text.index("{"):])) if "{" in text else []
+
+
+def groups(stages: list[str]) -> dict[str, list[str]]:
+    """Training stages by study: ``<study>@<method>`` under ``<study>``; ``train`` and
+    ``ablate`` alone. Other stages are left to the final ``dvc repro``."""
+    out: dict[str, list[str]] = {}
+    for name in stages:
+        if "@" in name:
+            out.setdefault(name.split("@", 1)[0], []).append(name)
+        elif name in SOLO:
+            out.setdefault(name, []).append(name)
+    return out
+
+
+def _load_times() -> dict[str, float]:
+    try:
+        return {str(k): float(v) for k, v in json.loads(TIMES.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def order(gs: dict[str, list[str]], times: dict[str, float]) -> list[str]:
+    """Longest first (a group never timed counts as the longest), so the last group to finish
+    is a short one."""
+    return sorted(gs, key=lambda g: (-times.get(g, float("inf")), g))
+
+
+class _Group:
+    def __init__(self, name: str, stages: list[str], env: dict[str, str]) -> None:
+        self.name, self.stages = name, stages
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log = LOGS / f"{name}.log"
+        self._fh = self.log.open("w")
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(_dvc("--wait-for-lock", "repro", "--single-item", *stages), stdout=self._fh,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def done_stages(self) -> int:
+        try:
+            return self.log.read_text(errors="replace").count("Updating lock file")
+        except OSError:
+            return 0
+
+    def finish(self) -> float:
+        self._fh.close()
+        return time.monotonic() - self.start
+
+    def interrupt(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    lines = path.read_text(errors="replace").replace("\r", "\n").splitlines()
+    return "\n".join(line for line in lines[-n:] if line.strip())
+
+
+def run_groups(gs: dict[str, list[str]], jobs: int, workers: int) -> list[str]:
+    """Run the groups, at most ``jobs`` at once. Returns the names of the groups that failed."""
+    from tqdm.auto import tqdm
+
+    times = _load_times()
+    queue = order(gs, times)
+    env = dict(os.environ)
+    env.setdefault("OPTLAB_WORKERS", str(workers))
+    running: list[_Group] = []
+    failed: list[str] = []
+    total = sum(len(v) for v in gs.values())
+    finished = 0
+    bar = tqdm(total=total, desc="training stages", unit="stage", dynamic_ncols=True)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                name = queue.pop(0)
+                running.append(_Group(name, gs[name], env))
+            time.sleep(0.5)
+            for g in list(running):
+                if g.proc.poll() is None:
+                    continue
+                running.remove(g)
+                took = g.finish()
+                finished += len(g.stages)
+                if g.proc.returncode == 0:
+                    times[g.name] = round(took, 1)
+                    bar.write(f"{g.name}: {len(g.stages)} stage{'s' * (len(g.stages) > 1)} in {took:.0f} s")
+                else:
+                    failed.append(g.name)
+                    bar.write(f"{g.name}: FAILED (exit {g.proc.returncode}) after {took:.0f} s; log: {g.log}\n"
+                              f"{_tail(g.log)}")
+            bar.n = finished + sum(min(g.done_stages(), len(g.stages)) for g in running)
+            bar.refresh()
+    except KeyboardInterrupt:
+        for g in running:
+            g.interrupt()
+        for g in running:
+            g.proc.wait()
+            g.finish()
+        raise
+    finally:
+        bar.close()
+        STATE.mkdir(exist_ok=True)
+        TIMES.write_text(json.dumps(dict(sorted(times.items())), indent=1) + "\n")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m optlab.repro", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-j", "--jobs", type=int, default=0,
+                    help="groups of training stages run at once (default 0: one per core)")
+    args = ap.parse_args(argv)
+    cores = os.cpu_count() or 1
+    jobs = args.jobs if args.jobs > 0 else cores
+    workers = max(1, cores // jobs)
+    t0 = time.monotonic()
+    if subprocess.run(_dvc("repro", *FIRST)).returncode != 0:  # a bad params file stops here
+        return 1
+    gs = groups(stale_stages())
+    if gs:
+        n = sum(len(v) for v in gs.values())
+        print(f"optlab.repro: {n} training stages in {len(gs)} groups, {jobs} at a time "
+              f"({workers} worker{'s' * (workers > 1)} each); logs in {LOGS}/", flush=True)
+        failed = run_groups(gs, jobs, workers)
+        if failed:
+            print(f"optlab.repro: failed: {', '.join(failed)}; the analysis stages did not run", file=sys.stderr)
+            return 1
+    rc = subprocess.run(_dvc("repro")).returncode
+    print(f"optlab.repro: done in {time.monotonic() - t0:.0f} s" if rc == 0 else "optlab.repro: dvc repro failed")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
