@@ -3,7 +3,11 @@
 import os
 import sys
 
-from optlab.pipeline import stage_main
+from optlab.zygote import delegate
+
+delegate(__file__)  # under `make repro`: run in the warm process (optlab.zygote)
+
+from optlab.pipeline import stage_main  # noqa: E402
 
 if __name__ == "__main__":
     os.environ.setdefault("OPTLAB_DVC_STAGE", "train")

@@ -144,3 +144,35 @@ def test_bad_experiment_stops_before_any_output_is_removed(repo, tmp_path, args,
     assert "Running stage 'train'" not in proc.stdout
     assert (work / "runs/train/metrics.json").read_text() == before
     assert (work / "runs/train/curves.csv").exists()
+
+
+def _final_records(root: Path) -> dict[str, tuple]:
+    from optlab.engine import TIMING_KEYS
+
+    out = {}
+    for f in sorted((root / "runs/sweep").glob("*/*/*/metrics.json")):
+        doc = json.loads(f.read_text())
+        final = {k: v for k, v in (doc.get("final") or {}).items() if k not in TIMING_KEYS}
+        out[str(f.relative_to(root))] = (doc["status"], json.dumps(final, sort_keys=True))
+    return out
+
+
+def test_make_repro_driver_gives_what_dvc_repro_gives(repo, tmp_path):
+    """`make repro` (optlab.repro: study groups side by side, then `dvc repro`) leaves the same
+    runs and an up-to-date pipeline, as plain `dvc repro` does on the same edit."""
+    src, _ = repo
+    edit = {"wide": tiny_study(["sgd", "adam"], [0.1], [0], grid={"width": [8, 16]}),
+            "deep": tiny_study(["sgd"], [0.1, 0.01], [0], grid={"depth": [2, 3]})}
+    records = {}
+    for name, cmd in (("driver", ["python", "-m", "optlab.repro", "-j", "2"]), ("plain", ["dvc", "repro"])):
+        work = tmp_path / name
+        shutil.copytree(src, work, symlinks=True, ignore=lambda d, names: ["tmp"] if Path(d) == src / ".dvc" else [])
+        env = clean_env(work)
+        set_studies(work, edit, replace=False)
+        out = _run(cmd, work, env).stdout
+        if name == "driver":
+            assert "3 training stages in 2 groups, 2 at a time" in out, out[-2000:]
+            assert (work / ".optlab/repro/wide.log").read_text().count("Running stage 'wide@") == 2
+        assert _status(work, env) == {}, f"{name}: the pipeline is not up to date"
+        records[name] = _final_records(work)
+    assert records["driver"] == records["plain"] and len(records["driver"]) > 6

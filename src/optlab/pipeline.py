@@ -136,10 +136,10 @@ def _parent(params: dict[str, Any], name: str, tags: dict[str, str]) -> Iterator
         yield parent
 
 
-TRAINING_CODE_EXCLUDE = ("analysis/", "robustness.py", "repro.py")
+TRAINING_CODE_EXCLUDE = ("analysis/", "robustness.py", "repro.py", "zygote.py")
 """Paths under src/optlab that no training stage runs (the tables, figures and README sections;
-the cross-machine robustness check; the `make repro` driver): editing them reruns only the
-analysis stages."""
+the cross-machine robustness check; the `make repro` driver and its warm process): editing them
+reruns only the analysis stages."""
 
 
 def training_code_fingerprint(root: Path | None = None) -> str:

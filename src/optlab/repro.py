@@ -16,6 +16,9 @@ module does that, and nothing DVC would not do itself:
 3. plain ``dvc repro``: everything left (tracking upload, tables, figures, report). It finds
    the training stages up to date, so the result is exactly what ``dvc repro`` alone gives.
 
+Stage commands of steps 2 and 3 fork from one warm process (optlab.zygote) instead of each
+importing torch again (``--no-warm`` turns that off).
+
 Each group's output goes to ``.optlab/repro/<group>.log``; a failed group's tail is printed
 and ``make repro`` stops with status 1 before the analysis stages. Not part of the training
 code (it runs DVC, not runs): editing it reruns nothing.
@@ -26,9 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,8 +146,10 @@ def run_groups(gs: dict[str, list[str]], jobs: int, workers: int) -> list[str]:
                     failed.append(g.name)
                     bar.write(f"{g.name}: FAILED (exit {g.proc.returncode}) after {took:.0f} s; log: {g.log}\n"
                               f"{_tail(g.log)}")
-            bar.n = finished + sum(min(g.done_stages(), len(g.stages)) for g in running)
-            bar.refresh()
+            n = finished + sum(min(g.done_stages(), len(g.stages)) for g in running)
+            if n != bar.n:
+                bar.n = n
+                bar.refresh()
     except KeyboardInterrupt:
         for g in running:
             g.interrupt()
@@ -156,11 +164,51 @@ def run_groups(gs: dict[str, list[str]], jobs: int, workers: int) -> list[str]:
     return failed
 
 
+class _Warm:
+    """The optlab.zygote server for the duration of a ``with`` block (its socket in
+    ``OPTLAB_ZYGOTE``); nothing when it cannot start (stages then run as usual)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.proc, self.dir = enabled, None, None
+
+    def __enter__(self) -> _Warm:
+        if not self.enabled or not hasattr(socket, "send_fds"):
+            return self
+        from .zygote import ENV
+
+        self.dir = tempfile.mkdtemp(prefix="optlab-")
+        path = os.path.join(self.dir, "z.sock")
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "optlab.zygote", "serve", path],
+                                     stdout=subprocess.DEVNULL, stderr=(LOGS / "zygote.log").open("w"))
+        deadline = time.monotonic() + 120
+        while not os.path.exists(path) and self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if os.path.exists(path):
+            os.environ[ENV] = path
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from .zygote import ENV
+
+        os.environ.pop(ENV, None)
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m optlab.repro", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-j", "--jobs", type=int, default=0,
                     help="groups of training stages run at once (default 0: one per core)")
+    ap.add_argument("--no-warm", action="store_true",
+                    help="start every stage as its own Python process (no shared warm process)")
     args = ap.parse_args(argv)
     cores = os.cpu_count() or 1
     jobs = args.jobs if args.jobs > 0 else cores
@@ -169,15 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     if subprocess.run(_dvc("repro", *FIRST)).returncode != 0:  # a bad params file stops here
         return 1
     gs = groups(stale_stages())
-    if gs:
-        n = sum(len(v) for v in gs.values())
-        print(f"optlab.repro: {n} training stages in {len(gs)} groups, {jobs} at a time "
-              f"({workers} worker{'s' * (workers > 1)} each); logs in {LOGS}/", flush=True)
-        failed = run_groups(gs, jobs, workers)
-        if failed:
-            print(f"optlab.repro: failed: {', '.join(failed)}; the analysis stages did not run", file=sys.stderr)
-            return 1
-    rc = subprocess.run(_dvc("repro")).returncode
+    with _Warm(not args.no_warm):
+        if gs:
+            n = sum(len(v) for v in gs.values())
+            print(f"optlab.repro: {n} training stages in {len(gs)} groups, {jobs} at a time "
+                  f"({workers} worker{'s' * (workers > 1)} each); logs in {LOGS}/", flush=True)
+            failed = run_groups(gs, jobs, workers)
+            if failed:
+                print(f"optlab.repro: failed: {', '.join(failed)}; the analysis stages did not run", file=sys.stderr)
+                return 1
+        rc = subprocess.run(_dvc("repro")).returncode
     print(f"optlab.repro: done in {time.monotonic() - t0:.0f} s" if rc == 0 else "optlab.repro: dvc repro failed")
     return rc
 

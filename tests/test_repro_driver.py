@@ -1,0 +1,85 @@
+"""`make repro`'s driver (optlab.repro) and the per-stage config files that stage `validate` writes."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+from optlab import pipeline, repro
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_groups_are_studies_and_the_solo_training_stages():
+    stale = ["validate", "prepare", "train", "mlp_depth@sgd", "gpt@adam", "mlp_depth@adam", "ablate", "aggregate", "report"]
+    assert repro.groups(stale) == {"train": ["train"], "mlp_depth": ["mlp_depth@sgd", "mlp_depth@adam"],
+                                   "gpt": ["gpt@adam"], "ablate": ["ablate"]}
+
+
+def test_longest_group_first_and_untimed_groups_before_timed_ones():
+    gs = {"a": ["a@x"], "b": ["b@x"], "c": ["c@x"], "new": ["new@x"]}
+    assert repro.order(gs, {"a": 5.0, "b": 50.0, "c": 20.0}) == ["new", "b", "c", "a"]
+
+
+def _docs(params):
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in pipeline.slice_configs(params, "f" * 64).items()}
+
+
+def test_every_training_stage_in_dvc_yaml_has_its_config_file():
+    docs = pipeline.slice_configs(PARAMS, "f" * 64)
+    for study, raw in PARAMS["studies"].items():
+        for method in raw["methods"]:
+            assert f"{study}/{method}.json" in docs
+    assert "ablate.json" in docs
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert "runs/config/ablate.json" in dvc["stages"]["ablate"]["deps"]
+
+
+def test_a_params_edit_changes_only_the_files_of_the_stages_it_concerns():
+    base = _docs(PARAMS)
+    study = "rho_digits"
+    method = PARAMS["studies"][study]["methods"][0]
+
+    def changed(edit):
+        p = copy.deepcopy(PARAMS)
+        edit(p)
+        new = _docs(p)
+        return sorted(k for k in set(base) | set(new) if base.get(k) != new.get(k))
+
+    # the study's quick section: its slices only
+    assert changed(lambda p: p["studies"][study]["quick"].update(lrs=[0.05, 0.5])) == \
+        sorted(f"{study}/{m}.json" for m in PARAMS["studies"][study]["methods"])
+    # its full section, at scale quick: nothing
+    assert changed(lambda p: p["studies"][study]["full"].update(lrs=[0.05])) == []
+    # a method added to the study: only the new slice's file
+    p2 = copy.deepcopy(PARAMS)
+    p2["methods"]["sgd_copy"] = dict(PARAMS["methods"][method])
+    p2["studies"][study]["methods"] = [*PARAMS["studies"][study]["methods"], "sgd_copy"]
+    new = _docs(p2)
+    assert sorted(k for k in new if base.get(k) != new[k]) == [f"{study}/sgd_copy.json"]
+    # an engine key: every training stage
+    assert len(changed(lambda p: p.update(diverge_loss=50.0))) == len(base)
+    # the headline run's keys: no study or ablation stage (they have their own sections)
+    assert changed(lambda p: p.update(seed=3)) == []
+
+
+def test_a_code_change_changes_every_file():
+    a = pipeline.slice_configs(PARAMS, "a" * 64)
+    b = pipeline.slice_configs(PARAMS, "b" * 64)
+    assert all(a[k] != b[k] for k in a)
+
+
+def test_validate_writes_the_config_dir_and_removes_stale_files(tmp_path):
+    cfg = tmp_path / "config"
+    (cfg / "gone").mkdir(parents=True)
+    (cfg / "gone" / "old.json").write_text("{}\n")
+    pipeline.validate(str(ROOT / "params.yaml"), out=str(tmp_path / "validated.txt"), config_dir=str(cfg))
+    assert not (cfg / "gone").exists()
+    doc = json.loads((cfg / "rho_digits" / "rho_set_sgd.json").read_text())
+    assert doc["training_code"] == pipeline.training_code_fingerprint()
+    assert doc["method"] == PARAMS["methods"]["rho_set_sgd"] and doc["runs"][0]["method"] == "rho_set_sgd"
+    assert "methods" not in doc["study"] and "full" not in doc["study"]
