@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.repo_copy import clean_env, set_studies, tiny_repo, tiny_study
 from tests.repo_copy import sh as _run
@@ -169,10 +170,15 @@ def test_make_repro_driver_gives_what_dvc_repro_gives(repo, tmp_path):
         shutil.copytree(src, work, symlinks=True, ignore=lambda d, names: ["tmp"] if Path(d) == src / ".dvc" else [])
         env = clean_env(work)
         set_studies(work, edit, replace=False)
+        lock = yaml.safe_load((work / "dvc.lock").read_text())
+        lock["stages"]["gone@sgd"] = lock["stages"]["tiny@sgd"]  # the entry of a stage dvc.yaml no longer has
+        (work / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
         out = _run(cmd, work, env).stdout
         if name == "driver":
             assert "3 training stages in 2 groups, 2 at a time" in out, out[-2000:]
             assert (work / ".optlab/repro/wide.log").read_text().count("Running stage 'wide@") == 2
+            assert "removed 1 dvc.lock entries" in out
+            assert "gone@sgd" not in yaml.safe_load((work / "dvc.lock").read_text())["stages"]
         assert _status(work, env) == {}, f"{name}: the pipeline is not up to date"
         records[name] = _final_records(work)
     assert records["driver"] == records["plain"] and len(records["driver"]) > 6

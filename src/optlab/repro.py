@@ -19,7 +19,8 @@ module does that, and nothing DVC would not do itself:
 Stage commands of steps 2 and 3 fork from one warm process (optlab.zygote) instead of each
 importing torch again (``--no-warm`` turns that off).
 
-Each group's output goes to ``.optlab/repro/<group>.log``; a failed group's tail is printed
+Afterwards, dvc.lock entries of stages that dvc.yaml no longer has are removed. Each group's
+output goes to ``.optlab/repro/<group>.log``; a failed group's tail is printed
 and ``make repro`` stops with status 1 before the analysis stages. Not part of the training
 code (it runs DVC, not runs): editing it reruns nothing.
 """
@@ -202,6 +203,23 @@ class _Warm:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def prune_lock(path: str = "dvc.lock") -> list[str]:
+    """Remove dvc.lock entries of stages dvc.yaml no longer has (a renamed or removed study
+    leaves its entries behind: DVC never drops them, and rereads and rewrites them after every
+    stage). Returns the names removed."""
+    proc = subprocess.run(_dvc("stage", "list", "--name-only"), capture_output=True, text=True)
+    if proc.returncode != 0 or not Path(path).exists():
+        return []
+    names = set(proc.stdout.split())
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(path) as doc:
+        dead = [k for k in (doc.get("stages") or {}) if k not in names]
+        for k in dead:
+            del doc["stages"][k]
+    return dead
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m optlab.repro", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"optlab.repro: failed: {', '.join(failed)}; the analysis stages did not run", file=sys.stderr)
                 return 1
         rc = subprocess.run(_dvc("repro")).returncode
+    if rc == 0 and (dead := prune_lock()):
+        print(f"optlab.repro: removed {len(dead)} dvc.lock entries of stages dvc.yaml no longer has")
     print(f"optlab.repro: done in {time.monotonic() - t0:.0f} s" if rc == 0 else "optlab.repro: dvc repro failed")
     return rc
 
