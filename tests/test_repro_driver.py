@@ -23,6 +23,17 @@ def test_groups_are_studies_and_the_solo_training_stages():
 def test_longest_group_first_and_untimed_groups_before_timed_ones():
     gs = {"a": ["a@x"], "b": ["b@x"], "c": ["c@x"], "new": ["new@x"]}
     assert repro.order(gs, {"a": 5.0, "b": 50.0, "c": 20.0}) == ["new", "b", "c", "a"]
+    # a group not timed here falls back to its runs' recorded time
+    assert repro.order(gs, {"a": 5.0, "b": 50.0, "c": 20.0}, {"new": 10.0, "a": 99.0}) == ["b", "c", "new", "a"]
+
+
+def test_recorded_costs_sum_each_studys_run_times(tmp_path):
+    table = tmp_path / "runs.csv"
+    table.write_text("run_id,study,wall_time_s\nr1,a,1.5\nr2,a,2.0\nr3,b,\nr4,b,4\n")
+    assert repro.recorded_costs(str(table)) == {"a": 3.5, "b": 4.0}
+    assert repro.recorded_costs(str(tmp_path / "missing.csv")) == {}
+    committed = repro.recorded_costs(str(ROOT / "reports/tables/runs.csv"))
+    assert set(committed) >= {"mlp_depth", "ablate"} and all(v > 0 for v in committed.values())
 
 
 def _docs(params):

@@ -10,7 +10,8 @@ module does that, and nothing DVC would not do itself:
 2. ``dvc status`` names the stale training stages; they are grouped by study (``<study>@*``,
    plus ``train`` and ``ablate``), and up to ``--jobs`` groups run at once, each as
    ``dvc --wait-for-lock repro --single-item <its stages>``, longest first (by the group's last
-   recorded wall time, kept in ``.optlab/repro-times.json``), with ``OPTLAB_WORKERS`` set so
+   wall time here, kept in ``.optlab/repro-times.json``, else by its runs' times in the
+   committed ``reports/tables/runs.csv``), with ``OPTLAB_WORKERS`` set so
    that the processes training at once do not exceed the cores (a run's numbers never depend
    on the worker count: each run's threads are fixed);
 3. plain ``dvc repro``: everything left (tracking upload, tables, figures, report). It finds
@@ -79,10 +80,33 @@ def _load_times() -> dict[str, float]:
         return {}
 
 
-def order(gs: dict[str, list[str]], times: dict[str, float]) -> list[str]:
-    """Longest first (a group never timed counts as the longest), so the last group to finish
-    is a short one."""
-    return sorted(gs, key=lambda g: (-times.get(g, float("inf")), g))
+def recorded_costs(table: str = "reports/tables/runs.csv") -> dict[str, float]:
+    """Each study's summed run wall time in the committed results table (the prior for a group
+    this machine never timed, e.g. on a fresh clone); {} without the table."""
+    import csv
+
+    out: dict[str, float] = {}
+    try:
+        with open(table, newline="") as fh:
+            for row in csv.DictReader(fh):
+                try:
+                    out[row["study"]] = out.get(row["study"], 0.0) + float(row.get("wall_time_s") or 0.0)
+                except (KeyError, ValueError):
+                    continue
+    except OSError:
+        return {}
+    return out
+
+
+def order(gs: dict[str, list[str]], times: dict[str, float], prior: dict[str, float] | None = None) -> list[str]:
+    """Longest first, so the last group to finish is a short one: by the group's last wall time
+    here, else its runs' recorded time (``prior``), else first (never timed)."""
+    prior = prior or {}
+
+    def cost(g: str) -> float:
+        return times.get(g, prior.get(g, float("inf")))
+
+    return sorted(gs, key=lambda g: (-cost(g), g))
 
 
 class _Group:
@@ -120,7 +144,7 @@ def run_groups(gs: dict[str, list[str]], jobs: int, workers: int) -> list[str]:
     from tqdm.auto import tqdm
 
     times = _load_times()
-    queue = order(gs, times)
+    queue = order(gs, times, recorded_costs())
     env = dict(os.environ)
     env.setdefault("OPTLAB_WORKERS", str(workers))
     running: list[_Group] = []
