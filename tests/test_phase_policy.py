@@ -102,6 +102,8 @@ def test_frozen_run_succeeds_after_results_only_commit(repo: Path, monkeypatch) 
     (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {a: {}}\n")
     (repo / "README.md").write_text("# optlab\n\nresults\n")
     (repo / "src" / "optlab" / "analysis" / "report.py").write_text("TITLE = 'b'\n")  # report code, not run code
+    (repo / "src" / "optlab" / "repro.py").write_text("JOBS = 2\n")  # the make-repro driver, not run code
+    (repo / "src" / "optlab" / "zygote.py").write_text("WARM = 1\n")  # its warm process, not run code
     params["studies"]["b"]["quick"]["lrs"] = [0.02, 0.05]  # another study's params
     params["methods"]["adam"]["optimizer_options"] = {"eps": 1e-6}  # a method study a does not use
     params["studies"]["c"] = tiny_study(["sgd"], [0.3], [0])  # a new study

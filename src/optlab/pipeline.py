@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import engine
+from .codeset import TRAINING_CODE_EXCLUDE  # what no training run executes (the fingerprint skips it)
 from .config import (
     RUN_KEYS,
     SCALES,
@@ -134,12 +135,6 @@ def _parent(params: dict[str, Any], name: str, tags: dict[str, str]) -> Iterator
     with parent_run(tags.get("study", "adhoc"), experiment=experiment, tags=tags, run_name=name,
                     deferred=tracking_deferred(params)) as parent:
         yield parent
-
-
-TRAINING_CODE_EXCLUDE = ("analysis/", "robustness.py", "repro.py", "zygote.py")
-"""Paths under src/optlab that no training stage runs (the tables, figures and README sections;
-the cross-machine robustness check; the `make repro` driver and its warm process): editing them
-reruns only the analysis stages."""
 
 
 def training_code_fingerprint(root: Path | None = None) -> str:

@@ -27,14 +27,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from optlab.codeset import frozen_code_exclude
 from optlab.tracking.provenance import _git, dirty_paths, find_work_tree, git_info, head_commit
 
 PHASES = ("debug", "pilot", "frozen")
 WATCHED = ("src", "stages", "params.yaml", "dvc.yaml", "pyproject.toml", "requirements.lock")
 FROZEN_CODE = ("src", "stages", "requirements.lock", "pyproject.toml")
-# the analysis and report code under src/optlab that no training run imports (as the validate
-# stage's training-code fingerprint, optlab.pipeline.TRAINING_CODE_EXCLUDE): reports may change
-FROZEN_CODE_EXCLUDE = ("src/optlab/analysis", "src/optlab/robustness.py")
+# the code under src/optlab that no training run executes (the same list as the validate stage's
+# training-code fingerprint, optlab.codeset): reports and the make-repro driver may change
+FROZEN_CODE_EXCLUDE = frozen_code_exclude()
 MIN_FROZEN_SEEDS = 3
 _SHA_PREFIX = re.compile(r"[0-9a-fA-F]{7,40}")
 _MISSING = object()
