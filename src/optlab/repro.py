@@ -252,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warm", action="store_true",
                     help="start every stage as its own Python process (no shared warm process)")
     args = ap.parse_args(argv)
+    def on_term(_s: int, _f: object) -> None:  # `kill`, a CI timeout: stop the groups as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     cores = os.cpu_count() or 1
     jobs = args.jobs if args.jobs > 0 else cores
     workers = max(1, cores // jobs)
