@@ -94,3 +94,17 @@ def test_validate_writes_the_config_dir_and_removes_stale_files(tmp_path):
     assert doc["training_code"] == pipeline.training_code_fingerprint()
     assert doc["method"] == PARAMS["methods"]["rho_set_sgd"] and doc["runs"][0]["method"] == "rho_set_sgd"
     assert "methods" not in doc["study"] and "full" not in doc["study"]
+
+
+def test_finished_stages_are_counted_from_the_log_as_it_grows(tmp_path):
+    """The poll loop reads only what a group's log gained since the last poll; a marker split
+    between two polls counts once."""
+    g = object.__new__(repro._Group)
+    g.log = tmp_path / "g.log"
+    g.log.write_bytes(b"")
+    g._read, g._done, g._tail = 0, 0, b""
+    for piece, expected in ((b"Running stage 'a@x'\nUpdating lock", 0), (b" file\n\rbar\rUpdating lock file\nUpd", 2),
+                            (b"ating lock file\n", 3), (b"", 3)):
+        with g.log.open("ab") as fh:
+            fh.write(piece)
+        assert g.done_stages() == expected

@@ -45,6 +45,7 @@ TIMES = STATE / "repro-times.json"
 LOGS = STATE / "repro"
 FIRST = ("validate", "prepare")
 SOLO = ("train", "ablate")
+_DONE_MARKER = b"Updating lock file"  # DVC prints it once per finished stage
 
 
 def _dvc(*args: str) -> list[str]:
@@ -115,15 +116,26 @@ class _Group:
         LOGS.mkdir(parents=True, exist_ok=True)
         self.log = LOGS / f"{name}.log"
         self._fh = self.log.open("w")
+        self._read, self._done, self._tail = 0, 0, b""  # log bytes scanned, stages seen done, last bytes
         self.start = time.monotonic()
         self.proc = subprocess.Popen(_dvc("--wait-for-lock", "repro", "--single-item", *stages), stdout=self._fh,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def done_stages(self) -> int:
+        """Stages this group has finished so far: DVC's "Updating lock file" lines, counted in the
+        part of the log written since the last call (a group's log grows to megabytes of
+        progress-bar redraws; the poll loop reads each byte once)."""
         try:
-            return self.log.read_text(errors="replace").count("Updating lock file")
+            with self.log.open("rb") as fh:
+                fh.seek(self._read)
+                chunk = fh.read()
         except OSError:
-            return 0
+            return self._done
+        data = self._tail + chunk  # the tail is shorter than the marker: a split marker counts once
+        self._done += data.count(_DONE_MARKER)
+        self._tail = data[-(len(_DONE_MARKER) - 1):]
+        self._read += len(chunk)
+        return self._done
 
     def finish(self) -> float:
         self._fh.close()
@@ -194,7 +206,7 @@ class _Warm:
     ``OPTLAB_ZYGOTE``); nothing when it cannot start (stages then run as usual)."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled, self.proc, self.dir = enabled, None, None
+        self.enabled, self.proc, self.dir, self.log = enabled, None, None, None
 
     def __enter__(self) -> _Warm:
         if not self.enabled or not hasattr(socket, "send_fds"):
@@ -204,8 +216,9 @@ class _Warm:
         self.dir = tempfile.mkdtemp(prefix="optlab-")
         path = os.path.join(self.dir, "z.sock")
         LOGS.mkdir(parents=True, exist_ok=True)
+        self.log = (LOGS / "zygote.log").open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "optlab.zygote", "serve", path],
-                                     stdout=subprocess.DEVNULL, stderr=(LOGS / "zygote.log").open("w"))
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 120
         while not os.path.exists(path) and self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -223,6 +236,8 @@ class _Warm:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if self.log is not None:
+            self.log.close()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -252,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warm", action="store_true",
                     help="start every stage as its own Python process (no shared warm process)")
     args = ap.parse_args(argv)
+
     def on_term(_s: int, _f: object) -> None:  # `kill`, a CI timeout: stop the groups as Ctrl-C does
         raise KeyboardInterrupt
 

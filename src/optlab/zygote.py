@@ -80,13 +80,7 @@ def delegate(script: str) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
-    line = b""
-    while not line:
-        try:
-            line = _recv_line(conn)
-            break
-        except InterruptedError:
-            continue
+    line = _recv_line(conn)  # a signal forwarded meanwhile does not interrupt it (PEP 475 retries)
     try:
         status = int(json.loads(line)["status"])
     except (ValueError, KeyError):
@@ -157,10 +151,7 @@ def serve(path: str) -> None:
     signal.signal(signal.SIGINT, on_term)
     try:
         while not stop:
-            try:
-                ready, _, _ = select.select([server], [], [], 0.1)
-            except InterruptedError:
-                ready = []
+            ready, _, _ = select.select([server], [], [], 0.1)
             if ready:
                 conn, _ = server.accept()
                 try:
