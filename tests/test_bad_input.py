@@ -51,7 +51,7 @@ CASES = [
     ("negative-seed", ["train"], {"seed": -1}, r"seed: must be an integer >= 0"),
     ("misspelled-key", ["train"], {"optimiser": "sgd"}, r"optimiser: unknown key \(did you mean 'optimizer'\?\); allowed: "),
     ("misspelled-sn-key", ["train"], {"sn.power_iter": 2}, r"sn.power_iter: unknown key \(did you mean 'power_iters'\?\)"),
-    ("bad-sn-mode", ["train"], {"sn.mode": "clamp"}, r"sn.mode: unknown value 'clamp'.*allowed: clip, normalize"),
+    ("bad-sn-mode", ["train"], {"sn.mode": "clamp"}, r"sn.mode: unknown value 'clamp'.*allowed: clip_sv, scale, normalize"),
     ("bad-scale", ["train"], {"scale": "medium"}, r"scale: unknown value 'medium'; allowed: quick, full"),
     ("bad-phase", ["train"], {"phase": "final"}, r"phase: unknown value 'final'; allowed: debug, pilot, frozen"),
     ("bad-device", ["train"], {"device": "tpu"}, r"device: unknown value 'tpu'.*; allowed: auto, cpu, cuda"),

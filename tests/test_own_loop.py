@@ -173,7 +173,7 @@ def test_step_hooks_run_around_the_whole_step():
 
 def test_projected_state_dict_round_trip_through_torch_save():
     a_model = _mlp()
-    a = _build_quiet("sgd_sn", a_model, lr=0.1, sn_sigma="power", sn_power_iters=2)
+    a = _build_quiet("sgd_sn", a_model, lr=0.1, sn_mode="scale", sn_sigma="power", sn_power_iters=2)
     _train(a_model, a, 3)
     buf = io.BytesIO()
     torch.save({"model": a_model.state_dict(), "opt": a.state_dict()}, buf)
@@ -181,7 +181,7 @@ def test_projected_state_dict_round_trip_through_torch_save():
     saved = torch.load(buf, weights_only=True)
     assert set(saved["opt"]) == {"inner", "projections", "active_steps"}  # the format engine checkpoints hold
     b_model = _mlp(scale=1.0)
-    b = _build_quiet("sgd_sn", b_model, lr=0.1, sn_sigma="power", sn_power_iters=2)  # projects at construction
+    b = _build_quiet("sgd_sn", b_model, lr=0.1, sn_mode="scale", sn_sigma="power", sn_power_iters=2)  # projects at construction
     b_model.load_state_dict(saved["model"])  # then the checkpoint, as a resume does
     b.load_state_dict(saved["opt"])
     assert b.active_steps == a.active_steps
@@ -193,7 +193,7 @@ def test_projected_state_dict_round_trip_through_torch_save():
 
 def test_projected_deepcopy_keeps_its_inner_optimizer():
     w = nn.Parameter(torch.randn(5, 4) * 3)
-    opt = Projected(torch.optim.SGD([w], lr=0.1), [SpectralProjection([w], mode="clip", sigma="exact")])
+    opt = Projected(torch.optim.SGD([w], lr=0.1), [SpectralProjection([w], mode="scale", sigma="exact")])
     twin = copy.deepcopy(opt)
     assert isinstance(twin.inner, torch.optim.SGD) and len(twin.projections) == 1
     assert twin.param_groups is twin.inner.param_groups and twin.param_groups is not opt.param_groups

@@ -27,7 +27,7 @@ def _cfg(**kw) -> RunConfig:
     base = dict(optimizer="sgd_sn", lr=0.2, depth=3, width=16, epochs=4, batch_size=32, log_every=3,
                 checkpoint_every=5, device="cpu", run_id="r")
     base.update(kw)
-    return RunConfig(sn=SNConfig(sigma="power"), probes=every(4), **base)
+    return RunConfig(sn=SNConfig(mode="scale", sigma="power"), probes=every(4), **base)
 
 
 def test_resume_in_process_matches_uninterrupted(tmp_path):
@@ -124,7 +124,7 @@ def test_interrupted_sweep_slice_redoes_only_unfinished_runs(tmp_path, monkeypat
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["studies"] = {"s": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd"], "quick": {
-        "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.01, 0.001],
+        "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.01, 0.001], "lr_extend": 0,
         "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 64}}}}
     params["checkpoint_every"] = 1000
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -43,7 +43,7 @@ def test_clip_keeps_every_layer_at_or_below_one_after_each_step(sigma, width, lr
     """Strict for exact sigma; power iteration (1 iteration) holds where the spectrum top is separated."""
     model = _deep_model(init="kaiming", width=width)  # Kaiming init starts well above sigma 1
     assert _all_sigmas(model).max() > 1.5
-    opt = optim.build("sgd_sn", model, lr=lr, sn_mode="clip", sn_sigma=sigma, sn_power_iters=1)
+    opt = optim.build("sgd_sn", model, lr=lr, sn_mode="scale", sn_sigma=sigma, sn_power_iters=1)
     assert _all_sigmas(model).max() <= 1 + 1e-4  # projected at construction
     g = torch.Generator().manual_seed(1)
     for _ in range(40):
@@ -64,7 +64,7 @@ def test_clip_leaves_small_matrices_alone():
     with torch.no_grad():
         w.mul_(0.5 / spectral_norm_exact(w).view(3, 1, 1))  # all at sigma 0.5
     before = w.detach().clone()
-    SpectralProjection([w], mode="clip", sigma="exact").project()
+    SpectralProjection([w], mode="scale", sigma="exact").project()
     assert torch.equal(w.detach(), before)
 
 
@@ -87,7 +87,7 @@ def test_projection_batches_same_shape_params_and_rescales_each():
     a = torch.nn.Parameter(torch.randn(6, 5) * 3)
     b = torch.nn.Parameter(torch.randn(6, 5) * 0.1)
     c = torch.nn.Parameter(torch.randn(2, 4, 4) * 5)
-    proj = SpectralProjection([a, b, c], mode="clip", sigma="exact")
+    proj = SpectralProjection([a, b, c], mode="scale", sigma="exact")
     assert len(proj.groups) == 2  # (6,5) pair batched together, (4,4) stack alone
     b0 = b.detach().clone()
     proj.project()
@@ -100,7 +100,7 @@ def test_sgd_sn_is_vanilla_sgd_before_projection():
     """One sgd_sn step equals one plain SGD step followed by the exact rescale."""
     m1 = _deep_model(init="orthogonal")
     m2 = _deep_model(init="orthogonal")
-    o1 = optim.build("sgd_sn", m1, lr=0.3, sn_sigma="exact")
+    o1 = optim.build("sgd_sn", m1, lr=0.3, sn_mode="scale", sn_sigma="exact")
     o2 = optim.build("sgd", m2, lr=0.3)
     x, y = torch.randn(8, 10), torch.randint(0, 4, (8,))
     for m, o in ((m1, o1), (m2, o2)):
@@ -116,11 +116,11 @@ def test_sgd_sn_is_vanilla_sgd_before_projection():
 
 def test_state_dict_round_trip_carries_power_vectors():
     model = _deep_model()
-    opt = optim.build("sgd_sn", model, lr=0.1, sn_sigma="power")
+    opt = optim.build("sgd_sn", model, lr=0.1, sn_mode="scale", sn_sigma="power")
     sd = opt.state_dict()
     assert sd["projections"][0]["u"][0] is not None
     model2 = _deep_model()
-    opt2 = optim.build("sgd_sn", model2, lr=0.1, sn_sigma="power")
+    opt2 = optim.build("sgd_sn", model2, lr=0.1, sn_mode="scale", sn_sigma="power")
     opt2.load_state_dict(sd)
     for u1, u2 in zip(opt.projections[0].u, opt2.projections[0].u):
         assert torch.equal(u1, u2)
@@ -160,7 +160,7 @@ def test_projection_counts_the_steps_at_which_it_acted():
     from optlab.optim.projected import Projected
 
     w = torch.nn.Parameter(torch.diag(torch.tensor([0.5, 0.2])))
-    opt = Projected(torch.optim.SGD([w], lr=0.1), [SpectralProjection([w], mode="clip", sigma="exact")])
+    opt = Projected(torch.optim.SGD([w], lr=0.1), [SpectralProjection([w], mode="scale", sigma="exact")])
     for _ in range(3):
         opt.zero_grad()
         (0.0 * w.sum()).backward()  # zero gradient: sigma stays 0.5
@@ -172,7 +172,7 @@ def test_projection_counts_the_steps_at_which_it_acted():
         opt.step()
         assert opt.active_steps == acted, target
     state = opt.state_dict()
-    fresh = Projected(torch.optim.SGD([w], lr=0.1), [SpectralProjection([w], mode="clip", sigma="exact")])
+    fresh = Projected(torch.optim.SGD([w], lr=0.1), [SpectralProjection([w], mode="scale", sigma="exact")])
     fresh.load_state_dict(state)
     assert fresh.active_steps == 2  # carried through a checkpoint
     norm = Projected(torch.optim.SGD([w], lr=0.1), [SpectralProjection([w], mode="normalize", sigma="exact")])
@@ -220,3 +220,90 @@ def test_a_run_whose_weights_blow_up_ends_as_diverged_not_as_a_crash(toy_splits)
                         probes=every(1))
         res = train(cfg, data=toy_splits, progress=False)  # these raised LinAlgError in eigvalsh before
         assert res.status == "diverged", (opt, act, lr)
+
+
+# ---------------------------------------------------------------- clip_sv: the Euclidean projection
+
+
+def _reference_clip(w):
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return (u * s.clamp_max(1.0).unsqueeze(-2)) @ vh
+
+
+def test_clip_sv_is_the_svd_clip_batched_over_same_shape_params():
+    g = torch.Generator().manual_seed(3)
+    a = torch.nn.Parameter(torch.randn(4, 12, 12, generator=g) * 0.4)  # a stack, several singular values above 1
+    b = torch.nn.Parameter(torch.randn(12, 12, generator=g) * 0.4)  # same shape: one batch with the stack
+    c = torch.nn.Parameter(torch.randn(7, 12, generator=g) * 0.05)  # all below 1: untouched bit for bit
+    refs = [_reference_clip(a.detach()), _reference_clip(b.detach())]
+    c0 = c.detach().clone()
+    proj = SpectralProjection([a, b, c], mode="clip_sv")
+    assert len(proj.groups) == 2 and proj.strict
+    proj.project()
+    assert torch.allclose(a.detach().double(), refs[0], atol=1e-5)
+    assert torch.allclose(b.detach().double(), refs[1], atol=1e-5)
+    assert torch.equal(c.detach(), c0)
+    sv = torch.linalg.svdvals(a.detach().double())
+    assert sv.max() <= 1 + 1e-4 and (sv > 1 - 1e-5).sum(-1).min() >= 2  # several clipped to 1
+    s_before = torch.linalg.svdvals(refs[0])
+    assert torch.allclose(sv[sv < 0.999], s_before[s_before < 0.999], atol=1e-5)  # the rest kept
+
+
+def test_clip_sv_keeps_the_small_directions_that_scale_removes():
+    """One direction far above 1: scale shrinks every singular value by it (stable rank collapses),
+    clip_sv only that one."""
+    g = torch.Generator().manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    s = torch.full((16,), 0.5)
+    s[0] = 50.0
+    w0 = (q1 * s) @ q2.T
+    ranks = {}
+    for mode in ("clip_sv", "scale"):
+        w = torch.nn.Parameter(w0.clone())
+        SpectralProjection([w], mode=mode).project()
+        sv = torch.linalg.svdvals(w.detach())
+        assert sv.max() <= 1 + 1e-4
+        ranks[mode] = float((sv ** 2).sum() / sv.max() ** 2)
+    assert ranks["clip_sv"] > 4.5 and ranks["scale"] < 1.01
+
+
+def test_modes_and_their_errors():
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="'clip' is now 'scale'"):
+        SpectralProjection([w], mode="clip")
+    with pytest.raises(ValueError, match="clip_sv computes an SVD"):
+        SpectralProjection([w], mode="clip_sv", sigma="power")
+    assert not SpectralProjection([w], mode="scale", sigma="power").strict
+    from optlab.config import ConfigError, SNConfig
+
+    with pytest.raises(ConfigError, match="allowed: clip_sv, scale, normalize"):
+        SNConfig(mode="clip")
+    with pytest.raises(ConfigError, match="clip_sv computes an SVD"):
+        SNConfig(mode="clip_sv", sigma="power")
+
+
+def test_clip_sv_of_a_diverged_matrix_leaves_it_for_the_loss_to_report():
+    w = torch.nn.Parameter(torch.randn(2, 5, 5) * 3)
+    with torch.no_grad():
+        w[1, 0, 0] = float("nan")
+    proj = SpectralProjection([w], mode="clip_sv")
+    proj.project()
+    assert torch.isinf(proj.last_sigma[0][1]) and torch.isnan(w[1]).any()
+    assert torch.linalg.svdvals(w.detach()[0]).max() <= 1 + 1e-4
+
+
+def test_sgd_sn_default_is_sgd_then_the_svd_clip():
+    m1, m2 = _deep_model(init="kaiming"), _deep_model(init="kaiming")
+    o1 = optim.build("sgd_sn", m1, lr=0.3)
+    optim.build("sgd_sn", m2, lr=0.3)  # same start (projected at construction)
+    o2 = optim.build("sgd", m2, lr=0.3)
+    assert o1.projections[0].mode == "clip_sv" and o1.strict
+    x, y = torch.randn(8, 10), torch.randint(0, 4, (8,))
+    for m, o in ((m1, o1), (m2, o2)):
+        o.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+    for (n, _, p1), (_, _, p2) in zip(models.weight_layers(m1), models.weight_layers(m2)):
+        expect = _reference_clip(p2.detach().reshape(-1, *p2.shape[-2:]))
+        assert torch.allclose(p1.detach().reshape_as(expect).double(), expect, atol=1e-5), n

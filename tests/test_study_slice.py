@@ -25,7 +25,11 @@ def study_dir(tmp_path, monkeypatch):
         "s": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd", "sgd_fixed", "adam"],
               "verdict": {"method": "sgd", "reference": "adam", "bar": 0.9},
               "quick": {"datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [1.0, 0.1, 0.01],
-                        "search_seeds": [0, 1], "seeds": [0, 1, 2], "set": {"width": 8, "epochs": 1, "batch_size": 64}}},
+                        "search_seeds": [0, 1], "seeds": [0, 1, 2], "lr_extend": 0,
+                        "set": {"width": 8, "epochs": 1, "batch_size": 64}}},
+        "x": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd"], "verdict": False,
+              "quick": {"datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.03],
+                        "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 64}}},
         "f": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd"], "verdict": False, "lr_policy": "fixed",
               "quick": {"datasets": ["digits"], "lrs": [0.1, 0.01], "seeds": [0, 1],
                         "set": {"depth": 2, "width": 8, "epochs": 1, "batch_size": 64}}},
@@ -74,6 +78,38 @@ def test_fixed_policy_runs_every_lr_with_every_seed(study_dir):
 def test_method_outside_the_study_is_refused(study_dir):
     with pytest.raises(ConfigError, match=r"method 'sgd_sn' is not in studies.s.methods; allowed: sgd, sgd_fixed, adam"):
         pipeline.sweep("s", "sgd_sn")
+
+
+def test_half_decade_ladder():
+    assert pipeline.half_decade_step(0.1, "high") == 0.3 and pipeline.half_decade_step(0.3, "high") == 1.0
+    assert pipeline.half_decade_step(0.01, "low") == 0.003 and pipeline.half_decade_step(0.003, "low") == 0.001
+    assert pipeline.half_decade_step(0.05, "high") == 0.1 and pipeline.half_decade_step(0.05, "low") == 0.03
+    assert pipeline.half_decade_step(3.0, "high") == 10.0
+
+
+def _fake_score(best):
+    import math
+
+    def score(results, select):
+        return -abs(math.log10(results[0].config["lr"] / best)) if results else -math.inf
+    return score
+
+
+@pytest.mark.parametrize("best, added, selected, at_limit", [
+    (0.3, [0.3, 1.0], 0.3, False),  # high edge -> 0.3 (edge again) -> 1: 0.3 is interior
+    (1e-4, [0.01, 0.003], 0.003, True),  # low edge twice, the limit (2 steps) leaves it at the edge
+    (0.05, [0.01], 0.03, False),  # 0.03 (nearest on a log scale) is the low edge -> 0.01: interior
+])
+def test_search_extends_past_an_edge_until_interior_or_the_limit(study_dir, monkeypatch, best, added, selected, at_limit):
+    monkeypatch.setattr(pipeline, "_score", _fake_score(best))
+    res = pipeline.sweep("x", "sgd")
+    pt = json.loads((study_dir / "runs/sweep/x/sgd/summary.json").read_text())["points"][0]
+    assert pt["lrs_added"] == added and pt["selected_lr"] == selected
+    assert pt["lr_edge_limit"] is at_limit and (pt["lr_edge"] is not None) is at_limit
+    assert set(pt["search_scores"]) == {f"{lr:g}" for lr in [0.1, 0.03, *added]}
+    searched = sorted({r.config["lr"] for r in res if r.sweep["role"] == "search"})
+    assert searched == sorted([0.1, 0.03, *added])
+    assert {r.config["lr"] for r in res if r.sweep["role"] == "confirm"} == {selected}
 
 
 def test_lr_edge():

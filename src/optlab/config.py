@@ -42,9 +42,9 @@ ACTIVATIONS = ("tanh", "relu", "gelu")
 INITS = ("orthogonal", "kaiming")
 SCALES = ("quick", "full")
 PHASES = ("debug", "pilot", "frozen")
-SN_MODES = ("clip", "normalize")
+SN_MODES = ("clip_sv", "scale", "normalize")
 SN_SIGMAS = ("power", "exact")
-SN_CONV = ("operator", "matrix")
+SN_CONV = ("operator", "operator_power", "matrix")
 ROLES = ("input", "hidden", "output")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16")
@@ -145,10 +145,11 @@ class _Section(BaseModel):
 class SNConfig(_Section):
     """Spectral normalization applied after every optimizer step (``sgd_sn``)."""
 
-    mode: str = "clip"  # clip: W / max(1, sigma); normalize: W / sigma
-    sigma: str = "exact"  # exact: batched eigensolver (strict); power: persistent power iteration
+    mode: str = "clip_sv"  # clip_sv: singular values above 1 set to 1 (the Euclidean projection); scale: W / max(1, sigma); normalize: W / sigma
+    sigma: str = "exact"  # exact: batched eigensolver / SVD (strict); power: persistent power iteration (scale/normalize; not strict)
     power_iters: int = 1  # power iterations per step
-    conv: str = "operator"  # conv weights: true operator norm at the layer's input size, or reshaped-kernel matrix norm
+    conv: str = "operator"  # conv weights: operator norm at the layer's input size via an exact upper bound (strict) |
+    #                         operator_power: the same norm by power iteration (not strict) | matrix: reshaped-kernel norm
     roles: tuple[str, ...] = ("input", "hidden", "output")  # which weight matrices are projected
 
     @classmethod
@@ -161,8 +162,13 @@ class SNConfig(_Section):
         return tuple(v) if isinstance(v, list) else v
 
     def model_post_init(self, _ctx: Any) -> None:
+        if self.mode == "clip":
+            raise ConfigError(f"sn.mode: unknown 'clip'; allowed: {', '.join(SN_MODES)} ('clip' is now 'scale': W / max(1, sigma))")
         _choice("sn.mode", self.mode, SN_MODES)
         _choice("sn.sigma", self.sigma, SN_SIGMAS)
+        if self.mode == "clip_sv" and self.sigma != "exact":
+            raise ConfigError("sn.sigma: clip_sv computes an SVD (sigma is exact); allowed with clip_sv: exact "
+                              "(power applies to sn.mode scale and normalize)")
         _choice("sn.conv", self.conv, SN_CONV)
         if not self.roles:
             raise ConfigError(f"sn.roles: expected a non-empty list from {', '.join(ROLES)}, got {list(self.roles)!r}")
@@ -378,8 +384,9 @@ TRACKING_UPLOADS = ("auto", "live", "deferred")
 PROFILE_KEYS = RUN_KEYS + ("sn", "ablate")
 ABLATE_KEYS = ("seeds", "base", "variants")
 METHOD_KEYS = ("optimizer", "optimizer_options", "step_method", "method_options", "sn", "probes", "lr")
-STUDY_SCALE_KEYS = ("skip", "datasets", "grid", "lrs", "lr_policy", "search_seeds", "seeds", "set", "sn", "select",
-                    "stop_on_failure", "probes")
+STUDY_SCALE_KEYS = ("skip", "datasets", "grid", "lrs", "lr_policy", "lr_extend", "search_seeds", "seeds", "set", "sn",
+                    "select", "stop_on_failure", "probes")
+LR_EXTEND_DEFAULT = 2  # half-decade steps a search may add past an edge of its grid, per side
 STUDY_PHASE_KEYS = ("phase", "frozen_commit")  # a study's own phase, overriding the top-level pair for its runs
 STUDY_KEYS = ("analysis", "arch", "methods", "verdict", "published") + STUDY_PHASE_KEYS + STUDY_SCALE_KEYS + SCALES
 VERDICT_KEYS = ("method", "reference", "metric", "direction", "bar")
@@ -393,7 +400,10 @@ class StudySpec(BaseModel):
     For each point of ``datasets`` x ``grid`` (in order; the first axis varies slowest), the
     learning rates are searched with ``search_seeds`` and the best one is selected on the
     validation split (``select``: the task's, val_acc or val_loss); the selected LR is then rerun
-    on the remaining ``seeds``. ``lr_policy: fixed`` runs every LR of ``lrs`` with every seed and
+    on the remaining ``seeds``. When the selected LR is the largest or smallest tried, the search
+    goes one half-decade step further out (1, 3, 10, ... x 10^k) with the search seeds, up to
+    ``lr_extend`` steps per side, until the selection is interior (the summary records the LRs
+    added and whether the limit left it at an edge). ``lr_policy: fixed`` runs every LR of ``lrs`` with every seed and
     selects nothing. With ``stop_on_failure`` a grid point whose selected run fails (diverged,
     vanishing signal, or accuracy near chance) ends the search along the first grid axis: the
     depth-to-failure search. ``verdict`` names the method, the reference, the metric (default:
@@ -412,6 +422,7 @@ class StudySpec(BaseModel):
     grid: dict[str, list]
     lrs: tuple[float, ...]
     lr_policy: str
+    lr_extend: int
     search_seeds: tuple[int, ...]
     seeds: tuple[int, ...]
     fixed: dict[str, Any]
@@ -565,7 +576,7 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
 
         prim = TASKS.get(ARCH_TASK[arch], key="task").primary
         return StudySpec(name=name, analysis=spec.get("analysis", name), arch=arch, methods=methods, datasets=(), grid={},
-                         lrs=(), lr_policy="fixed", search_seeds=(), seeds=(), fixed={}, sn={}, select="val_acc",
+                         lrs=(), lr_policy="fixed", lr_extend=0, search_seeds=(), seeds=(), fixed={}, sn={}, select="val_acc",
                          select_direction="up", stop_on_failure=False, probes=None,
                          verdict_spec=None, primary=prim, skip=skip.strip(), published=published, phase=phase,
                          frozen_commit=frozen_commit)
@@ -601,6 +612,8 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
         _positive(f"{wscale}.lrs", lr)
     policy = spec.get("lr_policy", "search")
     _choice(f"{wscale}.lr_policy", policy, LR_POLICIES)
+    lr_extend = spec.get("lr_extend", LR_EXTEND_DEFAULT)
+    _int_at_least(f"{wscale}.lr_extend", lr_extend, 0)
     seeds = tuple(spec.get("seeds") or (0,))
     search = tuple(spec.get("search_seeds") or seeds[:1]) if policy == "search" else ()
     for sd in seeds + search:
@@ -634,7 +647,7 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
         raise ConfigError(f"{where}.analysis: expected the name of a registered analysis, got {analysis!r}")
     return StudySpec(
         name=name, analysis=analysis, arch=arch, methods=methods, datasets=datasets, grid=grid, lrs=lrs, lr_policy=policy,
-        search_seeds=search, seeds=seeds, fixed=fixed, sn=sn, select=select,
+        lr_extend=lr_extend if policy == "search" else 0, search_seeds=search, seeds=seeds, fixed=fixed, sn=sn, select=select,
         select_direction="up" if select == "val_acc" else "down",
         stop_on_failure=_flag(f"{wscale}.stop_on_failure", spec.get("stop_on_failure", False)),
         probes=probes, verdict_spec=vspec, primary=task.primary, published=published, phase=phase,

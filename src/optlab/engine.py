@@ -399,7 +399,7 @@ class Checkpointer:
             curves = [(int(a), int(b), str(c), float("nan") if d is None else float(d)) for a, b, c, d in doc.pop("curves")]
             layers = [(int(a), int(b), int(c), str(d), str(m), float("nan") if v is None else float(v))
                       for a, b, c, d, m, v in doc.pop("layers")]
-            final = {k: (math.nan if v is None and k not in ("sn_violations", "sn_active_frac", "epochs_to_90") else v) for k, v in doc["final"].items()}
+            final = {k: (math.nan if v is None and k not in ("sn_violations", "sn_violating_checks", "sn_strict", "sn_active_frac", "epochs_to_90") else v) for k, v in doc["final"].items()}
             return RunResult(run_id=doc["run_id"], status=doc["status"], config=doc["config"], final=final,
                              diverged_step=doc["diverged_step"], diverge_reason=doc["diverge_reason"], error=doc["error"],
                              failure=doc.get("failure"), sweep=doc.get("sweep"), curves=curves, layers=layers,

@@ -634,13 +634,35 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
                         continue
                     role = "search" if searching else "confirm"
                     seeds = spec.search_seeds if searching else spec.seeds
-                    grid = [(lr, sd) for lr in lrs for sd in seeds]
-                    got = run_all([job(dataset, point, lr, sd, role, parent) for lr, sd in grid])
-                    by_lr: dict[float, list[engine.RunResult]] = {lr: [] for lr in lrs}
-                    for (lr, _), r in zip(grid, got):
-                        if r is not None:
-                            by_lr[lr].append(r)
-                    best_lr = max(lrs, key=lambda lr: (_score(by_lr[lr], spec.select), -lr))
+                    by_lr: dict[float, list[engine.RunResult]] = {}
+
+                    def try_lrs(new: list[float]) -> None:
+                        grid = [(lr, sd) for lr in new for sd in seeds]
+                        got = run_all([job(dataset, point, lr, sd, role, parent) for lr, sd in grid])
+                        for lr in new:
+                            by_lr[lr] = []
+                        for (lr, _), r in zip(grid, got):
+                            if r is not None:
+                                by_lr[lr].append(r)
+
+                    def pick() -> float:
+                        return max(by_lr, key=lambda lr: (_score(by_lr[lr], spec.select), -lr))
+
+                    try_lrs(list(lrs))
+                    best_lr = pick()
+                    added: list[float] = []
+                    steps = {"high": 0, "low": 0}
+                    # an edge choice: go one half-decade further out, until interior or the limit
+                    while searching and (edge := lr_edge(best_lr, list(by_lr))) and steps[edge] < spec.lr_extend:
+                        steps[edge] += 1
+                        nxt = half_decade_step(best_lr, edge)
+                        if bar is not None:
+                            bar.total += len(seeds)
+                            bar.refresh()
+                        try_lrs([nxt])
+                        added.append(nxt)
+                        best_lr = pick()
+                    tried = sorted(by_lr, reverse=True)
                     chosen = by_lr[best_lr]
                     if searching:
                         more = run_all([job(dataset, point, best_lr, sd, "confirm", parent) for sd in confirm_seeds])
@@ -648,8 +670,9 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
                     failures = sorted({r.failure for r in chosen if r.failure})
                     summary.append({"dataset": dataset, "point": point, "selected_lr": best_lr, "select": spec.select,
                                     "score": _score(by_lr[best_lr], spec.select), "failures": failures,
-                                    "lr_edge": lr_edge(best_lr, lrs),
-                                    "search_scores": {f"{lr:g}": _finite(_score(by_lr[lr], spec.select)) for lr in lrs}})
+                                    "lr_edge": lr_edge(best_lr, tried), "lrs_added": added,
+                                    "lr_edge_limit": bool(searching and lr_edge(best_lr, tried)),
+                                    "search_scores": {f"{lr:g}": _finite(_score(by_lr[lr], spec.select)) for lr in tried}})
                     if spec.stop_on_failure and failures and first_axis in point and stopped_at is None:
                         stopped_at = point[first_axis]
     finally:
@@ -693,6 +716,18 @@ def lr_edge(lr: float, lrs: tuple[float, ...] | list[float]) -> str | None:
     if lr == min(lrs):
         return "low"
     return None
+
+
+def half_decade_step(lr: float, direction: str) -> float:
+    """The next learning rate past ``lr`` on the half-decade ladder ..., 0.1, 0.3, 1, 3, 10, ...
+    (``direction`` "high": the smallest ladder value above ``lr``; "low": the largest below)."""
+    if direction not in ("high", "low"):
+        raise ValueError(f"direction: unknown {direction!r}; allowed: high, low")
+    k = math.floor(math.log10(lr))
+    ladder = [float(f"{m}e{e}") for e in range(k - 2, k + 3) for m in (1, 3)]
+    if direction == "high":
+        return min(v for v in ladder if v > lr * (1 + 1e-9))
+    return max(v for v in ladder if v < lr * (1 - 1e-9))
 
 
 def ablate(params_path: str = "params.yaml", out_root: str = "runs/ablate") -> list[engine.RunResult]:

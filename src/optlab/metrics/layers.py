@@ -132,7 +132,7 @@ def _operator_estimator(index: LayerIndex, warmup_iters: int) -> Any:
             shapes = [tuple(index.params[i].shape) for i in missing]
             raise ValueError(f"operator norms need conv_specs() from the model; none for kernels of shapes {shapes}")
         est = ConvSpectralProjection(
-            [(index.params[i], index.conv_specs[i]) for i in conv_ids], form="operator", warmup_iters=warmup_iters, seed=12345
+            [(index.params[i], index.conv_specs[i]) for i in conv_ids], form="operator_power", warmup_iters=warmup_iters, seed=12345
         )
         index._state["operator"] = est
     return est

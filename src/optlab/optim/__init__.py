@@ -6,7 +6,7 @@
 | ``sgd_momentum`` | SGD with momentum 0.9 |
 | ``adam`` | torch Adam with its defaults (lr 1e-3 unless given) |
 | ``adamw`` | torch AdamW with its defaults |
-| ``sgd_sn`` | vanilla SGD, then every weight matrix projected to spectral norm <= 1 after each step |
+| ``sgd_sn`` | vanilla SGD, then the chosen weight matrices (``sn_roles``) projected to spectral norm <= 1 after each step |
 | ``muon`` | Muon (Nesterov 0.95, ``ns_steps`` Newton-Schulz steps) on hidden-role matrices, AdamW on the rest |
 | ``baseline_adamw`` | modular preset: AdamW on every role |
 | ``baseline_muon`` | modular preset: Muon on input and hidden, AdamW on output (and biases) |
@@ -24,10 +24,14 @@ Any of them with ``rho={...}``: wrapped in the rho step-length controller
 (:class:`optlab.optim.rho.RhoController`: the next step measured by a JVP along it, ``rho =
 pi / Delta_a``, steps capped at ``r_target * rho``).
 
-In ``sgd_sn`` 2-D (and stacked 3-D) weights go to :class:`SpectralProjection`; 4-D conv kernels
-go to :class:`ConvSpectralProjection`, bounding either the convolution's operator norm at the
-layer's input size (``sn_conv="operator"``, geometry from the model's ``conv_specs()``) or the
-reshaped-kernel matrix norm (``sn_conv="matrix"``).
+In ``sgd_sn`` 2-D (and stacked 3-D) weights go to :class:`SpectralProjection` (``sn_mode``
+``clip_sv``: singular values above 1 set to 1, the Euclidean projection; ``scale``: W / max(1,
+sigma); ``normalize``: W / sigma); 4-D conv kernels go to :class:`ConvSpectralProjection`,
+bounding the convolution's operator norm at the layer's input size (``sn_conv="operator"``,
+strict: an exact upper bound; ``"operator_power"``: power iteration, not strict; geometry from
+the model's ``conv_specs()``) or the reshaped-kernel matrix norm (``sn_conv="matrix"``). For conv
+kernels ``clip_sv`` rescales like ``scale``. ``Projected.strict`` says whether every projected
+layer ends at norm <= 1 by construction.
 
 Every optimizer works in a user's own loop: ``opt.zero_grad(); loss.backward(); opt.step()``.
 Every one is a ``torch.optim.Optimizer`` (``Projected`` and the rho controller are subclasses that
@@ -119,7 +123,7 @@ def build(
     model: nn.Module,
     lr: float | None = None,
     *,
-    sn_mode: str = "clip",
+    sn_mode: str = "clip_sv",
     sn_sigma: str = "exact",
     sn_power_iters: int = 1,
     sn_roles: tuple[str, ...] = WEIGHT_ROLES,
@@ -141,11 +145,11 @@ def build(
     once at construction (so the constraint holds from the first step) and after each step.
 
     4-D conv kernels among them are projected by :class:`ConvSpectralProjection` with form
-    ``sn_conv``: ``operator`` (default; the convolution's norm as a map at its input size:
-    ``sn_conv_warmup`` Lanczos steps at construction, then ``sn_power_iters`` power iterations
-    per step; needs the model's ``conv_specs()``; ``sn_sigma`` does not apply, there is no cheap
-    exact value) or ``matrix`` (the reshaped ``(out, in*kh*kw)`` kernel, with ``sn_sigma`` like
-    the matrices).
+    ``sn_conv``: ``operator`` (default, strict; the convolution's norm as a map at its input size,
+    divided by an exact upper bound on it; needs the model's ``conv_specs()``), ``operator_power``
+    (the same norm by power iteration: ``sn_conv_warmup`` Lanczos steps at construction, then
+    ``sn_power_iters`` power iterations per step; a lower bound, not strict) or ``matrix`` (the
+    reshaped ``(out, in*kh*kw)`` kernel, with ``sn_sigma`` like the matrices).
 
     ``model`` may be any ``nn.Module``: without ``param_roles()`` its roles follow
     :func:`optlab.models.infer_roles` and ``sgd_sn`` warns which parameters it projects (a plain
@@ -192,7 +196,7 @@ def build(
         raise ValueError(f"sgd_sn: cannot project weights of more than 4 dimensions: {[n for n, p in chosen if p.dim() > 4]}")
     projs: list[Any] = [SpectralProjection(matrices, mode=sn_mode, sigma=sn_sigma, power_iters=sn_power_iters, seed=seed)]
     if kernels:
-        specs = _conv_specs(model, [n for n, _ in kernels], required=sn_conv == "operator")
+        specs = _conv_specs(model, [n for n, _ in kernels], required=sn_conv != "matrix")
         projs.append(ConvSpectralProjection(
             [(p, specs.get(n)) for n, p in kernels], mode=sn_mode, form=sn_conv, power_iters=sn_power_iters,
             warmup_iters=sn_conv_warmup, sigma=sn_sigma, seed=seed,
@@ -228,7 +232,7 @@ def _conv_specs(model: nn.Module, names: list[str], required: bool) -> dict[str,
     missing = [n for n in names if n not in specs]
     if required and missing:
         raise ValueError(
-            f"sn.conv=operator needs each conv's input size and geometry from model.conv_specs(); "
+            f"sn.conv=operator and operator_power need each conv's input size and geometry from model.conv_specs(); "
             f"{type(model).__name__} gives none for {missing}. Use sn_conv='matrix' or add conv_specs()."
         )
     return specs

@@ -6,15 +6,26 @@ A conv kernel ``W`` of shape ``(out, in/groups, kh, kw)`` has two spectral norms
     sigma of the reshaped kernel ``W.reshape(out, in/groups*kh*kw)`` (what torch's
     ``spectral_norm`` and Miyato et al. normalize). Cheap and exact (batched eigensolver), but
     it is not the norm of the layer as a map.
-``operator`` (the default)
+``operator`` (the default, strict)
     the operator norm of the convolution as a linear map ``R^{in x H x W} -> R^{out x H' x W'}``
     at the layer's input size, with its zero padding, stride, dilation and groups. This is
-    what bounds how much the layer can stretch an activation. Computed by power iteration on
-    ``x -> conv_transpose2d(conv2d(x, W), W)`` (conv_transpose2d with the same geometry and the
-    ``output_padding`` that makes shapes round-trip is exactly the adjoint) with a persistent
-    vector per convolution.
+    what bounds how much the layer can stretch an activation. The projection divides by the
+    exact norm when the input is small (:data:`DENSE_MAX` entries: a dense matrix) and otherwise
+    by an exact upper bound on it (:func:`conv_operator_bound`): the zero-padded convolution is a
+    restriction (input supported on H x W, a subset of the outputs, stride subsampling) of the
+    circular convolution on an ``(H + kh' - 1) x (W + kw' - 1)`` torus (``k'`` the dilated
+    kernel size), whose norm is the largest singular value of the kernel's 2-D DFT over all
+    frequencies (one small ``out x in`` matrix per frequency; the largest over groups). So
+    after the projection every layer's exact operator norm is <= 1 by construction; the bound
+    sits above the exact norm by a few percent at 8x8 and larger inputs (tests: dense operators),
+    so a layer that the bound sets to 1 ends slightly below 1.
+``operator_power``
+    the same operator norm, estimated by power iteration on ``x -> conv_transpose2d(conv2d(x,
+    W), W)`` (conv_transpose2d with the same geometry and the ``output_padding`` that makes
+    shapes round-trip is exactly the adjoint) with a persistent vector per convolution. A
+    lower bound: NOT strict (see below).
 
-The two differ. With groups=1, when some output position sees a receptive field wholly inside the
+The matrix and operator norms differ. With groups=1, when some output position sees a receptive field wholly inside the
 input, ``matrix <= operator`` (apply the adjoint to a unit impulse at that output). And
 ``operator <= sqrt(ceil(kh/sh) * ceil(kw/sw)) * matrix`` (each input pixel lies in at most that
 many receptive fields): at stride 1 a 3x3 conv clipped to matrix norm 1 can have operator
@@ -23,14 +34,20 @@ norm up to 3. A 1x1 convolution has ``operator == matrix``.
 Each power-iteration step returns ``sqrt(||A^T A x||)`` for a unit ``x``: a lower bound on the
 operator norm that converges to it, but slowly: a convolution's spectrum is clustered at the
 top (its singular values sample a smooth symbol), so power iteration from a random start is
-still 1e-3..3e-2 low after 30-100 iterations. The cold start therefore uses Lanczos with full
-reorthogonalization (:func:`conv_operator_lanczos`; 100 steps reach ~1e-7 in the tests), and
-each projection after it runs ``power_iters`` power iterations from the carried vector, which
-tracks the top direction while the kernel changes little per step. Rescaling ``W`` does not
-change that direction. When a step changes the kernel a lot (measured: batch-norm networks,
-whose conv weights are scale-invariant and, once clipped, move by ~100% per step at lr 0.1),
-the carried vector cannot follow and the layer ends above 1: the bound then has to be
-measured (``layer_sigma_max(..., operator=True)``), not assumed.
+still 1e-3..3e-2 low after 30-100 iterations. The cold start of ``operator_power`` therefore
+uses Lanczos with full reorthogonalization (:func:`conv_operator_lanczos`; 100 steps reach
+~1e-7 in the tests), and each projection after it runs ``power_iters`` power iterations from
+the carried vector, which tracks the top direction while the kernel changes little per step.
+When a step changes the kernel a lot (measured: batch-norm networks, whose conv weights are
+scale-invariant and, once clipped, move by ~100% per step at lr 0.1), the carried vector
+cannot follow and the layer ends above 1 (on the quick ResNet at lr 0.3: 16-20 of 20 convs,
+worst 1.72). That is why ``operator_power`` is labelled not strict and the probe measures
+(``layer_sigma_max(..., operator=True)``: Lanczos, a converged lower bound) instead of assuming.
+
+Modes (``mode``): ``scale`` W / max(1, sigma); ``normalize`` W / sigma; ``clip_sv`` has no
+cheap exact counterpart for a convolution (clipping each frequency's singular values gives a
+kernel with full H x W support, not k x k), so for conv kernels ``clip_sv`` is ``scale`` with
+the same sigma, and says so in :attr:`ConvSpectralProjection.conv_clip_sv`.
 
 :func:`conv_dense_matrix` builds the matrix of a small convolution explicitly (the exact
 reference in tests and in checks on small inputs).
@@ -47,9 +64,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .spectral import power_iteration, seeded_unit_vectors, spectral_norm_exact
+from .spectral import check_mode, power_iteration, seeded_unit_vectors, spectral_norm_exact
 
-FORMS = ("operator", "matrix")
+FORMS = ("operator", "operator_power", "matrix")
+MODES = ("scale", "normalize", "clip_sv")
+STRICT_FORMS = ("operator",)  # forms whose projection bounds the operator norm by construction
 
 
 def _pair(v: Any, name: str) -> tuple[int, int]:
@@ -254,6 +273,97 @@ def conv_operator_lanczos(
     return sigma, y.view(b, c_in, *spec.input_hw)
 
 
+def _polyphase_taps(k_eff: int, dil: int, stride: int, pad: int, k: int) -> tuple[torch.Tensor, int]:
+    """For one axis: ``(stride, kq)`` indices into the (zero-padded) kernel axis of length ``k + 1``
+    (``k`` marks a zero tap) giving phase ``a``'s taps ``q = 0..kq-1`` of the stride-1 polyphase kernel."""
+    qmin, qmax = (-pad) // stride, (k_eff - 1 - pad) // stride
+    kq = qmax - qmin + 1
+    idx = torch.full((stride, kq), k, dtype=torch.long)
+    for a in range(stride):
+        for j, q in enumerate(range(qmin, qmax + 1)):
+            t = stride * q + a + pad  # the tap of the dilated kernel that phase a, offset q uses
+            if 0 <= t < k_eff and t % dil == 0:
+                idx[a, j] = t // dil
+    return idx, kq
+
+
+def conv_operator_bound(w: torch.Tensor, spec: ConvSpec | Mapping[str, Any]) -> torch.Tensor:
+    """An upper bound on the operator norm of convolutions, exact to compute (no iteration).
+
+    ``w``: one kernel ``(out, in/g, kh, kw)`` or a stack ``(b, out, in/g, kh, kw)`` sharing
+    ``spec`` -> ``(b,)``. A stride-``s`` convolution is first rewritten as a stride-1 one on the
+    space-to-depth input (``in * sh * sw`` channels of size ``ceil(H/sh) x ceil(W/sw)``, the
+    polyphase kernel of ``ceil``-size taps; at stride 1 it is the layer itself). That is a zero-padded
+    stride-1 correlation, a restriction of the full linear one, which is a restriction of the
+    circular one on an ``(H' + kq - 1) x (W' + kq - 1)`` torus. Its norm is the largest singular
+    value of the ``out/g x in'/g`` matrices of the kernel's 2-D DFT over that torus's frequencies,
+    the largest over groups. Taps that never meet the input are dropped first (exact: they
+    contribute nothing), so a padded 3x3 kernel on a 1x1 input gives its centre tap's exact norm. Real kernels have conjugate-symmetric transforms, so half the
+    frequencies suffice (rfft2). ``inf`` for a non-finite kernel. No host sync.
+    """
+    spec = ConvSpec.of(spec)
+    ws = w.unsqueeze(0) if w.dim() == 4 else w
+    b, out, in_g, kh, kw = ws.shape
+    spec.check(ws.shape[1:])
+    g = spec.groups
+    (dh, dw), (sh, sw), (ph, pw), (h, wd) = spec.dilation, spec.stride, spec.padding, spec.input_hw
+    ih, kqh = _polyphase_taps(dh * (kh - 1) + 1, dh, sh, ph, kh)
+    iw, kqw = _polyphase_taps(dw * (kw - 1) + 1, dw, sw, pw, kw)
+    wf = ws.detach().float()
+    bad = ~torch.isfinite(wf).reshape(b, -1).all(dim=1)
+    wf = torch.where(bad[:, None, None, None, None], torch.zeros((), device=wf.device), wf)
+    # taps that never meet the input (e.g. the border taps of a padded 3x3 conv on a 1x1 input)
+    # add nothing to the layer; dropping them keeps the bound tight on small inputs
+    oh, ow = spec.output_hw((kh, kw))
+    used_h = [any(0 <= sh * i + dh * u - ph < h for i in range(oh)) for u in range(kh)]
+    used_w = [any(0 <= sw * i + dw * u - pw < wd for i in range(ow)) for u in range(kw)]
+    if not (all(used_h) and all(used_w)):
+        mask = torch.tensor(used_h, device=wf.device)[:, None] & torch.tensor(used_w, device=wf.device)[None, :]
+        wf = wf * mask
+    wp = F.pad(wf, (0, 1, 0, 1))  # index kh / kw: a zero tap
+    ih, iw = ih.to(wf.device), iw.to(wf.device)
+    poly = wp[:, :, :, ih[:, :, None, None], iw[None, None, :, :]]  # (b, out, in_g, sh, kqh, sw, kqw)
+    poly = poly.permute(0, 1, 2, 3, 5, 4, 6).reshape(b, out, in_g * sh * sw, kqh, kqw)
+    nh, nw = -(-h // sh) + kqh - 1, -(-wd // sw) + kqw - 1
+    khat = torch.fft.rfft2(poly, s=(nh, nw))  # (b, out, in', nh, nw//2+1), complex
+    khat = khat.reshape(b, g, out // g, in_g * sh * sw, -1).permute(0, 1, 4, 2, 3)  # (b, g, F, out/g, in'/g)
+    if khat.shape[-2] <= khat.shape[-1]:
+        gram = khat @ khat.conj().transpose(-2, -1)
+    else:
+        gram = khat.conj().transpose(-2, -1) @ khat
+    top = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0)  # (b, g, F)
+    sigma = top.reshape(b, -1).amax(dim=1).sqrt()
+    return torch.where(bad, torch.full((), math.inf, device=sigma.device), sigma)
+
+
+DENSE_MAX = 256
+"""The ``operator`` form computes a convolution's norm exactly (dense matrix, eigensolver) when its
+input has at most this many entries (``in * H * W``), else the upper bound :func:`conv_operator_bound`
+(whose slack grows on small inputs: measured on the quick ResNet, 1.04-1.07 at 8x8, 1.10-1.17 at 4x4,
+1.54-1.57 at 2x2; dense there costs little)."""
+
+
+def conv_operator_sigma(w: torch.Tensor, spec: ConvSpec | Mapping[str, Any], dense_max: int = DENSE_MAX) -> torch.Tensor:
+    """What the strict ``operator`` form divides by: the exact operator norm (float32 dense matrix and
+    eigensolver) for inputs of at most ``dense_max`` entries, else :func:`conv_operator_bound`. Both
+    are >= the exact norm up to float32 rounding. ``(b,)`` for a stack; ``inf`` for a non-finite kernel."""
+    spec = ConvSpec.of(spec)
+    ws = w.unsqueeze(0) if w.dim() == 4 else w
+    c_in = ws.shape[2] * spec.groups
+    n = c_in * spec.input_hw[0] * spec.input_hw[1]
+    if n > dense_max:
+        return conv_operator_bound(ws, spec)
+    wf = ws.detach().float()
+    bad = ~torch.isfinite(wf).reshape(wf.shape[0], -1).all(dim=1)
+    wf = torch.where(bad[:, None, None, None, None], torch.zeros((), device=wf.device), wf)
+    basis = torch.eye(n, device=wf.device).view(n, c_in, *spec.input_hw)
+    cols = torch.stack([F.conv2d(basis, k, None, spec.stride, spec.padding, spec.dilation, spec.groups).reshape(n, -1)
+                        for k in wf])  # (b, n, m): the transposed dense matrices
+    gram = cols @ cols.transpose(-2, -1) if cols.shape[-1] >= n else cols.transpose(-2, -1) @ cols
+    sigma = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+    return torch.where(bad, torch.full((), math.inf, device=sigma.device), sigma)
+
+
 def conv_matrix_norm(w: torch.Tensor) -> torch.Tensor:
     """Exact sigma of the reshaped kernel ``w.reshape(out, -1)``; ``w`` 4-D, or 5-D for a stack -> ``(b,)``."""
     ws = w.unsqueeze(0) if w.dim() == 4 else w
@@ -287,31 +397,31 @@ def operator_matrix_bound(kernel_hw: Sequence[int], stride: Sequence[int]) -> fl
 
 
 class ConvSpectralProjection:
-    """Post-step projection of conv kernels onto {sigma <= 1} (clip) or {sigma = 1} (normalize).
+    """Post-step rescaling of conv kernels: ``scale`` W / max(1, sigma) (and ``clip_sv``, which
+    for a kernel is the same: see the module docstring) or ``normalize`` W / sigma.
 
     ``convs``: ``(weight, spec)`` pairs (spec a :class:`ConvSpec` or a mapping as returned by a
     model's ``conv_specs()``); with ``form="matrix"`` plain weights or ``(weight, None)`` are
-    accepted. ``form``: ``operator`` (power iteration on the convolution at its input size;
-    ``power_iters`` per projection, ``warmup_iters`` on first use) or ``matrix`` (reshaped-kernel
-    norm; ``sigma="exact"`` batched eigensolver or ``"power"`` persistent power iteration).
-    The operator form's first use runs ``warmup_iters`` Lanczos steps (one application of
-    ``A^T A`` each, like a power iteration). Kernels of the same shape (and, for ``operator``,
-    the same geometry) are one batch: one grouped conv2d + conv_transpose2d per iteration.
-    ``project()`` makes no host sync.
+    accepted. ``form``: ``operator`` (strict: sigma is :func:`conv_operator_bound`, an exact upper
+    bound on the convolution's norm at its input size), ``operator_power`` (not strict: power
+    iteration on the convolution, ``power_iters`` per projection from a persistent vector,
+    ``warmup_iters`` Lanczos steps on first use) or ``matrix`` (reshaped-kernel norm;
+    ``sigma="exact"`` batched eigensolver or ``"power"`` persistent power iteration; strict for
+    that norm only). Kernels of the same shape (and, for the operator forms, the same geometry)
+    are one batch. ``project()`` makes no host sync.
     """
 
     def __init__(
         self,
         convs: Iterable[tuple[torch.Tensor, ConvSpec | Mapping[str, Any] | None] | torch.Tensor],
-        mode: str = "clip",
+        mode: str = "scale",
         form: str = "operator",
         power_iters: int = 1,
         warmup_iters: int = 100,
         sigma: str = "exact",
         seed: int = 0,
     ) -> None:
-        if mode not in ("clip", "normalize"):
-            raise ValueError(f"sn.mode: unknown {mode!r}; allowed: clip, normalize")
+        check_mode(mode)
         if form not in FORMS:
             raise ValueError(f"sn.conv: unknown {form!r}; allowed: {', '.join(FORMS)}")
         if sigma not in ("power", "exact"):
@@ -329,10 +439,10 @@ class ConvSpectralProjection:
             w, spec = (item, None) if isinstance(item, torch.Tensor) else item
             if w.dim() != 4:
                 raise ValueError(f"conv spectral projection needs 4-D kernels, got shape {tuple(w.shape)}")
-            if form == "operator":
+            if form != "matrix":
                 if spec is None:
                     raise ValueError(
-                        f"sn.conv=operator needs the conv geometry (input size, stride, padding) of the kernel "
+                        f"sn.conv={form} needs the conv geometry (input size, stride, padding) of the kernel "
                         f"{tuple(w.shape)}: give (weight, spec) pairs (a model's conv_specs()), or use form='matrix'"
                     )
                 cs: ConvSpec | None = ConvSpec.of(spec)
@@ -351,6 +461,16 @@ class ConvSpectralProjection:
         self.u: list[torch.Tensor | None] = [None] * len(self.members)
         self.last_sigma: list[torch.Tensor | None] = [None] * len(self.members)
 
+    @property
+    def strict(self) -> bool:
+        """Whether every projected kernel's operator norm is <= 1 after ``project()`` by construction."""
+        return self.form in STRICT_FORMS
+
+    @property
+    def conv_clip_sv(self) -> str | None:
+        """What ``clip_sv`` does for conv kernels (None for other modes)."""
+        return "scale (W / max(1, sigma)): no cheap Euclidean projection keeps a k x k kernel" if self.mode == "clip_sv" else None
+
     def _stack(self, gi: int) -> torch.Tensor:
         ws = [p.detach() for p in self.groups[gi]]
         return ws[0].unsqueeze(0) if len(ws) == 1 else torch.stack(ws)
@@ -359,9 +479,14 @@ class ConvSpectralProjection:
         w = self._stack(gi)
         if self.form == "matrix" and self.sigma_source == "exact":
             return conv_matrix_norm(w)
+        if self.form == "operator":
+            spec = self.specs[self.members[gi][0]]
+            assert spec is not None
+            with _ieee_fp32(w.device):
+                return conv_operator_sigma(w, spec)
         u = self.u[gi]
         n = self.power_iters if iters is None else iters
-        if self.form == "operator":
+        if self.form == "operator_power":
             spec = self.specs[self.members[gi][0]]
             assert spec is not None
             if u is None or lanczos:  # cold start (or a check): Krylov, far better than power iteration
@@ -381,8 +506,9 @@ class ConvSpectralProjection:
     def sigmas(self, iters: int | None = None, lanczos: bool = False) -> torch.Tensor:
         """Current sigma estimate of every kernel, in the order given (``(n,)``); advances the vectors.
 
-        ``iters`` power iterations (default ``power_iters``), or with ``lanczos=True`` (operator
-        form) that many Lanczos steps from the persistent vector: the accurate choice for a check.
+        ``iters`` power iterations (default ``power_iters``), or with ``lanczos=True``
+        (``operator_power``) that many Lanczos steps from the persistent vector: the accurate
+        choice for a check. The ``operator`` form returns its bound (``iters`` does not apply).
         """
         out = torch.empty(len(self.params), device=self.params[0].device if self.params else "cpu")
         for gi, members in enumerate(self.members):
@@ -395,10 +521,7 @@ class ConvSpectralProjection:
         for gi, group in enumerate(self.groups):
             sigma = self._group_sigma(gi)
             self.last_sigma[gi] = sigma
-            if self.mode == "clip":
-                scale = 1.0 / sigma.clamp_min(1.0)
-            else:
-                scale = 1.0 / sigma.clamp_min(1e-12)
+            scale = 1.0 / (sigma.clamp_min(1e-12) if self.mode == "normalize" else sigma.clamp_min(1.0))
             for i, p in enumerate(group):
                 p.mul_(scale[i].to(p.dtype))
 

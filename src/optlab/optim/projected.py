@@ -143,6 +143,11 @@ class Projected(OptimizerWrapper):
     def _wrapped(self) -> torch.optim.Optimizer:
         return self.inner
 
+    @property
+    def strict(self) -> bool:
+        """Whether every projection bounds its layers' norms by construction (``strict`` on each)."""
+        return all(bool(getattr(p, "strict", False)) for p in self.projections)
+
     def project(self) -> None:
         for proj in self.projections:
             proj.project()
@@ -156,7 +161,7 @@ class Projected(OptimizerWrapper):
     @property
     def active_steps(self) -> int:
         """Optimizer steps (carried through state_dict) at which a projection changed some weight:
-        for clip, some sigma above 1; for normalize, some sigma not 1. Host sync."""
+        for scale and clip_sv, some sigma above 1; for normalize, some sigma not 1. Host sync."""
         return self._active_base + (0 if self._active is None else int(self._active.item()))
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
@@ -196,5 +201,5 @@ def _acted(proj: Any) -> list[torch.Tensor]:
     for sigma in getattr(proj, "last_sigma", []) or []:
         if sigma is None or sigma.numel() == 0:
             continue
-        out.append(sigma > 1.0 if mode == "clip" else (sigma - 1.0).abs() > ACT_TOL)
+        out.append((sigma - 1.0).abs() > ACT_TOL if mode == "normalize" else sigma > 1.0)
     return out
