@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pandas as pd
 
 from ... import report as R
-from ...aggregate import format_value, markdown_table
-from .tables import DEFAULT_SPEC
+from ...aggregate import format_value, is_pct_column, markdown_table
+from .tables import BASELINE, DEFAULT_SPEC
 
 HEADING = "Vanilla SGD + Spectral Norm: back to basics"
 METHOD_ORDER = ("sgd", "sgd_momentum", "adam", "sgd_sn")
@@ -25,16 +26,38 @@ CAPTIONS = {
     "memory_vs_context.png": "Memory and throughput vs context length",
 }
 REQUIRED = ("verdict", "depth_to_failure", "ablation", "context")
+OPTIONAL = ("sn_vs_sgd",)
+"""Tables read when aggregate wrote them (``sn_vs_sgd`` only where a verdict task has plain sgd)."""
+
+STATELESS = "any stateless optimizer: plain sgd has it too"
+"""The label of a memory advantage that plain SGD (no optimizer state) has over the reference as well."""
+
+ROLES = ("input", "hidden", "output")
+"""The weight-matrix roles the projection can act on (``sn.roles``); biases and normalization
+parameters (role ``bias_norm``) are never projected."""
+
+ROLE_WORDS = {
+    "gpt": {"input": "token and position embeddings", "hidden": "attention and MLP matrices", "output": "LM head"},
+    "mlp": {"input": "input layer", "hidden": "hidden layers", "output": "output layer"},
+    "resnet18": {"input": "stem convolution", "hidden": "block and shortcut convolutions", "output": "final linear layer"},
+}
+"""What each role holds, per architecture (``arch``)."""
 
 
 def name(method: Any) -> str:
     return NAMES.get(str(method), str(method))
 
 
-def question(m: str, r: str, bar: float) -> str:
-    return (f"Can vanilla SGD with strict spectral normalization after every step (`{m}`: plain SGD, then every "
-            f"weight matrix projected to σ_max ≤ 1) reach at least {100 * bar:g}% of {name(r)}'s test accuracy while "
-            "winning on wall time, memory or depth tolerance?")
+def question(m: str, r: str, bar: float, projected: bool = True) -> str:
+    """The study's question; ``projected``: ``m`` is SGD with the projection (else the question
+    is asked of ``m`` as it is, e.g. a study whose verdict compares two unprojected methods)."""
+    if not projected:
+        return (f"Does `{m}` reach at least {100 * bar:g}% of {name(r)}'s test accuracy while winning on wall time, "
+                "memory or depth tolerance?")
+    return (f"Can vanilla SGD with strict spectral normalization after every step (`{m}`: plain SGD, then the "
+            "weight matrices of the parameter roles the study names in `sn.roles` projected to σ_max ≤ 1; which "
+            f"roles each study projects is listed below) reach at least {100 * bar:g}% of {name(r)}'s test accuracy "
+            "while winning on wall time, memory or depth tolerance?")
 
 
 def _spec(v: pd.DataFrame) -> tuple[str, str, float]:
@@ -44,24 +67,63 @@ def _spec(v: pd.DataFrame) -> tuple[str, str, float]:
     return DEFAULT_SPEC.method, DEFAULT_SPEC.reference, DEFAULT_SPEC.bar
 
 
+def projected_methods(runs: pd.DataFrame) -> set[str]:
+    """The methods whose runs use the projected optimizer (``sgd_sn``); the default spec's method
+    when the runs do not say."""
+    if runs.empty or not {"optimizer", "method"} <= set(runs.columns):
+        return {DEFAULT_SPEC.method}
+    return {str(m) for m in runs.loc[runs["optimizer"].astype(str) == DEFAULT_SPEC.method, "method"].dropna()} or {
+        DEFAULT_SPEC.method}
+
+
+def spec_groups(v: pd.DataFrame) -> list[tuple[tuple[str, str, float], pd.DataFrame]]:
+    """The verdict's rows per spec (method, reference, bar), in the order they first appear; one
+    group (the default spec, no rows) for an empty verdict."""
+    if v.empty or not {"method", "reference", "bar"} <= set(v.columns):
+        return [(_spec(v), v)]
+    keys = [(str(a), str(b), float(c)) for a, b, c in zip(v["method"], v["reference"], v["bar"])]
+    out = []
+    for key in dict.fromkeys(keys):
+        out.append((key, v[[k == key for k in keys]]))
+    return out
+
+
 def section(rd: R.ReportData) -> str:
     t = {n: rd.table(n) for n in REQUIRED}
+    for n in OPTIONAL:
+        t[n] = rd.table(n) if n in rd.table_names else None
     v = t["verdict"]
-    m, r, bar = _spec(v)
+    groups = spec_groups(v)
     runs = rd.runs
-    lines = [
-        f"## {rd.title}", "", rd.comment(), "",
-        f"**The question.** {question(m, r, bar)}", "",
+    proj = projected_methods(runs)
+    lines = [f"## {rd.title}", "", rd.comment(), ""]
+    if len(groups) == 1:
+        lines += [f"**The question.** {question(*groups[0][0], groups[0][0][0] in proj)}", ""]
+    else:
+        lines += ["**The questions** (the studies' verdict specs differ):", ""]
+        lines += [f"- {', '.join(R.values(g['study']))}: {question(*key, key[0] in proj)}" for key, g in groups] + [""]
+    lines += projection_lines(runs) + [""]
+    lines += [
         "### The answer, task by task", "",
         "A task is one grid point of a study on one dataset; each optimizer runs at its own learning rate, "
         "selected on the validation split. The accuracy comparison pairs the seeds both completed: its 95% "
         "interval decides yes (the whole interval at or above the bar), no (the whole interval below it) or "
         "inconclusive (the interval contains the bar). Each line says what the verdict table says.", "",
     ]
-    lines += answers(v) + [""]
-    lines += ["### Verdict per task", "", verdict_note(m, r, bar), "", markdown_table(_verdict_view(v, _verdict_cols(v))), "",
-              "Costs and the other advantage metrics at the selected LR (times: medians over completed seeds; the "
-              "rest: means):", "", markdown_table(_verdict_view(v, _cost_cols(v))), ""]
+    for key, g in groups:
+        if len(groups) > 1:
+            lines += [f"**{key[0]} vs {name(key[1])}** (bar {100 * key[2]:g}%):", ""]
+        lines += answers(g) + [""]
+    lines += ["### Verdict per task", ""]
+    for key, g in groups:
+        if len(groups) > 1:
+            lines += [f"#### {key[0]} vs {name(key[1])}", ""]
+        lines += [verdict_note(*key), "", markdown_table(_verdict_view(g, _verdict_cols(g)), max_chars=120), "",
+                  "Costs and the other advantage metrics at the selected LR (times: medians over completed seeds, "
+                  "with their median absolute deviation in verdict.csv; the rest: means):", "",
+                  markdown_table(_verdict_view(g, _cost_cols(g))), ""]
+    if t["sn_vs_sgd"] is not None:
+        lines += sn_vs_sgd_lines(t["sn_vs_sgd"], v)
     lines += ["### Depth to failure", "", _dtf_note(), ""]
     lines += _deepest_lines(t["depth_to_failure"]) + [""]
     lines += [markdown_table(R.cols(t["depth_to_failure"], DTF_VIEW)), ""]
@@ -79,8 +141,8 @@ def section(rd: R.ReportData) -> str:
     lines += R.scope(runs, METHOD_ORDER) + [R.frozen_line(runs), ""]
     lines += ["### Measurement caveats", ""]
     lines += _caveats(v, runs) + [""]
-    names = ("verdict.csv", "depth_to_failure.csv", "ablation.csv", "best_lr.csv", "runs.csv", "divergence.csv",
-             "context.csv")
+    names = ("verdict.csv", *(f"{n}.csv" for n in OPTIONAL if t[n] is not None), "depth_to_failure.csv",
+             "ablation.csv", "best_lr.csv", "runs.csv", "divergence.csv", "context.csv")
     lines += [f"Full tables: {rd.table_links(list(names))}.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -103,6 +165,12 @@ def answers(v: pd.DataFrame) -> list[str]:
                f"interval above), {k_no} fell below it and {k_inc} {'is' if k_inc == 1 else 'are'} inconclusive; "
                f"{len(yes)} of {n} also won on wall time, memory or depth tolerance (answer yes)")
     summary += (": " + "; ".join(R.task_name(row) for _, row in yes.iterrows()) + ".") if len(yes) else "."
+    own = [row for _, row in yes.iterrows() if not _own_question_advantages(row)]
+    if own:
+        buffers = f", where {name(r)} keeps two buffers per parameter" if r in ("adam", "adamw") else ""
+        summary += (f" Of these, {'; '.join(R.task_name(row) for row in own)} rest{'s' if len(own) == 1 else ''} on "
+                    f"the memory advantage alone, which any stateless optimizer has over {name(r)} (plain sgd has it "
+                    f"too: it keeps no optimizer state{buffers}); it is not an advantage of the projection.")
     if len(inc):
         summary += (f" Inconclusive (an advantage holds but the interval contains the bar): "
                     + "; ".join(R.task_name(row) for _, row in inc.iterrows()) + ".")
@@ -123,6 +191,27 @@ METRICS = (  # advantage, words, column suffix, unit, comparison column
 )
 
 
+def stateless(row: pd.Series | dict) -> bool:
+    """The memory advantage is one plain sgd (no optimizer state) has over the reference too."""
+    return R.true(row.get("memory_stateless"))
+
+
+def _own_question_advantages(row: pd.Series) -> bool:
+    """A question advantage (wall time, depth tolerance, memory) that is not only statelessness."""
+    m = str(row.get("method"))
+    held = {"wall_time": row.get("time_lower") == m, "depth_tolerance": row.get("depth_deeper") == m,
+            "memory": row.get("mem_lower") == m and not stateless(row)}
+    return any(held.values())
+
+
+def advantages_text(row: pd.Series | dict) -> str:
+    """The ``advantages`` cell with a stateless memory advantage labelled as such."""
+    adv = str(row.get("advantages", "none"))
+    if not stateless(row):
+        return adv
+    return " ".join(f"memory ({STATELESS})" if a == "memory" else a for a in adv.split())
+
+
 def answer_line(row: pd.Series) -> str:
     m, r = str(row.get("method", DEFAULT_SPEC.method)), str(row.get("reference", DEFAULT_SPEC.reference))
     acc = "next-token accuracy" if R.is_lm(row) else "test accuracy"
@@ -141,7 +230,7 @@ def answer_line(row: pd.Series) -> str:
         if e in ("high", "low"):
             s += (f" {name(o)}'s selected LR {format_value(row.get(f'{o}_lr'))} is the {'highest' if e == 'high' else 'lowest'}"
                   " of its grid, so a better one may lie beyond it.")
-    won, lost, tied = [], [], []
+    won, lost, tied, noise, common = [], [], [], [], []
     for key, words_, col, unit, cmp in METRICS:
         who = str(row.get(cmp, "n/a"))
         if who not in (m, r, "tie"):
@@ -152,10 +241,20 @@ def answer_line(row: pd.Series) -> str:
         if key == "depth_tolerance":  # no trainable depth at all
             va, vb = (x.replace("n/a", "none") for x in (va, vb))
         text = f"{words_} ({va} vs {vb})"
-        (won if who == m else lost if who == r else tied).append(text)
-    s += f" {m} won on: {', '.join(won)}." if won else " No advantage held."
+        if key == "memory" and who == m and stateless(row):
+            common.append(f"{words_} ({va} vs {vb}; plain sgd {R.num(row.get('plain_sgd_mem_mb'), unit)})")
+        elif who == "tie" and key in ("wall_time", "seconds_per_epoch"):
+            noise.append(text)
+        else:
+            (won if who == m else lost if who == r else tied).append(text)
+    s += f" {m} won on: {', '.join(won)}." if won else (" No advantage of its own held." if common else
+                                                          " No advantage held.")
+    if common:
+        s += f" Memory advantage of any stateless optimizer (plain sgd has it too): {', '.join(common)}."
     if lost:
         s += f" {name(r)} won on: {', '.join(lost)}."
+    if noise:
+        s += f" Within the timing spread over seeds (median ± MAD bands overlap): {', '.join(noise)}."
     if tied:
         s += f" Tied: {', '.join(tied)}."
     for o in (m, r):
@@ -193,7 +292,7 @@ def _verdict_cols(v: pd.DataFrame) -> list[str]:
 def _cost_cols(v: pd.DataFrame) -> list[str]:
     m, r, _ = _spec(v)
     return ["task", f"{m}_wall_time_s", f"{r}_wall_time_s", f"{m}_seconds_per_epoch", f"{r}_seconds_per_epoch",
-            "mem_basis", f"{m}_mem_mb", f"{r}_mem_mb", f"{m}_deepest", f"{r}_deepest", f"{m}_epochs_to_90",
+            "mem_basis", f"{m}_mem_mb", f"{r}_mem_mb", "plain_sgd_mem_mb", f"{m}_deepest", f"{r}_deepest", f"{m}_epochs_to_90",
             f"{r}_epochs_to_90", f"{m}_test_bpb", f"{r}_test_bpb", f"{m}_sn_active_frac", f"{m}_failures",
             f"{r}_failures"]
 
@@ -203,6 +302,8 @@ def _verdict_view(v: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
         return v
     v = R.verdict_cells(v)
     m, r, _ = _spec(v)
+    if "advantages" in v:
+        v["advantages"] = [advantages_text(row) for _, row in v.iterrows()]
     keep = [c for c in columns if c in v.columns]
     # LM-only and unmeasured columns are left out when no task has them
     keep = [c for c in keep if c in ("task", "seeds_needed") or not v[c].isna().all()]
@@ -224,15 +325,211 @@ def verdict_note(m: str, r: str, bar: float) -> str:
             f"lower end is at or above {100 * bar:g}%, no when its upper end is below, else inconclusive, with "
             f"`seeds_needed` the estimated paired seeds that would decide it. `advantages` lists what {m} does "
             f"strictly better than {rn}: "
-            "`wall_time` and `seconds_per_epoch` (lower medians over completed seeds, so one seed slowed by a "
-            "shared machine does not decide), `memory` (lower peak CUDA memory where both "
-            "recorded it, else lower peak of a profiled training step, else lower training-state size: "
-            "`mem_basis` peak / step / state), `depth_tolerance` (deeper deepest-"
+            "`wall_time` and `seconds_per_epoch` (lower beyond the spread over completed seeds: the bands "
+            "median ± MAD, the median absolute deviation, do not overlap, so neither one seed slowed by a shared "
+            "machine nor a difference inside the run-to-run spread decides), `memory` (lower peak CUDA memory "
+            "where both recorded it, else lower peak of a profiled training step, else lower training-state size: "
+            f"`mem_basis` peak / step / state; labelled `{STATELESS}` where plain sgd, which keeps no optimizer "
+            f"state, is below {rn} on the same basis as well, `plain_sgd_mem_mb`), `depth_tolerance` (deeper deepest-"
             f"trainable depth in the study and dataset, where {rn} failed at or before that depth) and "
             "`epochs_to_90` (every completed seed reached 90% validation accuracy, in fewer epochs on average "
             f"or where {rn} did not). `answer` = yes when the bar is reached and a wall-time, memory or "
             "depth-tolerance advantage holds; inconclusive when such an advantage holds but the interval contains "
             "the bar; else no. `never`/`inf` for epochs to 90%: some completed seed never reached 90%.")
+
+
+# ---------------------------------------------------------------- what the projection acts on
+
+
+def _roles(v: Any) -> tuple[str, ...] | None:
+    """A runs.csv ``sn_roles`` cell (a JSON list) as a tuple; None when not recorded."""
+    if v is None or (not isinstance(v, (list, tuple)) and pd.isna(v)):
+        return None
+    if isinstance(v, (list, tuple)):
+        return tuple(str(x) for x in v)
+    try:
+        parsed = json.loads(str(v))
+    except ValueError:
+        return tuple(str(v).split())
+    return tuple(str(x) for x in parsed) if isinstance(parsed, list) else (str(parsed),)
+
+
+def _role_phrase(roles: tuple[str, ...] | None, arch: str) -> str:
+    if roles is None:
+        return "roles not recorded in the runs"
+    words = ROLE_WORDS.get(arch, {})
+    say = lambda rs: ", ".join(f"`{x}`" + (f" ({words[x]})" if x in words else "") for x in rs)  # noqa: E731
+    left = [x for x in ROLES if x not in roles]
+    if not left:
+        return f"every weight matrix: {say(roles)}"
+    return f"{say(roles)} only; not {' or '.join(say([x]) for x in left)}"
+
+
+def projection_lines(runs: pd.DataFrame) -> list[str]:
+    """Which parameter roles the projection acted on, per study (and for the ablation and the
+    headline run), from the ``sn_roles`` of the projected runs."""
+    head = ("**What is projected.** The projection acts on the weight matrices of the roles in each projected run's "
+            "`sn_roles` (biases and normalization parameters are never projected):")
+    if runs.empty or "optimizer" not in runs:
+        return [head, "", "- No projected runs."]
+    sn = runs[runs["optimizer"].astype(str) == DEFAULT_SPEC.method]
+    if sn.empty:
+        return [head, "", "- No projected runs."]
+    groups: dict[tuple[str, tuple[str, ...] | None], list[str]] = {}
+    cols = pd.DataFrame({c: sn[c] if c in sn else pd.Series(None, index=sn.index, dtype=object)
+                         for c in ("kind", "study", "arch", "sn_roles")})
+    for _, row in cols.iterrows():
+        what = {"ablation": "the ablation's projected variants", "headline": "the headline run"}.get(
+            str(row["kind"]), str(row.get("study")))
+        arch = str(row.get("arch")) if pd.notna(row.get("arch")) else ""
+        key = (arch, _roles(row.get("sn_roles")))
+        if what not in groups.setdefault(key, []):
+            groups[key].append(what)
+    order = lambda k: min(0 if w[0].isalnum() else 1 for w in groups[k])  # noqa: E731
+    out = [head, ""]
+    for key in sorted(groups, key=lambda k: (order(k), sorted(groups[k]))):
+        arch, roles = key
+        names = sorted(groups[key], key=lambda w: (w.startswith("the "), w))
+        out.append(f"- {', '.join(names)}{f' (arch {arch})' if arch else ''}: {_role_phrase(roles, arch)}.")
+    return out
+
+
+# ---------------------------------------------------------------- the projection against plain SGD
+
+
+def _diff_text(v: Any, metric: str, unit: bool = True) -> str:
+    """A difference in the metric's units: percentage points for accuracies (``unit``: say
+    "points"), else 4 significant digits."""
+    if v is None or pd.isna(v):
+        return "n/a"
+    if is_pct_column(metric):
+        x = 100 * float(v)
+        return (f"{x:+.1f}" if round(x, 1) != 0 else "0.0") + (" points" if unit else "")
+    return f"{float(v):+.4g}" if float(v) != 0 else "0"
+
+
+def _range_text(lo: Any, hi: Any, metric: str) -> str:
+    """``-4.6 to +3.6 points``."""
+    if lo is None or pd.isna(lo) or hi is None or pd.isna(hi):
+        return "n/a"
+    return f"{_diff_text(lo, metric, unit=False)} to {_diff_text(hi, metric)}"
+
+
+def sn_vs_sgd_note() -> str:
+    return ("The verdict asks whether the projected method matches Adam; this asks whether the projection adds "
+            f"anything to plain SGD (`{BASELINE}`), each at its own validation-selected LR, on the verdict's metric. "
+            "`diff` = mean of the projected method − mean of plain sgd over the seeds both completed (accuracies in "
+            "percentage points), `95% interval` its paired bootstrap interval (seeds resampled together, the "
+            "expanded percentile interval the verdict uses), with the per-seed differences' median and IQR. "
+            "`verdict`: better / worse when the whole interval lies above / below 0 (for a lower-is-better metric "
+            "the other way round), inconclusive when it contains 0 (the runs do not tell the two apart; "
+            "`seeds_needed` estimates the paired seeds that might). Costs: median wall time over completed seeds "
+            "and memory on a common basis (`mem_basis`); `sn_active_frac`: the fraction of steps at which the "
+            "projection changed a weight.")
+
+
+def sn_vs_sgd_line(row: pd.Series) -> str:
+    m, x = str(row.get("method")), str(row.get("metric", "test_acc"))
+    words = ("next-token accuracy" if R.is_lm(row) else "test accuracy") if x == "test_acc" else x
+    s = f"- **{R.task_name(row)}**: "
+    lrs = (f"{m} at LR {R.lr_text(row.get('method_lr'), row.get('method_lr_edge'))}, {BASELINE} at LR "
+           f"{R.lr_text(row.get('sgd_lr'), row.get('sgd_lr_edge'))}")
+    n = int(row["n_pairs"]) if pd.notna(row.get("n_pairs")) else 0
+    if pd.isna(row.get("diff")):
+        s += f"{lrs}: no difference ({row.get('reason') or 'no paired seeds'}). Verdict: **inconclusive**."
+        return s
+    s += (f"{lrs}; mean {words} {R.metric_value(row.get('method_mean'), x)} vs {R.metric_value(row.get('sgd_mean'), x)} "
+          f"over {n} paired seed{'s' if n != 1 else ''}, difference {_diff_text(row['diff'], x)}")
+    if pd.notna(row.get("diff_lo")):
+        s += (f" (95% interval {_range_text(row['diff_lo'], row['diff_hi'], x)}; per-seed median "
+              f"{_diff_text(row.get('diff_median'), x)}, IQR {_range_text(row.get('diff_q25'), row.get('diff_q75'), x)})")
+    s += "."
+    if R.true(row.get("identical")):
+        s += f" Every paired seed gave the same value under both: here {m} ran as plain SGD"
+        frac = row.get("method_sn_active_frac")
+        s += " (the projection never acted)." if pd.notna(frac) and float(frac) == 0.0 else "."
+    else:
+        s += binding_text(row.get("method_sn_active_frac"), m)
+    if pd.notna(row.get("method_wall_time_s")) and pd.notna(row.get("sgd_wall_time_s")):
+        s += (f" Cost: wall time {R.num(row.get('method_wall_time_s'), 's')} vs {R.num(row.get('sgd_wall_time_s'), 's')}")
+        if pd.notna(row.get("method_mem_mb")):
+            s += (f", {MEM_WORDS.get(str(row.get('mem_basis')), 'memory')} {R.num(row.get('method_mem_mb'), 'MB')} vs "
+                  f"{R.num(row.get('sgd_mem_mb'), 'MB')}")
+        s += "."
+    word = str(row.get("verdict"))
+    why = str(row.get("reason") or "the interval contains 0")
+    if word == "better":
+        why += f": {m} is better"
+    elif word == "worse":
+        why += f": plain {BASELINE} is better"
+    elif R.true(row.get("identical")):
+        why = "the interval is 0 to 0: the same results"
+    need = str(row.get("seeds_needed") or "").strip()
+    if word == "inconclusive" and need and need.lower() != "nan":
+        why += f"; about {need} paired seeds might decide it, an estimate"
+    return s + f" Verdict: **{word}** ({why})."
+
+
+SN_VS_SGD_VIEW = ["task", "method_lr", "sgd_lr", "method median [IQR]", "sgd median [IQR]", "diff", "95% interval",
+                  "per-seed diff median [IQR]", "n_pairs", "verdict", "seeds_needed", "method_wall_time_s",
+                  "sgd_wall_time_s", "mem_basis", "method_mem_mb", "sgd_mem_mb", "method_sn_active_frac"]
+
+
+def _sn_vs_sgd_view(d: pd.DataFrame) -> pd.DataFrame:
+    if d.empty:
+        return d
+    d = d.copy()
+    metric = lambda row: str(row.get("metric", "test_acc"))  # noqa: E731
+    d["task"] = [R.task_name(row) for _, row in d.iterrows()]
+    for side in ("method", "sgd"):
+        d[f"{side}_lr"] = [R.lr_text(row.get(f"{side}_lr"), row.get(f"{side}_lr_edge")) for _, row in d.iterrows()]
+        d[f"{side} median [IQR]"] = [
+            f"{R.metric_value(row.get(f'{side}_median'), metric(row))} [{R.metric_value(row.get(f'{side}_q25'), metric(row))}–"
+            f"{R.metric_value(row.get(f'{side}_q75'), metric(row))}]" if pd.notna(row.get(f"{side}_median")) else "n/a"
+            for _, row in d.iterrows()]
+    d["diff"] = [_diff_text(row.get("diff"), metric(row)) for _, row in d.iterrows()]
+    d["95% interval"] = [_range_text(row.get("diff_lo"), row.get("diff_hi"), metric(row)) for _, row in d.iterrows()]
+    d["per-seed diff median [IQR]"] = [
+        f"{_diff_text(row.get('diff_median'), metric(row), unit=False)} "
+        f"[{_range_text(row.get('diff_q25'), row.get('diff_q75'), metric(row))}]"
+        if pd.notna(row.get("diff_median")) else "n/a" for _, row in d.iterrows()]
+    d["seeds_needed"] = [s if isinstance(s, str) and s and s.lower() != "nan" else "" for s in d["seeds_needed"]]
+    keep = [c for c in SN_VS_SGD_VIEW if c in d.columns]
+    keep = [c for c in keep if c in ("task", "verdict") or not d[c].isna().all()]
+    if "seeds_needed" in keep and not (d["seeds_needed"] != "").any():
+        keep.remove("seeds_needed")
+    view = d[keep]
+    methods = R.values(d["method"].astype(str))
+    if len(methods) == 1:  # one projected method: name it in the headers
+        view = view.rename(columns={c: methods[0] + c[len("method"):] for c in keep if c.startswith("method")})
+    return view
+
+
+def sn_vs_sgd_lines(d: pd.DataFrame, verdict: pd.DataFrame | None = None) -> list[str]:
+    """The section "Does the projection add anything over plain SGD?": a line per task, an overall
+    line and the table (``verdict``: to name the verdict tasks that have no plain sgd runs)."""
+    out = ["### Does the projection add anything over plain SGD?", "", sn_vs_sgd_note(), ""]
+    if d.empty:
+        return out + [f"- No verdict task has both the projected method and plain {BASELINE} results.", ""]
+    out += [sn_vs_sgd_line(row) for _, row in d.iterrows()]
+    if verdict is not None and len(verdict) and "method" in verdict:
+        have = {R.task_name(row) for _, row in d.iterrows()}
+        sn = verdict[verdict["method"].astype(str).isin(set(d["method"].astype(str)))]
+        missing = [R.task_name(row) for _, row in sn.iterrows() if R.task_name(row) not in have]
+        if missing:
+            out.append(f"- Not compared (no plain {BASELINE} runs): {'; '.join(missing)}.")
+    words = d["verdict"].astype(str)
+    n = len(d)
+    k = {w: int((words == w).sum()) for w in ("better", "worse", "inconclusive")}
+    summary = (f"- **Overall**: the projection raised the metric over plain {BASELINE} in {k['better']} of {n} "
+               f"task{'s' if n != 1 else ''} (whole interval above 0), lowered it in {k['worse']} and "
+               f"{k['inconclusive']} {'is' if k['inconclusive'] == 1 else 'are'} inconclusive (the interval contains 0)")
+    same = d[d["identical"].map(R.true)] if "identical" in d else d.iloc[0:0]
+    if len(same):
+        summary += (f"; in {'; '.join(R.task_name(row) for _, row in same.iterrows())} the projected runs were "
+                    "plain SGD runs (same values on every seed)")
+    out += [summary + ".", "", markdown_table(_sn_vs_sgd_view(d)), ""]
+    return out
 
 
 # ---------------------------------------------------------------- depth to failure
@@ -340,7 +637,8 @@ def _caveats(v: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
         "records its peak from the allocator's events: parameters, gradients, optimizer state, activations "
         "and temporaries, the resident dataset excluded (`step_mem_mb`, `mem_basis` step).",
         "- Wall time: one measurement per seed on a machine shared with the rest of the sweep, the verdict takes the "
-        "median over completed seeds; it includes evaluation and the exact σ_max checks every `sn.check_every` steps that "
+        "median over completed seeds and counts a difference only beyond the median absolute deviation of both "
+        "sides; it includes evaluation and the exact σ_max checks every `sn.check_every` steps that "
         "every optimizer's runs make. `seconds_per_epoch` times the training loop only.",
         f"- Ratios: each optimizer is at its own selected LR; where {name(r)}'s selected runs failed (e.g. `chance`), a "
         f"ratio above 100% says that {name(r)} did not train there, not that {m} trained well. A seed that diverged "

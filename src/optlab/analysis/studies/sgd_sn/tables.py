@@ -1,11 +1,14 @@
-"""The SGD + spectral-norm study's tables: the verdict with its advantages, depth tolerance,
-the ablation and the context-length cost study (depth-to-failure is the core's)."""
+"""The SGD + spectral-norm study's tables: the verdict with its advantages, the projection
+against plain SGD (``sn_vs_sgd``), depth tolerance, the ablation and the context-length cost
+study (depth-to-failure is the core's)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 from ...aggregate import (
@@ -15,6 +18,7 @@ from ...aggregate import (
     VerdictSpec,
     ablation_runs,
     best_lr_table,
+    best_runs,
     chance_level,
     cost_studies,
     depth_to_failure_table,
@@ -40,20 +44,33 @@ QUESTION_ADVANTAGES = ("wall_time", "memory", "depth_tolerance")
 MEM_BASES = (("peak", "peak_mem_mb"), ("step", "step_mem_mb"))
 """Memory measures in order of preference (``mem_basis``); ``state`` (``state_mem_mb``) is the fallback."""
 
+BASELINE = "sgd"
+"""The plain-SGD method of the verdict studies: what the projection is compared with in
+``sn_vs_sgd``, and the stateless optimizer that tells a memory advantage of the projected
+method apart from one any optimizer without state has."""
+
+PROJECTED = "sgd_sn"
+"""The optimizer whose methods ``sn_vs_sgd`` compares with :data:`BASELINE`."""
+
 
 def tables(data: Any) -> dict[str, Table]:
-    """verdict, depth_to_failure, ablation, depth_tolerance and context (see each function)."""
+    """verdict, sn_vs_sgd (only where some verdict task has the projected method and plain sgd),
+    depth_to_failure, ablation, depth_tolerance and context (see each function)."""
     runs, best = data.runs, data.best
     dtf = depth_to_failure_table(runs, data.summaries, best)
     specs = data.specs(DEFAULT_SPEC)
     verdict = verdict_table(runs, best, specs, failure_depths=dtf, slices=data.slices)
-    return {
-        "verdict": (verdict, verdict_md_columns(verdict)),
+    out: dict[str, Table] = {"verdict": (verdict, verdict_md_columns(verdict))}
+    sn = sn_vs_sgd_table(runs, best, verdict)
+    if len(sn):
+        out["sn_vs_sgd"] = (sn, SN_VS_SGD_MD)
+    out.update({
         "depth_to_failure": (dtf, None),
         "ablation": (ablation_table(runs, read_ablation_order(data.params)), None),
         "depth_tolerance": (depth_tolerance_table(runs, best), None),
         "context": (context_table(runs), None),
-    }
+    })
+    return out
 
 
 # ---------------------------------------------------------------- the verdict
@@ -73,10 +90,18 @@ def verdict_table(
     IQRs, ``reaches_bar`` yes / no / inconclusive) plus the study's advantages.
 
     ``specs``: study -> spec, one spec for every study, or None (the summaries' specs, else
-    :data:`DEFAULT_SPEC`). Advantage metrics hold for the method when strictly better:
-    ``wall_time`` and ``seconds_per_epoch`` (lower medians over completed seeds), ``memory``
+    :data:`DEFAULT_SPEC`); a spec that compares a method with itself (a one-method study's
+    default spec) has no verdict and is left out with a warning. Studies with different specs
+    each get their spec's columns (``<method>_lr``, ``<reference>_lr``, ...), NaN in the other
+    studies' rows. Advantage metrics hold for the method when strictly better:
+    ``wall_time`` and ``seconds_per_epoch`` (lower beyond the spread over completed seeds: the
+    bands median ± MAD, the median absolute deviation, do not overlap; the medians are
+    reported with ``_mad`` beside them, overlapping bands are a ``tie``; the MAD rather than
+    the IQR, so that one seed slowed by a shared machine widens neither side's band), ``memory``
     (lower mean peak CUDA memory when both have it, else lower profiled-step peak, else lower
-    training-state size), ``depth_tolerance`` (a deeper deepest-trainable depth in the
+    training-state size; ``memory_stateless`` is true where plain sgd, which keeps no optimizer
+    state, is below the reference on the same basis too, i.e. the advantage is one any
+    stateless optimizer has, not the projection's), ``depth_tolerance`` (a deeper deepest-trainable depth in the
     study/dataset, from :func:`depth_to_failure_table`, with the reference failing at or before
     it) and ``epochs_to_90`` (every completed seed reached 90% validation accuracy, in fewer
     epochs on average or where the reference did not). ``answer``: ``no`` when the bar is not
@@ -97,12 +122,18 @@ def verdict_table(
         specs = {s: specs for s in studies}
     groups: dict[VerdictSpec, list[str]] = {}
     for study in studies:
-        if study in specs:
-            groups.setdefault(specs[study], []).append(study)
+        if study not in specs:
+            continue
+        if specs[study].method == specs[study].reference:
+            # "method reaches x% of itself" asks nothing, and its columns would be named twice
+            warnings.warn(f"study {study}: the verdict compares {specs[study].method} with itself; "
+                          "left out of the verdict", stacklevel=2)
+            continue
+        groups.setdefault(specs[study], []).append(study)
     kw = {} if n_resamples is None else {"n_resamples": n_resamples}
     frames = []
     for spec, group in groups.items():
-        extra = _advantage_columns(spec, failure_depths)
+        extra = _advantage_columns(spec, failure_depths, best)
         f = paired_verdict_table(runs, best, spec, studies=group, extra=extra, **kw)
         frames.append(_answers(f, spec))
     frames = [f for f in frames if len(f)] or frames[:1]
@@ -128,10 +159,10 @@ def verdict_md_columns(v: pd.DataFrame) -> list[str]:
         cols += [f"{m}_wall_time_s", f"{r}_wall_time_s", f"{m}_seconds_per_epoch", f"{r}_seconds_per_epoch", "mem_basis",
                  f"{m}_mem_mb", f"{r}_mem_mb", f"{m}_deepest", f"{r}_deepest", f"{m}_epochs_to_90",
                  f"{r}_epochs_to_90", f"{m}_test_bpb", f"{r}_test_bpb"]
-    return list(dict.fromkeys([*cols, "advantages", "answer"]))
+    return list(dict.fromkeys([*cols, "plain_sgd_mem_mb", "memory_stateless", "advantages", "answer"]))
 
 
-def _advantage_columns(spec: VerdictSpec, dtf: pd.DataFrame):
+def _advantage_columns(spec: VerdictSpec, dtf: pd.DataFrame, best: pd.DataFrame | None = None):
     m, r = spec.method, spec.reference
 
     def extra(task: dict[str, Any], a: pd.Series, b: pd.Series, ra: pd.DataFrame, rb: pd.DataFrame) -> dict[str, Any]:
@@ -139,16 +170,28 @@ def _advantage_columns(spec: VerdictSpec, dtf: pd.DataFrame):
         deep_a, deep_b, deeper = _deeper(dtf, task["study"], task["dataset"], m, r)
         ta, tb = a.get("wall_time_s_median", math.nan), b.get("wall_time_s_median", math.nan)
         ea, eb = a.get("seconds_per_epoch_median", math.nan), b.get("seconds_per_epoch_median", math.nan)
+        times = {}
+        for col in ("wall_time_s", "seconds_per_epoch"):
+            sa, sb = time_spread(ra, col), time_spread(rb, col)
+            times[col] = _lower_outside_spread(sa, sb, m, r)
+            times.update({f"{m}_{col}_mad": sa[2], f"{r}_{col}_mad": sb[2]})
+        mem_lower = _lower(mem_a, mem_b, m, r)
+        plain = _plain_sgd_memory(best, task, basis, m, r)
         return {
-            # times: medians over completed seeds (one seed slowed by a shared machine does not decide)
-            f"{m}_wall_time_s": ta, f"{r}_wall_time_s": tb, "time_lower": _lower(ta, tb, m, r),
-            f"{m}_seconds_per_epoch": ea, f"{r}_seconds_per_epoch": eb, "epoch_time_lower": _lower(ea, eb, m, r),
+            # times: medians over completed seeds; an advantage only where the median ± MAD bands do not
+            # overlap (one seed slowed by a shared machine, or a difference inside the run-to-run spread, does not decide)
+            f"{m}_wall_time_s": ta, f"{r}_wall_time_s": tb, "time_lower": times.pop("wall_time_s"),
+            f"{m}_seconds_per_epoch": ea, f"{r}_seconds_per_epoch": eb, "epoch_time_lower": times.pop("seconds_per_epoch"),
+            **times,
             # CUDA allocator peak where both measured it, else the profiled step peak (CPU), else the state size
             "mem_basis": basis, f"{m}_mem_mb": mem_a, f"{r}_mem_mb": mem_b,
             f"{m}_peak_mem_mb": a.get("peak_mem_mb_mean", math.nan), f"{r}_peak_mem_mb": b.get("peak_mem_mb_mean", math.nan),
             f"{m}_state_mem_mb": a.get("state_mem_mb_mean", math.nan),
             f"{r}_state_mem_mb": b.get("state_mem_mb_mean", math.nan),
-            "mem_lower": _lower(mem_a, mem_b, m, r),
+            "mem_lower": mem_lower,
+            # plain sgd (no optimizer state) on the same basis: is the memory advantage the projection's?
+            "plain_sgd_mem_mb": plain,
+            "memory_stateless": bool(mem_lower == m and pd.notna(plain) and pd.notna(mem_b) and plain < mem_b),
             f"{m}_deepest": deep_a, f"{r}_deepest": deep_b, "depth_deeper": deeper,
             f"{m}_epochs_to_90": a.get("epochs_to_90_mean", math.nan), f"{r}_epochs_to_90": b.get("epochs_to_90_mean", math.nan),
             f"{m}_n_reached_90": a.get("n_reached_90", math.nan), f"{r}_n_reached_90": b.get("n_reached_90", math.nan),
@@ -189,6 +232,40 @@ def mem_pair(a: pd.Series | Mapping, b: pd.Series | Mapping) -> tuple[str, float
     return "state", float(sa) if pd.notna(sa) else math.nan, float(sb) if pd.notna(sb) else math.nan
 
 
+def time_spread(chosen: pd.DataFrame, col: str) -> tuple[int, float, float]:
+    """(n, median, MAD) of ``col`` over the completed runs of a configuration (its seeds); the
+    MAD is the median absolute deviation from the median (NaN without values)."""
+    done = chosen[chosen["status"] == "completed"] if "status" in chosen else chosen
+    vals = pd.to_numeric(done[col], errors="coerce").to_numpy(dtype=float) if col in done else np.array([])
+    vals = vals[np.isfinite(vals)]
+    if not len(vals):
+        return 0, math.nan, math.nan
+    med = float(np.median(vals))
+    return len(vals), med, float(np.median(np.abs(vals - med)))
+
+
+def _lower_outside_spread(sa: tuple[int, float, float], sb: tuple[int, float, float], na: str, nb: str) -> str:
+    """Which side is lower beyond the spread over seeds: its band median ± MAD lies wholly below
+    the other's (``tie`` when the bands overlap, ``n/a`` without values on both sides)."""
+    (n_a, med_a, mad_a), (n_b, med_b, mad_b) = sa, sb
+    if n_a == 0 or n_b == 0:
+        return "n/a"
+    return na if med_a + mad_a < med_b - mad_b else nb if med_b + mad_b < med_a - mad_a else "tie"
+
+
+def _plain_sgd_memory(best: pd.DataFrame | None, task: Mapping[str, Any], basis: str, m: str, r: str) -> float:
+    """Plain sgd's memory in the task on ``basis`` (NaN when it is one of the two sides, absent,
+    or lacks that measure)."""
+    if best is None or BASELINE in (m, r) or not len(best):
+        return math.nan
+    row = match(best, **task, method=BASELINE)
+    if row.empty:
+        return math.nan
+    col = dict(MEM_BASES).get(basis, "state_mem_mb")
+    v = row.iloc[0].get(f"{col}_mean", math.nan)
+    return float(v) if pd.notna(v) else math.nan
+
+
 def _deeper(dtf: pd.DataFrame, study: Any, dataset: Any, m: str, r: str) -> tuple[Any, Any, str]:
     """Deepest trainable depths of m and r in a study/dataset and which is deeper (or tie / n/a).
 
@@ -225,6 +302,162 @@ def _lower(a: float, b: float, na: str, nb: str) -> str:
     if pd.isna(a) or pd.isna(b):
         return "n/a"
     return na if a < b else nb if b < a else "tie"
+
+
+# ---------------------------------------------------------------- the projection against plain SGD
+
+SN_VS_SGD_COLS = [
+    "study", "dataset", "depth", "point", "task", "method", "metric", "direction", "method_lr", "sgd_lr",
+    "method_lr_edge", "sgd_lr_edge", "same_lr", "method_mean", "sgd_mean", "method_median", "method_q25", "method_q75",
+    "sgd_median", "sgd_q25", "sgd_q75", "diff", "diff_lo", "diff_hi", "diff_median", "diff_q25", "diff_q75", "n_pairs",
+    "identical", "verdict", "seeds_needed", "reason", "method_wall_time_s", "sgd_wall_time_s", "mem_basis",
+    "method_mem_mb", "sgd_mem_mb", "method_sn_active_frac", "method_n_completed", "sgd_n_completed", "method_failures",
+    "sgd_failures",
+]
+"""Columns of :func:`sn_vs_sgd_table` (``method``: the verdict's projected method; ``sgd``: plain SGD)."""
+
+SN_VS_SGD_MD = ["study", "dataset", "point", "method", "metric", "method_lr", "sgd_lr", "method_mean", "sgd_mean",
+                "diff", "diff_lo", "diff_hi", "n_pairs", "verdict", "seeds_needed", "method_sn_active_frac"]
+
+
+def paired_difference_interval(
+    method: Any,
+    reference: Any,
+    *,
+    n_resamples: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """``mean(method - reference)`` over the seeds both sides have (matched by seed, as
+    :func:`optlab.stats.paired`) with its paired bootstrap 95% interval on the same standard as
+    :func:`optlab.stats.paired_ratio_interval`: resampled seeds, a seeded generator, the expanded
+    percentile interval (:func:`optlab.stats.critical_value`). Keys: ``diff``, ``lo``, ``hi``,
+    ``se`` (bootstrap standard error), ``n``, ``median``/``q25``/``q75`` of the per-seed
+    differences, ``method``/``reference`` (:class:`optlab.stats.Spread` of each side over the
+    pairs) and ``method_mean``/``reference_mean``, ``identical`` (every pair has the same value on
+    both sides), ``reason`` (why there is no interval; empty when there is one).
+    """
+    from scipy.stats import norm
+
+    from .... import stats
+
+    n_resamples = stats.N_RESAMPLES if n_resamples is None else n_resamples
+    seed = stats.SEED if seed is None else seed
+    a, b, _ = stats.paired(method, reference)
+    d = a - b
+    n = len(d)
+    q = stats.spread(d)
+    out = {"diff": float(d.mean()) if n else math.nan, "lo": math.nan, "hi": math.nan, "se": math.nan, "n": n,
+           "median": q.median, "q25": q.q25, "q75": q.q75, "method": stats.spread(a), "reference": stats.spread(b),
+           "method_mean": float(a.mean()) if n else math.nan, "reference_mean": float(b.mean()) if n else math.nan,
+           "identical": bool(n and np.all(d == 0.0)), "reason": ""}
+    if n == 0:
+        return {**out, "reason": "no seed completed under both"}
+    if n < 2:
+        return {**out, "reason": "fewer than 2 paired seeds"}
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, n, size=(n_resamples, n))].mean(axis=1)
+    tail = float(norm.sf(stats.critical_value(n, stats.LEVEL, "expanded")))
+    lo, hi = np.quantile(boot, [tail, 1.0 - tail])
+    return {**out, "lo": float(lo), "hi": float(hi), "se": float(np.std(boot, ddof=1))}
+
+
+def difference_verdict(lo: float, hi: float, direction: str = "up") -> str:
+    """``better`` when the whole interval is on the better side of 0 (above for a higher-is-better
+    metric, below for a lower-is-better one), ``worse`` when it is on the other side, else
+    ``inconclusive`` (the interval contains 0, or there is none)."""
+    if pd.isna(lo) or pd.isna(hi) or lo <= 0.0 <= hi:
+        return "inconclusive"
+    above = lo > 0.0
+    return "better" if above == (direction != "down") else "worse"
+
+
+def sn_vs_sgd_table(
+    runs: pd.DataFrame,
+    best: pd.DataFrame,
+    verdict: pd.DataFrame,
+    *,
+    n_resamples: int | None = None,
+) -> pd.DataFrame:
+    """Per verdict task whose method is the projected optimizer (``sgd_sn``) and that has plain
+    ``sgd`` runs: does the projection add anything over plain SGD, each at its own
+    validation-selected LR?
+
+    On the verdict's metric (the study's primary), over the seeds both completed (matched by
+    seed): ``diff`` = mean(method) - mean(sgd) in the metric's units with its paired bootstrap
+    95% interval ``diff_lo``-``diff_hi`` (:func:`paired_difference_interval`), the per-seed
+    differences' median and IQR, and ``verdict``: ``better`` / ``worse`` (the whole interval on
+    one side of 0; lower is better for a ``down`` metric) or ``inconclusive`` (it contains 0,
+    or fewer than 2 pairs; ``seeds_needed`` then estimates the pairs that would move it off 0,
+    :func:`optlab.stats.seeds_needed`). ``identical``: every paired seed gave the same value
+    (e.g. the projection never acted at the same LR, so the method ran as plain SGD). Costs
+    beside it: median wall time and memory on a common basis (:func:`mem_pair`), and the
+    fraction of steps at which the projection changed a weight.
+    """
+    from .... import stats
+
+    if verdict is None or verdict.empty or best is None or best.empty:
+        return pd.DataFrame(columns=SN_VS_SGD_COLS)
+    chosen = best_runs(runs, best)
+    keys = ("study", "dataset", "depth", "point")
+    out = []
+    for _, v in verdict.iterrows():
+        m, x = str(v["method"]), str(v["metric"])
+        direction = str(v.get("direction") or "up")
+        task = {k: v.get(k) for k in keys}
+        a = match(best, **task, method=m)
+        if m == BASELINE or a.empty:
+            continue
+        a = a.iloc[0]
+        if PROJECTED not in str(a.get("optimizer", m)).split() and m != PROJECTED:
+            continue  # the verdict's method does not project: there is no projection to compare
+        b = match(best, **task, method=BASELINE)
+        if b.empty:
+            continue  # no plain sgd in this task: nothing to compare with
+        row: dict[str, Any] = {**task, "task": v.get("task"), "method": m, "metric": x, "direction": direction,
+                               "method_lr": a["lr"], "method_lr_edge": a.get("lr_edge"),
+                               "method_sn_active_frac": a.get("sn_active_frac_mean", math.nan),
+                               "method_n_completed": a.get("n_completed"),
+                               "method_wall_time_s": a.get("wall_time_s_median", math.nan)}
+        ra = match(chosen, **task, method=m)
+        row["method_failures"] = failure_text(ra)
+        b = b.iloc[0]
+        rb = match(chosen, **task, method=BASELINE)
+        d = paired_difference_interval(_seed_values(ra, x), _seed_values(rb, x), n_resamples=n_resamples)
+        basis, mem_a, mem_b = mem_pair(a, b)
+        word = difference_verdict(d["lo"], d["hi"], direction)
+        need = None
+        if word == "inconclusive" and d["n"] >= 2:
+            need = stats.seeds_needed(d["n"], d["diff"], d["se"], 0.0)
+        reason = d["reason"] or ("the interval contains 0" if word == "inconclusive" else
+                                 f"the whole interval is {'above' if d['lo'] > 0 else 'below'} 0")
+        row.update({
+            "sgd_lr": b["lr"], "sgd_lr_edge": b.get("lr_edge"),
+            "same_lr": bool(np.isclose(float(a["lr"]), float(b["lr"]), rtol=1e-9, atol=0.0)),
+            "method_mean": d["method_mean"], "sgd_mean": d["reference_mean"],
+            "method_median": d["method"].median, "method_q25": d["method"].q25, "method_q75": d["method"].q75,
+            "sgd_median": d["reference"].median, "sgd_q25": d["reference"].q25, "sgd_q75": d["reference"].q75,
+            "diff": d["diff"], "diff_lo": d["lo"], "diff_hi": d["hi"], "diff_median": d["median"],
+            "diff_q25": d["q25"], "diff_q75": d["q75"], "n_pairs": d["n"], "identical": d["identical"],
+            "verdict": word,
+            "seeds_needed": "" if need is None else (f">{stats.SEEDS_CAP}" if need > stats.SEEDS_CAP else str(need)),
+            "reason": reason, "sgd_wall_time_s": b.get("wall_time_s_median", math.nan), "mem_basis": basis,
+            "method_mem_mb": mem_a, "sgd_mem_mb": mem_b, "sgd_n_completed": b.get("n_completed"),
+            "sgd_failures": failure_text(rb),
+        })
+        out.append(row)
+    df = pd.DataFrame(out, columns=SN_VS_SGD_COLS)
+    df["depth"] = maybe_int(df["depth"])
+    return df
+
+
+def _seed_values(chosen: pd.DataFrame, metric: str) -> pd.Series:
+    """seed -> the metric of the completed runs (mean over duplicates), finite values only."""
+    done = chosen[(chosen["status"] == "completed") & chosen["seed"].notna()]
+    if metric not in done or done.empty:
+        return pd.Series(dtype=float)
+    vals = pd.to_numeric(done[metric], errors="coerce").astype(float)
+    s = vals.groupby(done["seed"].astype(int)).mean()
+    return s[np.isfinite(s)]
 
 
 # ---------------------------------------------------------------- ablation, depth tolerance, context
