@@ -455,7 +455,7 @@ def test_write_report_and_readme_section(tmp_path: Path) -> None:
             f"(84.0% vs 85.0%, means over 2 paired seeds), 95% interval {pct(per_seed.min())}–{pct(per_seed.max())}; "
             f"per-seed ratio median {med}, IQR {q25}–{q75}; medians (IQR) sgd_sn 84.0% (82.5%–85.5%), "
             "Adam 85.0% (84.5%–85.5%). Reaches the 95% bar: the whole interval is at or above it. "
-            "Adam's selected LR 0.01 is the lowest of its grid, so a better one may lie beyond it. "
+            "Adam's selected LR 0.01 is the lowest it tried (after extending the grid past that edge up to the study's lr_extend limit), so a better one may lie beyond it. "
             "sgd_sn won on: peak CUDA memory (100 MB vs 120 MB). "
             "Adam won on: wall time (2 s vs 1 s), deepest trainable depth (4 vs 16). "
             "The projection changed the weights at 50.0% of steps. Answer: **yes**.") in text

@@ -431,7 +431,7 @@ def test_aggregate_plot_report(root: Path, tmp_path: Path) -> None:
         f"{pct(np.percentile(per_seed, 25))}–{pct(np.percentile(per_seed, 75))}; medians (IQR) sgd_sn "
         f"{pct(0.92)} ({pct(0.91)}–{pct(0.925)}), Adam {pct(0.95)} ({pct(0.945)}–{pct(0.955)}). "
         f"Inconclusive at the 95% bar: the interval straddles it (about {r2['seeds_needed']} paired seeds would "
-        "decide it, an estimate). Adam's selected LR 0.01 is the lowest of its grid")
+        "decide it, an estimate). Adam's selected LR 0.01 is the lowest it tried")
     assert "sgd_sn won on: wall time (0.8 s vs 1 s)" in line2 and line2.endswith("Answer: **inconclusive**.")
     assert "yes" not in line2.split("Answer:")[1]
     line8 = next(s for s in text.splitlines() if s.startswith("- **mlp_depth / digits, depth 8**"))

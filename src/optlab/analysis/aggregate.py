@@ -612,8 +612,8 @@ def best_lr_table(runs: pd.DataFrame, slices: Iterable[SliceSummary] = ()) -> pd
     ``*_median``/``*_q25``/``*_q75``: median and quartiles over those seeds
     (:func:`optlab.stats.spread`), for test accuracy and the study's primary metric (from the
     slice summary, default test accuracy). ``lr_edge``: ``high``/``low`` when the selected LR is
-    the highest/lowest of the LR grid (the summary's ``lrs``, else the LRs the runs tried; empty
-    for a fixed LR), i.e. the best LR may lie outside the grid. ``epochs_to_90_mean`` is inf when a
+    the highest/lowest of the LRs tried (the summary's ``lrs`` and every LR the runs tried: a search
+    extends past an edge of its grid; empty for a fixed LR), i.e. the best LR may lie outside them. ``epochs_to_90_mean`` is inf when a
     completed seed never reached 90% validation accuracy (``n_reached_90`` counts those that did);
     ``n_<kind>`` count runs by failure kind.
     """
@@ -641,7 +641,8 @@ def best_lr_table(runs: pd.DataFrame, slices: Iterable[SliceSummary] = ()) -> pd
     edges, n_lrs = [], []
     for r in best.itertuples(index=False):
         key = tuple(getattr(r, c) for c in group)
-        grid = grids.get((r.study, r.method)) or tried.get(_norm_key(key)) or ()
+        # the configured grid and every LR the runs tried (a search extends past an edge of its grid)
+        grid = tuple(set(grids.get((r.study, r.method)) or ()) | set(tried.get(_norm_key(key)) or ()))
         edges.append(lr_edge(r.lr, grid))
         n_lrs.append(len(set(grid)))
     best["lr_edge"], best["n_lrs"] = edges, n_lrs

@@ -229,7 +229,8 @@ def answer_line(row: pd.Series) -> str:
         e = row.get(f"{o}_lr_edge")
         if e in ("high", "low"):
             s += (f" {name(o)}'s selected LR {format_value(row.get(f'{o}_lr'))} is the {'highest' if e == 'high' else 'lowest'}"
-                  " of its grid, so a better one may lie beyond it.")
+                  " it tried (after extending the grid past that edge up to the study's lr_extend limit), so a better"
+                  " one may lie beyond it.")
     won, lost, tied, noise, common = [], [], [], [], []
     for key, words_, col, unit, cmp in METRICS:
         who = str(row.get(cmp, "n/a"))
@@ -318,7 +319,8 @@ def _verdict_view(v: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 def verdict_note(m: str, r: str, bar: float) -> str:
     rn = name(r)
     return (f"Each optimizer at its own validation-selected LR (`(lowest tried)` / `(highest tried)`: the selected "
-            f"LR is at the edge of its grid). The comparison is over the seeds that completed under both: "
+            f"LR is at the edge of the LRs tried, after the search extended its grid past an edge up to the study's "
+            f"`lr_extend` limit). The comparison is over the seeds that completed under both: "
             f"`ratio_of_means` = {m}'s mean test accuracy / {rn}'s (next-token accuracy for language models), "
             "`95% interval` its paired bootstrap interval (seeds resampled together), and the medians and IQRs "
             "(25th–75th percentile) of each side and of the per-seed ratio. `reaches_bar`: yes when the interval's "
