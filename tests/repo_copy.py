@@ -38,13 +38,15 @@ def clean_env(repo: Path) -> dict[str, str]:
 
 
 def tiny_study(methods: list[str], lrs: list[float], seeds: list[int], *, grid: dict[str, list] | None = None,
-               verdict: Any = None) -> dict[str, Any]:
-    """A params.yaml study section: depth-2 (or ``grid``), width-8 MLPs on digits, one epoch."""
+               verdict: Any = None, lr_extend: int = 0) -> dict[str, Any]:
+    """A params.yaml study section: depth-2 (or ``grid``), width-8 MLPs on digits, one epoch; the LR
+    search does not extend past the grid unless ``lr_extend`` says so (run counts stay fixed)."""
     study: dict[str, Any] = {"analysis": "sgd_sn", "arch": "mlp", "methods": list(methods)}
     if verdict is not None:
         study["verdict"] = verdict
     study["quick"] = {"datasets": ["digits"], "grid": grid or {"depth": [2]}, "lrs": list(lrs),
-                      "search_seeds": list(seeds[:1]), "seeds": list(seeds), "set": dict(TINY)}
+                      "lr_extend": lr_extend, "search_seeds": list(seeds[:1]), "seeds": list(seeds),
+                      "set": dict(TINY)}
     return study
 
 

@@ -23,7 +23,7 @@ def test_sweep_with_huge_lrs_completes_and_records_divergence(tmp_path, monkeypa
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = copy.deepcopy(params)
     params["studies"] = {"deep": {"arch": "mlp", "methods": ["sgd", "sgd_sn"], "analysis": "sgd_sn",
-                                  "quick": {"datasets": ["digits"], "grid": {"depth": [24]}, "lrs": [10.0, 3.0, 0.01],
+                                  "quick": {"datasets": ["digits"], "grid": {"depth": [24]}, "lrs": [10.0, 3.0, 0.01], "lr_extend": 0,
                                             "search_seeds": [0, 1], "seeds": [0, 1],
                                             "set": {"width": 32, "epochs": 2, "batch_size": 64}}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

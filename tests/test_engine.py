@@ -115,6 +115,34 @@ def test_divergence_step_is_the_first_bad_step(toy_splits):
     assert fine.diverged_step == coarse.diverged_step
 
 
+def test_divergence_step_matches_a_hand_written_loop(toy_splits):
+    """Full-batch SGD written by hand gives each step's training loss; with the divergence threshold
+    set between two of them, the engine's recorded step is the first step (1-based) above it, at
+    any log interval: a record one step early or late fails here."""
+    from optlab import models
+
+    lr, n_steps = 30.0, 12
+    torch.manual_seed(7)
+    m = models.build("mlp", input_dim=12, n_classes=4, depth=3, width=16, activation="tanh", init="orthogonal")
+    x, y = toy_splits.train_x, toy_splits.train_y
+    losses = []
+    for _ in range(n_steps):
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        losses.append(loss.item())
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        with torch.no_grad():
+            for p, g in zip(m.parameters(), grads):
+                p -= lr * g
+    # the first step k >= 3 whose loss clearly exceeds every earlier one: the threshold sits halfway
+    k = next(i for i in range(2, n_steps) if losses[i] > 1.2 * max(losses[:i]))
+    threshold = (max(losses[:k]) + losses[k]) / 2
+    for log_every in (1, 5):
+        res = engine.train(_cfg(optimizer="sgd", lr=lr, epochs=n_steps, batch_size=256, seed=7, log_every=log_every,
+                                diverge_loss=threshold), data=toy_splits, progress=False)
+        assert res.status == "diverged" and res.diverge_reason == "exploding"
+        assert res.diverged_step == k + 1, (log_every, losses)
+
+
 def test_engine_step_equals_manual_autograd_sgd(toy_splits):
     """One engine epoch with full-batch SGD equals the closed loop written by hand."""
     from optlab import models
@@ -186,18 +214,33 @@ def test_failure_kinds_are_named():
     assert classify_failure(ok, D()) is None
     van = RunResult("r", "completed", {}, {"test_acc": 0.9}, layers=rows(1e-12))
     assert classify_failure(van, D()) == "vanishing"
+    # the threshold is 1e-8 of the last layer's norm: a factor of 2 either side decides
+    assert classify_failure(RunResult("r", "completed", {}, {"test_acc": 0.9}, layers=rows(0.5e-8)), D()) == "vanishing"
+    assert classify_failure(RunResult("r", "completed", {}, {"test_acc": 0.9}, layers=rows(2e-8)), D()) is None
     ch = RunResult("r", "completed", {}, {"test_acc": 0.11})
     assert classify_failure(ch, D()) == "chance"
     div = RunResult("r", "diverged", {}, {}, diverge_reason="nonfinite")
     assert classify_failure(div, D()) == "nonfinite"
 
 
-def test_vanishing_is_recorded_by_train(toy_splits):
-    """A deep tanh net with tiny init: the first layer's gradient vanishes and the run says so."""
-    res = engine.train(_cfg(optimizer="sgd", lr=1e-4, depth=40, width=8, init="kaiming", activation="tanh", epochs=1),
-                       data=toy_splits, progress=False)
+def _first_to_last_grad_ratio(res: engine.RunResult) -> float:
     grads = [r for r in res.layers if r[4] == "grad_norm"]
     last = max(r[0] for r in grads)
     rows = sorted((r for r in grads if r[0] == last), key=lambda r: r[2])
-    ratio = rows[0][5] / rows[-1][5]
-    assert (res.failure == "vanishing") == (ratio < 1e-8)
+    return rows[0][5] / rows[-1][5]
+
+
+def test_vanishing_is_recorded_by_train(toy_splits, monkeypatch):
+    """A deep tanh net whose hidden weights start at 8x the Kaiming scale saturates: the first
+    layer's gradient is far below 1e-8 of the last layer's, and the run is classified `vanishing`;
+    the same net at the Kaiming scale is not (a threshold of 0, or of 1, fails one of the two)."""
+    from optlab.models import mlp
+
+    cfg = _cfg(optimizer="sgd", lr=1e-4, depth=40, width=8, init="kaiming", activation="tanh", epochs=1)
+    healthy = engine.train(cfg, data=toy_splits, progress=False)
+    assert _first_to_last_grad_ratio(healthy) > 1e-3 and healthy.failure != "vanishing"
+    real = mlp.kaiming_
+    monkeypatch.setattr(mlp, "kaiming_", lambda w, gain, generator=None: real(w, gain * 8.0, generator))
+    res = engine.train(cfg, data=toy_splits, progress=False)
+    assert _first_to_last_grad_ratio(res) < 1e-9
+    assert res.failure == "vanishing"

@@ -143,3 +143,31 @@ def test_worker_processes_give_the_same_runs(study_dir, monkeypatch, start):
     monkeypatch.delenv("OPTLAB_WORKERS")
     assert pipeline.sweep_workers({"workers": "auto", "threads": 1}, 5, torch.device("cuda")) == 1
     assert pipeline.sweep_workers({"workers": "auto", "threads": 0}, 5, torch.device("cpu")) == 1
+
+
+def test_search_selects_the_best_mean_validation_lr_not_test_nor_worst(study_dir, monkeypatch):
+    """The search scores each LR by its search seeds' mean validation accuracy, a diverged seed
+    counting as 0, and picks the best: here 0.1. Test accuracy is best at 1.0 (selecting on test
+    would pick it), the worst LR is 0.01, and 0.01's one good seed would win a max over seeds."""
+    from optlab import engine
+
+    val = {(1.0, 0): 0.50, (1.0, 1): 0.52, (0.1, 0): 0.90, (0.1, 1): 0.88, (0.01, 0): 0.99, (0.01, 1): None}
+    test = {1.0: 0.99, 0.1: 0.60, 0.01: 0.70}
+    calls = []
+
+    def fake_train(cfg, **kw):
+        calls.append((cfg.lr, cfg.seed))
+        v = val.get((cfg.lr, cfg.seed), 0.95)  # confirm seed 2
+        status = "diverged" if v is None else "completed"
+        final = {"val_acc": v, "test_acc": None if v is None else test[cfg.lr]}
+        return engine.RunResult(cfg.run_id, status, {"lr": cfg.lr, "seed": cfg.seed, "method": "sgd"}, final,
+                                diverged_step=3 if v is None else None, diverge_reason="nonfinite" if v is None else None,
+                                sweep=kw.get("sweep"))
+
+    monkeypatch.setenv("OPTLAB_WORKERS", "1")
+    monkeypatch.setattr(pipeline.engine, "train", fake_train)
+    pipeline.sweep("s", "sgd")
+    pt = json.loads((study_dir / "runs/sweep/s/sgd/summary.json").read_text())["points"][0]
+    assert pt["selected_lr"] == 0.1
+    assert pt["search_scores"] == pytest.approx({"1": 0.51, "0.1": 0.89, "0.01": 0.495})
+    assert calls[-1] == (0.1, 2)  # the confirm seed runs at the selected LR
