@@ -57,7 +57,14 @@ def test_repro_writes_dvc_outs_and_reports(repo):
         assert len(runs) == 3  # two LRs searched with seed 0, the selected one rerun with seed 1
         summary = json.loads((tmp / "runs/sweep/tiny" / method / "summary.json").read_text())
         assert summary["study"] == "tiny" and summary["method"] == method
-        assert summary["points"][0]["selected_lr"] in (0.1, 0.01)
+        # the selected LR is the best seed-0 validation accuracy among the searched runs (ties: the smaller LR)
+        search = [json.loads(p.read_text()) for p in (tmp / "runs/sweep/tiny" / method).glob("*/metrics.json")]
+        search = [d for d in search if d["sweep"]["role"] == "search"]
+        assert sorted(d["config"]["lr"] for d in search) == [0.01, 0.1]
+        val = {d["config"]["lr"]: (d["final"]["val_acc"] if d["status"] == "completed" else 0.0) for d in search}
+        assert summary["points"][0]["selected_lr"] == max(val, key=lambda lr: (val[lr], -lr))
+        confirm = [json.loads(p.read_text()) for p in (tmp / "runs/sweep/tiny" / method).glob("*/metrics.json")]
+        assert [d["config"]["lr"] for d in confirm if d["sweep"]["role"] == "confirm"] == [summary["points"][0]["selected_lr"]]
     assert (tmp / "reports/tables/runs.csv").exists()
     assert list((tmp / "reports/figures").glob("*.png"))
     readme = (tmp / "README.md").read_text()
