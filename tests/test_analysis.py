@@ -458,7 +458,9 @@ def test_write_report_and_readme_section(tmp_path: Path) -> None:
             "Adam's selected LR 0.01 is the lowest it tried (after extending the grid past that edge up to the study's lr_extend limit), so a better one may lie beyond it. "
             "sgd_sn won on: peak CUDA memory (100 MB vs 120 MB). "
             "Adam won on: wall time (2 s vs 1 s), deepest trainable depth (4 vs 16). "
-            "The projection changed the weights at 50.0% of steps. Answer: **yes**.") in text
+            "The projection changed the weights at 50.0% of steps. sgd_sn used its projection: no layer-check "
+            "exceeded σ = 1 + 1e-4 in its selected runs; the largest σ_max any check saw was 1.0000. "
+            "Answer: **yes**.") in text
     assert "| 0.01 (lowest tried) |" in text  # the verdict table's LR cell says it is at the grid's edge
     assert "Selected LR at the edge of the grid: adam at" in text
     # sgd_sn d16 at chance level (runs without the engine's `failure` key: the engine's rule applied)

@@ -457,7 +457,8 @@ def test_aggregate_plot_report(root: Path, tmp_path: Path) -> None:
     assert order == sorted(order)
     assert "| mlp_sn_clip |" in text and text.index("| mlp_sn_clip |") < text.index("| mlp_sgd |")
     assert "67.0% ± 4.2%" in text  # mlp_sn_clip: mean and sd of 0.70, 0.64
-    assert "CPU keeps no such peak" in text and "entropy floor" in text
+    assert "CPU keeps no such peak" in text and "`entropy_floor_bits`" in text and "order-2 count model" in text
+    assert "`*_val_last_change`" in text
     assert "no number here comes from frozen runs" in text
     assert "](reports/figures/loss_curves_mlp_depth.png)" in readme.read_text()
     assert "\nold\n" not in readme.read_text()

@@ -270,3 +270,45 @@ def test_report_names_the_projected_roles(root: Path) -> None:
     assert ("- beta (arch gpt): `hidden` (attention and MLP matrices) only; not `input` (token and position "
             "embeddings) or `output` (LM head).") in lines
     assert lines[0].startswith("**What is projected.**")
+
+
+# ---------------------------------------------------------------- strictness, budgets, LM references
+
+
+def _patch_final(root: Path, study: str, method: str, fn) -> None:
+    for p in sorted((root / "sweep" / study / method).glob("*/metrics.json")):
+        doc = json.loads(p.read_text())
+        doc["final"].update(fn(doc["config"]["seed"]))
+        p.write_text(json.dumps(doc))
+
+
+def test_verdict_reports_violations_and_unflattened_curves(root: Path) -> None:
+    _patch_final(root, "alpha", "sgd_sn", lambda s: {"sn_violations": s, "sigma_max_max": 1 + 0.001 * s,
+                                                     "sn_strict": False, "val_last_change": 0.001})
+    _patch_final(root, "alpha", "adam", lambda s: {"val_last_change": 0.02 + 0.01 * s})
+    _, _, v = _verdict(root)
+    a = _one(v, study="alpha")
+    assert a["sgd_sn_sn_violations"] == 0 + 1 + 2 + 3 and a["sgd_sn_sigma_max_max"] == pytest.approx(1.003)
+    assert a["sgd_sn_sn_strict"] is False or a["sgd_sn_sn_strict"] == False  # noqa: E712
+    assert a["adam_val_last_change"] == pytest.approx(0.035) and a["sgd_sn_val_last_change"] == pytest.approx(0.001)
+    line = answer_line(a)
+    assert ("sgd_sn used a projection labeled not strict (an estimate of σ): 6 layer-checks exceeded σ = 1 + 1e-4 in "
+            "its selected runs; the largest σ_max any check saw was 1.0030, so there the method was not strictly "
+            "normalized.") in line
+    assert ("Last-epoch change of validation accuracy: sgd_sn +0.1 points, Adam +3.5 points; Adam had not flattened "
+            "(beyond 0.5 points), so a longer budget may change the ratio.") in line
+    b = _one(v, study="beta")  # nothing recorded: no sentence
+    assert "layer-check" not in answer_line(b) and "Last-epoch change" not in answer_line(b)
+
+
+def test_lm_reference_sentence() -> None:
+    from optlab.analysis.studies.sgd_sn.report import lm_reference_text
+
+    row = {"task": "lm", "sgd_sn_test_bits": 3.8, "adam_test_bits": 2.9, "entropy_floor_bits": 2.26,
+           "ngram_order": 2, "ngram_test_bits": 2.41, "ngram_test_acc": 0.437}
+    s = lm_reference_text(row, "sgd_sn", "adam")
+    assert s == (" Reference: test bits per token sgd_sn 3.80, Adam 2.90; the data's entropy rate (floor) 2.26; an "
+                 "order-2 count model of the training split 2.41 bits and 43.7% next-token accuracy. Both models are "
+                 "above the count model's bits: they are undertrained at this budget.")
+    assert "undertrained" not in lm_reference_text({**row, "adam_test_bits": 2.3}, "sgd_sn", "adam")
+    assert lm_reference_text({**row, "task": "classification"}, "sgd_sn", "adam") == ""

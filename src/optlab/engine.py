@@ -647,6 +647,10 @@ class _Loop:
         if self.task.milestone is not None:
             m, thr = self.task.milestone
             final[f"epochs_to_{round(thr * 100)}"] = self.milestone_epoch
+        # has the selection metric flattened? its last epoch's change (nan: fewer than 2 epochs or diverged)
+        sel = [v for (_, _, k, v) in self.rec.curves if k == self.task.select]
+        final["val_last_change"] = sel[-1] - sel[-2] if len(sel) >= 2 and not self.diverged else math.nan
+        final.update(self.task.summary())
         epoch_times = [v for (_, _, k, v) in self.rec.curves if k == "epoch_time_s"]
         final["seconds_per_epoch"] = sum(epoch_times) / len(epoch_times) if epoch_times else math.nan
         rates = [v for (_, _, k, v) in self.rec.curves if k == f"{self.task.unit}_per_s"]

@@ -67,7 +67,8 @@ FINAL_NUMERIC = (
     "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "test_loss", "test_acc",
     "wall_time_s", "peak_mem_mb", "step_mem_mb", "state_mem_mb", "peak_rss_mb", "steps", "epochs_completed", "sigma_max_max",
     "sigma_max_last", "sn_violations", "sn_violating_checks", "sn_strict", "sn_active_frac", "epochs_to_90", "seconds_per_epoch", "examples_per_s", "tokens_per_s",
-    "val_ppl", "val_bpb", "test_ppl", "test_bpb",
+    "val_ppl", "val_bpb", "test_ppl", "test_bpb", "val_last_change", "entropy_floor_bits", "ngram_order",
+    "ngram_test_acc", "ngram_test_bits",
 )
 
 FAILURE_KINDS = ("nonfinite", "exploding", "vanishing", "chance")

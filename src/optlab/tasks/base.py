@@ -21,7 +21,8 @@ class Task:
     - ``evaluate(model, split)``: a dict of metrics for ``val`` or ``test`` (one host sync);
     - ``probe_batch()``: a fixed, seeded subset of the training split, the same for every method
       and seed of a study, for probes that compare methods on the same inputs;
-    - ``model_kwargs()``: what the model needs from the data.
+    - ``model_kwargs()``: what the model needs from the data;
+    - ``summary()`` (optional): reference numbers of the task (a floor, a baseline) for the run's record.
     """
 
     kind: ClassVar[str]
@@ -45,6 +46,10 @@ class Task:
 
     def step_sums(self, loss: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss": loss * self.n_items(targets), "correct": self.n_correct(outputs, targets)}
+
+    def summary(self) -> dict[str, Any]:
+        """Reference numbers of the task itself (not of the run), recorded with each run's final metrics."""
+        return {}
 
     def model_kwargs(self) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..metrics.ngram import ngram_baseline
 from . import TASKS
 from .base import Task
 
@@ -34,6 +35,21 @@ class LMTask(Task):
         self.eval_tokens = cfg.eval_tokens
         self.items_per_batch = self.batch_size * self.block_size
         self._arange = torch.arange(self.block_size + 1, device=device)
+
+    NGRAM_ORDER = 2
+
+    def summary(self) -> dict[str, Any]:
+        """The floor and a baseline for the test loss: the data's entropy rate where it is known
+        (``entropy_floor_bits``, nan otherwise) and an order-2 count model of the training split
+        scored on the test tokens that ``evaluate`` scores."""
+        floor = float(self.data.meta.get("entropy_rate_bits", math.nan))
+        test = self.data.test
+        n_avail = test.numel() - 1
+        if self.eval_tokens > 0:
+            n_avail = min(n_avail, self.eval_tokens)
+        n = max(1, n_avail // self.block_size) * self.block_size + 1
+        return {"entropy_floor_bits": floor,
+                **ngram_baseline(self.data.train, test[:n], int(self.data.meta["vocab_size"]), self.NGRAM_ORDER)}
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"vocab_size": int(self.data.meta["vocab_size"]), "block_size": self.block_size}

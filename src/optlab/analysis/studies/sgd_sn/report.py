@@ -269,7 +269,83 @@ def answer_line(row: pd.Series) -> str:
     if R.is_lm(row) and (pd.notna(row.get(f"{m}_test_bpb")) or pd.notna(row.get(f"{r}_test_bpb"))):
         s += f" Test bits per byte: {m} {R.num(row.get(f'{m}_test_bpb'))} vs {name(r)} {R.num(row.get(f'{r}_test_bpb'))}."
     s += binding_text(row.get(f"{m}_sn_active_frac"), m)
+    s += strictness_text(row, m)
+    s += flattening_text(row, m, r)
+    s += lm_reference_text(row, m, r)
     s += f" Answer: **{row.get('answer', 'no')}**."
+    return s
+
+
+SN_TOL = 1e-4
+"""The tolerance above 1 at which the spectral probe counts a violation (probes/spectral.py)."""
+_TOL = f"{SN_TOL:.0e}".replace("e-0", "e-")  # 1e-4
+
+FLAT_TOL = {"val_acc": 0.005, "val_loss": 0.01}
+"""A last-epoch change of the selection metric within this counts as a flattened curve
+(half a point of accuracy, 0.01 nats of loss)."""
+
+
+def strictness_text(row: pd.Series | dict, m: str) -> str:
+    """Violations of σ ≤ 1 + 1e-4 in the method's selected runs, and whether its projection is strict."""
+    n = row.get(f"{m}_sn_violations")
+    if n is None or pd.isna(n):
+        return ""
+    strict = row.get(f"{m}_sn_strict")
+    kind = ("a strict projection (σ ≤ 1 by construction)" if R.true(strict) else
+            "a projection labeled not strict (an estimate of σ)") if pd.notna(strict) else "its projection"
+    smax = row.get(f"{m}_sigma_max_max")
+    top = f"; the largest σ_max any check saw was {float(smax):.4f}" if pd.notna(smax) else ""
+    if int(n) == 0:
+        return f" {m} used {kind}: no layer-check exceeded σ = 1 + {_TOL} in its selected runs{top}."
+    return (f" {m} used {kind}: {int(n)} layer-check{'s' if int(n) != 1 else ''} exceeded σ = 1 + {_TOL} in its "
+            f"selected runs{top}, so there the method was not strictly normalized.")
+
+
+def flattening_text(row: pd.Series | dict, m: str, r: str) -> str:
+    """Did each side's validation curve flatten by the last epoch (the budget's check)?"""
+    sel = "val_loss" if R.is_lm(row) else "val_acc"
+    tol = FLAT_TOL[sel]
+    parts, moving = [], []
+    for o in (m, r):
+        d = row.get(f"{o}_val_last_change")
+        if d is None or pd.isna(d):
+            continue
+        d = float(d)
+        parts.append(f"{name(o)} {100 * d:+.1f} points" if sel == "val_acc" else f"{name(o)} {d:+.3f} nats")
+        if abs(d) > tol:
+            moving.append(name(o))
+    if not parts:
+        return ""
+    what = "validation accuracy" if sel == "val_acc" else "validation loss"
+    s = f" Last-epoch change of {what}: {', '.join(parts)}"
+    if moving:
+        return s + (f"; {' and '.join(moving)} had not flattened (beyond {100 * tol:g} points)" if sel == "val_acc" else
+                    f"; {' and '.join(moving)} had not flattened (beyond {tol:g} nats)") + ", so a longer budget may change the ratio."
+    return s + "; both flattened."
+
+
+def lm_reference_text(row: pd.Series | dict, m: str, r: str) -> str:
+    """Language models: each side's test bits per token beside the entropy floor and an n-gram baseline."""
+    if not R.is_lm(row):
+        return ""
+    bits = [(name(o), row.get(f"{o}_test_bits")) for o in (m, r)]
+    bits = [(o, float(b)) for o, b in bits if b is not None and pd.notna(b)]
+    floor, ng_acc, ng_bits, order = (row.get(k) for k in ("entropy_floor_bits", "ngram_test_acc", "ngram_test_bits",
+                                                          "ngram_order"))
+    parts = []
+    if bits:
+        parts.append("test bits per token " + ", ".join(f"{o} {b:.2f}" for o, b in bits))
+    if floor is not None and pd.notna(floor):
+        parts.append(f"the data's entropy rate (floor) {float(floor):.2f}")
+    if ng_acc is not None and pd.notna(ng_acc):
+        k = int(order) if order is not None and pd.notna(order) else 2
+        parts.append(f"an order-{k} count model of the training split {float(ng_bits):.2f} bits and "
+                     f"{R.pct(float(ng_acc))} next-token accuracy")
+    if len(parts) < 2:
+        return ""
+    s = " Reference: " + "; ".join(parts) + "."
+    if ng_bits is not None and pd.notna(ng_bits) and bits and all(b > float(ng_bits) for _, b in bits):
+        s += " Both models are above the count model's bits: they are undertrained at this budget."
     return s
 
 
@@ -294,8 +370,9 @@ def _cost_cols(v: pd.DataFrame) -> list[str]:
     m, r, _ = _spec(v)
     return ["task", f"{m}_wall_time_s", f"{r}_wall_time_s", f"{m}_seconds_per_epoch", f"{r}_seconds_per_epoch",
             "mem_basis", f"{m}_mem_mb", f"{r}_mem_mb", "plain_sgd_mem_mb", f"{m}_deepest", f"{r}_deepest", f"{m}_epochs_to_90",
-            f"{r}_epochs_to_90", f"{m}_test_bpb", f"{r}_test_bpb", f"{m}_sn_active_frac", f"{m}_failures",
-            f"{r}_failures"]
+            f"{r}_epochs_to_90", f"{m}_test_bpb", f"{r}_test_bpb", f"{m}_test_bits", f"{r}_test_bits",
+            "entropy_floor_bits", "ngram_test_bits", "ngram_test_acc", f"{m}_sn_active_frac", f"{m}_sn_violations",
+            f"{m}_sigma_max_max", f"{m}_val_last_change", f"{r}_val_last_change", f"{m}_failures", f"{r}_failures"]
 
 
 def _verdict_view(v: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -656,7 +733,14 @@ def _caveats(v: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     lm = lm or bool("task" in runs and (runs["task"] == "lm").any())
     if lm:
         out.append("- Language models: accuracy is next-token accuracy and bits per byte (`test_bpb`) is the "
-                   "compression measure; the synthetic Markov language's entropy floor is not in the run files and "
-                   "is not reported.")
+                   "compression measure. Each run records the data's entropy rate where the data knows it "
+                   "(`entropy_floor_bits`: the synthetic Markov language's exact rate; nan for text corpora) and an "
+                   "order-2 count model of the training split scored on the same test tokens (`ngram_test_bits`, "
+                   "`ngram_test_acc`, add-one smoothing): a model above the count model's bits has not yet learned "
+                   "what two tokens of context give.")
+    out.append("- Budgets: `*_val_last_change` is the selection metric's change over each side's last epoch (mean over "
+               "completed selected seeds); beyond half a point of accuracy (0.01 nats of loss) the answer line says the "
+               "curve had not flattened. The quick profile's budgets are fixed by the `make repro` time limit, not "
+               "chosen for convergence.")
     return out
 

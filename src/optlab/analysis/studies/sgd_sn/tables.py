@@ -158,7 +158,8 @@ def verdict_md_columns(v: pd.DataFrame) -> list[str]:
                     [(DEFAULT_SPEC.method, DEFAULT_SPEC.reference, DEFAULT_SPEC.metric)]):
         cols += [f"{m}_wall_time_s", f"{r}_wall_time_s", f"{m}_seconds_per_epoch", f"{r}_seconds_per_epoch", "mem_basis",
                  f"{m}_mem_mb", f"{r}_mem_mb", f"{m}_deepest", f"{r}_deepest", f"{m}_epochs_to_90",
-                 f"{r}_epochs_to_90", f"{m}_test_bpb", f"{r}_test_bpb"]
+                 f"{r}_epochs_to_90", f"{m}_test_bpb", f"{r}_test_bpb", f"{m}_sn_violations", f"{m}_val_last_change",
+                 f"{r}_val_last_change"]
     return list(dict.fromkeys([*cols, "plain_sgd_mem_mb", "memory_stateless", "advantages", "answer"]))
 
 
@@ -199,9 +200,59 @@ def _advantage_columns(spec: VerdictSpec, dtf: pd.DataFrame, best: pd.DataFrame 
             f"{m}_test_bpb": a.get("test_bpb_mean", math.nan), f"{r}_test_bpb": b.get("test_bpb_mean", math.nan),
             # fraction of steps at which the projection changed a weight (0: the method was plain SGD)
             f"{m}_sn_active_frac": a.get("sn_active_frac_mean", math.nan),
+            **_strictness(ra, m),
+            # has each side's validation curve flattened? mean last-epoch change of the selection metric
+            f"{m}_val_last_change": _completed_mean(ra, "val_last_change"),
+            f"{r}_val_last_change": _completed_mean(rb, "val_last_change"),
+            **_lm_reference(ra, rb, m, r),
         }
 
     return extra
+
+
+def _completed(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["status"].astype(str) == "completed"] if "status" in runs else runs
+
+
+def _completed_mean(runs: pd.DataFrame, col: str) -> float:
+    x = pd.to_numeric(_completed(runs)[col], errors="coerce") if col in runs else pd.Series(dtype=float)
+    return float(x.mean()) if x.notna().any() else math.nan
+
+
+def _strictness(runs: pd.DataFrame, m: str) -> dict[str, Any]:
+    """The projection's record in the method's selected runs: layer-checks above 1 + tol summed
+    over runs (``sn_violations``), the largest σ_max any check saw, and whether the projection
+    is strict by construction (nan where the method does not project)."""
+    viol = pd.to_numeric(runs["sn_violations"], errors="coerce") if "sn_violations" in runs else pd.Series(dtype=float)
+    smax = pd.to_numeric(runs["sigma_max_max"], errors="coerce") if "sigma_max_max" in runs else pd.Series(dtype=float)
+    strict = runs["sn_strict"].dropna() if "sn_strict" in runs else pd.Series(dtype=object)
+    return {
+        f"{m}_sn_violations": int(viol.sum()) if viol.notna().any() else math.nan,
+        f"{m}_sigma_max_max": float(smax.max()) if smax.notna().any() else math.nan,
+        f"{m}_sn_strict": (bool(strict.map(_truthy).all()) if len(strict) else math.nan),
+    }
+
+
+def _truthy(x: Any) -> bool:
+    return str(x).strip().lower() in ("true", "1", "1.0", "yes")
+
+
+def _lm_reference(ra: pd.DataFrame, rb: pd.DataFrame, m: str, r: str) -> dict[str, Any]:
+    """Language models: the data's entropy floor, the order-k count model's test accuracy and
+    bits per token (from the runs' records), and each side's mean test loss in bits per token."""
+    both = pd.concat([ra, rb])
+    if "ngram_test_acc" not in both and "entropy_floor_bits" not in both:
+        return {}
+
+    def first(col: str) -> float:
+        x = pd.to_numeric(both[col], errors="coerce").dropna() if col in both else pd.Series(dtype=float)
+        return float(x.iloc[0]) if len(x) else math.nan
+
+    out = {"entropy_floor_bits": first("entropy_floor_bits"), "ngram_order": first("ngram_order"),
+           "ngram_test_acc": first("ngram_test_acc"), "ngram_test_bits": first("ngram_test_bits")}
+    for o, runs in ((m, ra), (r, rb)):
+        out[f"{o}_test_bits"] = _completed_mean(runs, "test_loss") / math.log(2)
+    return out
 
 
 def _answers(df: pd.DataFrame, spec: VerdictSpec) -> pd.DataFrame:
