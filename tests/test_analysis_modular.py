@@ -36,7 +36,7 @@ def _runs(study: str, values: dict[str, list[float]], *, lm: bool = False, tput:
                          "test_loss": v if st == "completed" else math.nan, "train_loss": v * 0.5,
                          "test_acc": 1.0 - v / 10, "train_acc": 1.0 - v / 20, "val_loss": v * 1.1,
                          "val_ppl": math.exp(v * 1.1) if lm else math.nan, "tokens_per_s": t if lm else math.nan,
-                         "examples_per_s": math.nan if lm else t, "wall_time_s": 1.0, "grad_erank_mean": 3.0 + seed})
+                         "examples_per_s": math.nan if lm else t, "throughput_steady": t, "wall_time_s": 1.0, "grad_erank_mean": 3.0 + seed})
     return pd.DataFrame(rows)
 
 

@@ -28,6 +28,7 @@ reads it to dispatch).
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -68,7 +69,7 @@ FINAL_NUMERIC = (
     "wall_time_s", "peak_mem_mb", "step_mem_mb", "state_mem_mb", "peak_rss_mb", "steps", "epochs_completed", "sigma_max_max",
     "sigma_max_last", "sn_violations", "sn_violating_checks", "sn_strict", "sn_active_frac", "epochs_to_90", "seconds_per_epoch", "examples_per_s", "tokens_per_s",
     "val_ppl", "val_bpb", "test_ppl", "test_bpb", "val_last_change", "entropy_floor_bits", "ngram_order",
-    "ngram_test_acc", "ngram_test_bits",
+    "ngram_test_acc", "ngram_test_bits", "throughput_steady", "throughput_steady_mad", "steady_epochs",
 )
 
 FAILURE_KINDS = ("nonfinite", "exploding", "vanishing", "chance")
@@ -239,11 +240,41 @@ def _run_row(mpath: Path, rel: str) -> dict[str, Any]:
         row["epochs_to_90"] = math.inf  # recorded as never reached (a missing key stays NaN)
     lm = "tokens_per_s" in final or "val_bpb" in final or "test_bpb" in final
     row["task"] = "lm" if lm else "classification"
+    row.update(steady_throughput(mpath.parent / "curves.csv", "tokens" if lm else "examples"))
     prov = m.get("provenance") or {}
     row["frozen"] = bool(prov.get("frozen", False))
     row["git_commit"] = prov.get("git_commit")
     row["git_dirty"] = prov.get("git_dirty")
     return row
+
+
+STEADY_COLS = ("throughput_steady", "throughput_steady_mad", "steady_epochs")
+"""Per run, from its curves: the median training throughput (``tokens_per_s`` for language
+models, else ``examples_per_s``) over the epochs after the first, its median absolute deviation
+over those epochs, and how many there were. The first epoch holds the warm-up (allocator, caches,
+the profiled step), so a run of one epoch has no steady measurement (NaN)."""
+
+
+def steady_throughput(curves_csv: Path, unit: str) -> dict[str, float]:
+    """:data:`STEADY_COLS` of one run (NaN where its curves are missing or hold one epoch)."""
+    key = f"{unit}_per_s"
+    rates: list[float] = []
+    try:
+        with open(curves_csv, newline="") as fh:
+            for rec in csv.DictReader(fh):
+                if rec.get("metric") == key and rec.get("epoch") not in (None, "", "0"):
+                    try:
+                        rates.append(float(rec["value"]))
+                    except (TypeError, ValueError):
+                        pass
+    except OSError:
+        pass
+    x = np.asarray([r for r in rates if math.isfinite(r)], dtype=float)
+    if not len(x):
+        return {"throughput_steady": math.nan, "throughput_steady_mad": math.nan, "steady_epochs": 0}
+    med = float(np.median(x))
+    return {"throughput_steady": med, "throughput_steady_mad": float(np.median(np.abs(x - med))),
+            "steady_epochs": int(len(x))}
 
 
 def point_label(point: dict[str, Any]) -> str:
@@ -596,7 +627,7 @@ BEST_COLS = [
     "test_acc_max", "test_acc_median", "test_acc_q25", "test_acc_q75", "primary_metric", "primary_direction",
     "primary_mean", "primary_median", "primary_q25", "primary_q75", "test_bpb_mean", "test_ppl_mean",
     "wall_time_s_mean", "wall_time_s_median", "seconds_per_epoch_mean", "seconds_per_epoch_median", "epochs_to_90_mean",
-    "n_reached_90", "peak_mem_mb_mean", "step_mem_mb_mean", "state_mem_mb_mean", "sn_active_frac_mean",
+    "epochs_to_90_median", "n_reached_90", "peak_mem_mb_mean", "step_mem_mb_mean", "state_mem_mb_mean", "sn_active_frac_mean",
     *(f"n_{k}" for k in FAILURE_KINDS), "task", "frozen", "seeds",
 ]
 
@@ -614,8 +645,9 @@ def best_lr_table(runs: pd.DataFrame, slices: Iterable[SliceSummary] = ()) -> pd
     (:func:`optlab.stats.spread`), for test accuracy and the study's primary metric (from the
     slice summary, default test accuracy). ``lr_edge``: ``high``/``low`` when the selected LR is
     the highest/lowest of the LRs tried (the summary's ``lrs`` and every LR the runs tried: a search
-    extends past an edge of its grid; empty for a fixed LR), i.e. the best LR may lie outside them. ``epochs_to_90_mean`` is inf when a
-    completed seed never reached 90% validation accuracy (``n_reached_90`` counts those that did);
+    extends past an edge of its grid; empty for a fixed LR), i.e. the best LR may lie outside them. ``epochs_to_90_median`` is the median over
+    the completed seeds that reached 90% validation accuracy (``n_reached_90`` counts them, NaN for
+    none); ``epochs_to_90_mean`` is inf when a completed seed never reached it;
     ``n_<kind>`` count runs by failure kind.
     """
     slices = list(slices)
@@ -695,6 +727,7 @@ def _lr_stats(g: pd.DataFrame, primary: str, direction: str | None) -> dict[str,
     seeds = sorted(int(s) for s in g["seed"].dropna())
     failures = [run_failure(r) for r in g.to_dict("records")]
     e90 = done["epochs_to_90"] if "epochs_to_90" in done else pd.Series(dtype=float)
+    e90f = pd.to_numeric(e90, errors="coerce").to_numpy(dtype=float)
     tasks = g["task"].dropna().unique() if "task" in g else []
     acc, prim = stats.spread(col("test_acc")), stats.spread(col(primary))
     opts = sorted({str(o) for o in g["optimizer"].dropna()}) if "optimizer" in g else []
@@ -724,7 +757,9 @@ def _lr_stats(g: pd.DataFrame, primary: str, direction: str | None) -> dict[str,
         "seconds_per_epoch_mean": mean("seconds_per_epoch"),
         "seconds_per_epoch_median": median("seconds_per_epoch"),
         "epochs_to_90_mean": mean("epochs_to_90"),
-        "n_reached_90": int(np.isfinite(e90.astype(float)).sum()) if e90.notna().any() else math.nan,
+        # over the seeds that reached 90% only, with their count beside it (never inf)
+        "epochs_to_90_median": float(np.median(e90f[np.isfinite(e90f)])) if np.isfinite(e90f).any() else math.nan,
+        "n_reached_90": int(np.isfinite(e90f).sum()) if e90.notna().any() else math.nan,
         "peak_mem_mb_mean": mean("peak_mem_mb"),
         "step_mem_mb_mean": mean("step_mem_mb"),
         "sn_active_frac_mean": mean("sn_active_frac"),

@@ -22,7 +22,7 @@ import textwrap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import matplotlib
 
@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import (  # noqa: E402
     FixedLocator,
     FuncFormatter,
@@ -66,7 +67,15 @@ if TYPE_CHECKING:  # pragma: no cover
 DPI = 120
 LOSS_PREFIX = "loss_curves_"
 HEADLINE = "headline_curves.png"
-MARKER_MAX_POINTS = 40  # markers on a line only up to this many x values
+MARKER_MAX_POINTS = 40  # a marker at every x value up to this many; beyond, about MARKS_PER_LINE of them
+MARKS_PER_LINE = 12
+COLORS = [*sns.color_palette("tab10"), *sns.color_palette("Dark2"), *sns.color_palette("Set1")]
+"""Distinct colours for the methods (27 before one repeats; with :data:`MARKERS` no two of the
+first 189 methods share both colour and marker)."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+HOLLOW = {"markerfacecolor": "none", "markersize": 7, "markeredgewidth": 1.4}
+"""Hollow markers in the line's colour (:func:`hollow`): where lines coincide, each outline still shows."""
+"""One marker shape per method, so that lines drawn on top of each other stay told apart."""
 
 Reducer = Callable[[pd.DataFrame], Mapping[str, pd.DataFrame]]
 """One run's long layer rows (with ``run_dir``) -> named reduced frames (see FigureData.layers)."""
@@ -196,6 +205,7 @@ def plot_all(
                 warnings.warn(f"{name} skipped: {exc}", stacklevel=2)
                 path.unlink(missing_ok=True)
                 continue
+            drop_empty(fig)
             fig.savefig(path, dpi=DPI)
             written.append(path)
     return written
@@ -213,8 +223,7 @@ def _prepare(runs: pd.DataFrame, best: pd.DataFrame, curves: pd.DataFrame | None
     multi = sw["study"].nunique(dropna=False) > 1
     # fixed colours for the analyses' methods (the same in every figure and report), others after them
     methods = [*order, *(m for m in method_order(runs["method"].dropna().unique(), order) if m not in order)]
-    colors = sns.color_palette("tab10", max(10, len(methods)))
-    palette = {m: colors[i % len(colors)] for i, m in enumerate(methods)}
+    palette = {m: COLORS[i % len(COLORS)] for i, m in enumerate(methods)}
     head = runs[runs["kind"] == "headline"]
     needed = pd.concat([chosen, head], ignore_index=True)["run_dir"].dropna().unique().tolist()
     if root is not None:
@@ -296,13 +305,70 @@ def focus(fd: FigureData, study: Any, dataset: Any) -> tuple[Any, pd.DataFrame]:
     return point, match(sel, point=point)
 
 
-def hue(fd: FigureData, frame: pd.DataFrame) -> dict:
-    """lineplot keywords for one line per method (labelled with its LR), fixed colours."""
+def marker_of(fd: FigureData, method: Any) -> str:
+    """The method's fixed marker (its place among the palette's methods)."""
+    keys = list(fd.palette)
+    return MARKERS[keys.index(method) % len(MARKERS)] if method in fd.palette else MARKERS[0]
+
+
+def hue(fd: FigureData, frame: pd.DataFrame, x: str | None = None) -> dict:
+    """lineplot keywords for one line per method (labelled with its LR): fixed colours and a
+    fixed marker per method, so that overlapping lines stay visible. With ``x``, a line of more
+    than :data:`MARKER_MAX_POINTS` points gets about :data:`MARKS_PER_LINE` markers."""
     pairs = frame[["method", "label"]].drop_duplicates()
     order = fd.method_order(pairs["method"].unique())
     labels = [lab for o in order for lab in sorted(pairs.loc[pairs["method"] == o, "label"])]
     pal = {lab: fd.palette.get(o, (0.5, 0.5, 0.5)) for o, lab in pairs.itertuples(index=False, name=None)}
-    return {"hue": "label", "hue_order": labels, "palette": pal}
+    marks = {lab: marker_of(fd, o) for o, lab in pairs.itertuples(index=False, name=None)}
+    out = {"hue": "label", "hue_order": labels, "palette": pal, "style": "label", "style_order": labels,
+           "markers": marks, "dashes": False}
+    n = frame[x].nunique() if x is not None and x in frame else 0
+    if n > MARKER_MAX_POINTS:
+        out["markevery"] = max(1, n // MARKS_PER_LINE)
+    return out
+
+
+def method_style(fd: FigureData, methods: Any) -> dict:
+    """lineplot keywords giving each method (a ``method`` hue) its fixed marker."""
+    order = fd.method_order(list(methods))
+    return {"style": "method", "style_order": order, "markers": {m: marker_of(fd, m) for m in order}, "dashes": False}
+
+
+def dodge(fd: FigureData, frame: pd.DataFrame, x: str, methods: list[str], width: float = 0.05) -> pd.Series:
+    """``x`` shifted a little per method on a log axis (factor 2**(±width·k)), so that equal
+    values at one x do not hide each other's markers and error bars; ticks stay on the true x."""
+    k = {m: i - (len(methods) - 1) / 2 for i, m in enumerate(methods)}
+    return frame[x].astype(float) * np.exp2(frame["method"].map(k).fillna(0.0).astype(float) * width)
+
+
+def mark_empty(ax) -> None:
+    """Flag an axes as holding no data: :func:`drop_empty` removes it before the figure is saved."""
+    ax._optlab_empty = True  # noqa: SLF001 - our own flag on our own axes
+
+
+def drop_empty(fig: Figure) -> None:
+    """Remove the panels flagged by :func:`empty` / :func:`mark_empty` and pack the rest onto a
+    smaller grid (the figure shrinks with it). A figure whose every panel is empty, or with
+    twin axes sharing a cell, is left as it is."""
+    axes = [ax for ax in fig.axes if ax.get_visible() and ax.get_subplotspec() is not None]
+    hollow = [ax for ax in axes if getattr(ax, "_optlab_empty", False)]
+    hidden = [ax for ax in fig.axes if not ax.get_visible()]
+    if not hollow or len(hollow) == len(axes):
+        return
+    cells = [(ax.get_subplotspec().rowspan, ax.get_subplotspec().colspan) for ax in axes]
+    if len(set(map(str, cells))) != len(cells):
+        return  # twin axes (or overlays) share a cell: moving one would split them
+    keep = [ax for ax in axes if ax not in hollow]
+    nrows, ncols = keep[0].get_subplotspec().get_gridspec().get_geometry()
+    new_cols = min(ncols, len(keep))
+    new_rows = -(-len(keep) // new_cols)
+    w, h = fig.get_size_inches()
+    for ax in hollow + hidden:
+        ax.remove()
+    gs = fig.add_gridspec(new_rows, new_cols)
+    for i, ax in enumerate(keep):
+        ax.set_subplotspec(gs[i // new_cols, i % new_cols])
+    fig.set_size_inches(w * new_cols / ncols, h * new_rows / nrows)
 
 
 def tag(frame: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -317,10 +383,20 @@ def positive(frame: pd.DataFrame, col: str) -> pd.DataFrame:
     return frame[np.isfinite(v) & (v > 0)]
 
 
+def hollow(lines: Iterable[Any]) -> None:
+    """Draw the markers of these lines hollow, edged in the line's colour (:data:`HOLLOW`)."""
+    for line in lines:
+        if isinstance(line, Line2D) and line.get_marker() not in (None, "None", "", " ", "none"):
+            line.set(markeredgecolor=line.get_color(), **HOLLOW)
+
+
 def legend(ax, extra: list[tuple[object, str]] = (), title: str | None = "method (selected LR)") -> None:
-    """Rebuild the axes legend: seaborn's hue entries plus extra (handle, label) pairs."""
+    """Rebuild the axes legend: seaborn's hue entries plus extra (handle, label) pairs. Markers
+    are drawn hollow first (:func:`hollow`), in the axes and in the legend."""
+    hollow(ax.lines)
     leg = ax.get_legend()
     handles = list(leg.legend_handles) if leg is not None else []
+    hollow(handles)
     labels = [t.get_text() for t in leg.get_texts()] if leg is not None else []
     for h, lab in extra:
         handles.append(h)
@@ -363,7 +439,9 @@ def depth_x(ax, depths: list[float], xlabel: str = "depth (hidden layers, log sc
 
 
 def empty(ax, text: str = "no data") -> None:
+    """A panel without data: says so, and is dropped when the figure has panels with data."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    mark_empty(ax)
 
 
 def figure(nrows: int, ncols: int, w: float = 6.0, h: float = 4.2) -> tuple[Figure, np.ndarray]:
@@ -380,10 +458,6 @@ def grid(n: int, ncols: int = 3, w: float = 6.5, h: float = 4.4) -> tuple[Figure
     for ax in flat[n:]:
         ax.set_visible(False)
     return fig, flat[:n]
-
-
-def markers(frame: pd.DataFrame, col: str) -> dict:
-    return {"marker": "o"} if frame[col].nunique() <= MARKER_MAX_POINTS else {}
 
 
 def geomean(x: pd.Series) -> float:
@@ -420,7 +494,10 @@ def _loss_curves(fd: FigureData, study: Any) -> Figure:
             if d.empty:
                 empty(ax)
             else:
-                sns.lineplot(data=d, x="epoch_n", y="value", errorbar="sd", ax=ax, **markers(d, "epoch_n"), **hue(fd, d))
+                # log axis: the geometric mean and the interquartile range over seeds (quantiles of the
+                # log are the log of the quantiles; a mean ± sd band can cross zero and fill the axis)
+                sns.lineplot(data=d, x="epoch_n", y="value", estimator=geomean, errorbar=("pi", 50), ax=ax,
+                             **hue(fd, d, "epoch_n"))
                 log_y(ax)
                 int_x(ax)
                 legend(ax)
@@ -431,7 +508,7 @@ def _loss_curves(fd: FigureData, study: Any) -> Figure:
     if not drawn:
         raise NoData(f"no per-epoch losses for study {study}")
     suptitle(fig, f"{study}: loss curves at the deepest grid point some method trained "
-                  "(selected LR, mean ± sd over seeds)")
+                  "(selected LR, geometric mean and IQR over seeds)")
     return fig
 
 

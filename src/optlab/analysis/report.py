@@ -343,7 +343,7 @@ def verdict_cells(v: pd.DataFrame) -> pd.DataFrame:
 BEST_VIEW = ["dataset", "method", "point", "lr", "lr_edge", "n_seeds", "n_completed", "n_diverged", "failures",
              "val_acc_mean", "val_loss_mean", "test_acc_mean", "test_acc_std", "test_acc_median", "test_acc_q25",
              "test_acc_q75", "primary_metric", "primary_median", "primary_q25", "primary_q75", "test_bpb_mean",
-             "test_ppl_mean", "wall_time_s_mean", "seconds_per_epoch_mean", "epochs_to_90_mean", "n_reached_90",
+             "test_ppl_mean", "wall_time_s_mean", "seconds_per_epoch_mean", "epochs_to_90_median", "n_reached_90",
              "peak_mem_mb_mean", "step_mem_mb_mean", "state_mem_mb_mean", "frozen"]
 
 
@@ -378,7 +378,7 @@ def best_tables(best: pd.DataFrame, order: tuple[str, ...] = ()) -> list[str]:
         g = best if study is None else best[best["study"] == study]
         keep = [c for c in BEST_VIEW if c in g.columns]
         lm = "task" in g and (g["task"] == "lm").all()
-        drop = {"test_bpb_mean", "test_ppl_mean"} if not lm else {"epochs_to_90_mean", "n_reached_90"}
+        drop = {"test_bpb_mean", "test_ppl_mean"} if not lm else {"epochs_to_90_median", "n_reached_90"}
         if "primary_metric" in g and (g["primary_metric"].fillna("test_acc") == "test_acc").all():
             drop |= {"primary_metric", "primary_median", "primary_q25", "primary_q75"}  # the test_acc columns
         keep = [c for c in keep if c not in drop and (c in ("dataset", "method", "point", "lr") or not g[c].isna().all())]

@@ -605,7 +605,7 @@ def _curves_figure(fd: "FigureData") -> "Figure":
                 P.empty(ax)
             else:
                 sns.lineplot(data=d, x="epoch_n", y="value", estimator="median", errorbar=("pi", 50), ax=ax,
-                             **P.hue(fd, d))
+                             **P.hue(fd, d, "epoch_n"))
                 if metric == "val_acc":
                     from matplotlib.ticker import PercentFormatter
 
@@ -695,7 +695,8 @@ def _alignment_figure(fd: "FigureData") -> "Figure":
             if d.empty:
                 P.empty(ax)
             else:
-                sns.lineplot(data=d, x="step", y="value", estimator="median", errorbar=("pi", 50), ax=ax, **P.hue(fd, d))
+                sns.lineplot(data=d, x="step", y="value", estimator="median", errorbar=("pi", 50), ax=ax,
+                             **P.hue(fd, d, "step"))
                 ax.axhline(0.0, color="0.6", lw=0.6, ls=":")
                 P.legend(ax)
                 drawn += 1

@@ -9,7 +9,8 @@ curves leave their tables empty.
 Tables (every median [IQR] is over seeds, :func:`optlab.stats.spread`):
 
 - ``modular_results``: per study and method, train/test loss and accuracy (LM: validation loss,
-  perplexity), throughput (tokens/s or examples/s), mean gradient effective rank over training.
+  perplexity), throughput (tokens/s or examples/s, over the epochs after the first: the first
+  holds the warm-up), mean gradient effective rank over training.
 - ``modular_verdict``: relative difference of the final test loss of each method against the
   study's reference (its verdict's reference: ``baseline_adamw``, ``adamw`` for ``modular_ns``),
   ``mean(method) / mean(reference) - 1`` over paired seeds, with the paired bootstrap interval of
@@ -178,9 +179,10 @@ def run_table(runs: pd.DataFrame) -> pd.DataFrame:
     for c in ("train_loss", "test_loss", "train_acc", "test_acc", "val_loss", "val_ppl", "test_ppl", "grad_erank_mean",
               "wall_time_s"):
         out[c] = num(c)
-    tok, ex = num("tokens_per_s"), num("examples_per_s")
+    tok = num("tokens_per_s")
     out["lm"] = tok.notna() | out["val_ppl"].notna()
-    out["throughput"] = np.where(out["lm"], tok, ex)
+    # after the warm-up epoch only (aggregate.steady_throughput): NaN for a run of one epoch
+    out["throughput"] = num("throughput_steady")
     out["throughput_unit"] = np.where(out["lm"], "tokens/s", "examples/s")
     out["seed"] = pd.to_numeric(out["seed"], errors="coerce")
     return out[RUN_COLS].reset_index(drop=True)

@@ -90,9 +90,11 @@ def _accuracy_vs_depth(fd: P.FigureData) -> Figure:
         depths = sorted(float(d) for d in sel["depth"].dropna().unique())
         extra: list[tuple[object, str]] = []
         if not ok.empty:
+            order = fd.method_order(ok["method"].unique())
+            ok["depth_drawn"] = P.dodge(fd, ok, "depth", order)  # side by side at each depth: none hidden
             sns.lineplot(
-                data=ok, x="depth", y="test_acc", hue="method", hue_order=fd.method_order(ok["method"].unique()),
-                palette=fd.palette, errorbar="sd", err_style="bars", marker="o", ax=ax,
+                data=ok, x="depth_drawn", y="test_acc", hue="method", hue_order=order,
+                palette=fd.palette, errorbar="sd", err_style="bars", ax=ax, **P.method_style(fd, order),
             )
             drawn += 1
         # selected configurations with a recorded failure: its kinds written beside the point
@@ -136,9 +138,18 @@ def _memory_vs_context(fd: P.FigureData) -> Figure:
         sns.lineplot(data=g, x="block_size", y="mem_mb", hue="method", hue_order=order, palette=fd.palette,
                      marker="o", ax=row[0])
         row[0].set_ylabel(f"memory (MB, {'/'.join(basis)})")
-        sns.lineplot(data=g[g["tokens_per_s"].notna()], x="block_size", y="tokens_per_s", hue="method",
-                     hue_order=order, palette=fd.palette, marker="o", ax=row[1])
-        row[1].set_ylabel("training tokens / s")
+        tp = g[g["tokens_per_s"].notna()]
+        if tp.empty:
+            P.empty(row[1], "no steady throughput (runs of one epoch)")
+        else:
+            sns.lineplot(data=tp, x="block_size", y="tokens_per_s", hue="method",
+                         hue_order=[o for o in order if o in set(tp["method"])], palette=fd.palette, marker="o", ax=row[1])
+            for meth, gm in tp.groupby("method"):
+                gm = gm.sort_values("block_size")
+                mad = gm["tokens_per_s_mad"].fillna(0.0)
+                row[1].fill_between(gm["block_size"], gm["tokens_per_s"] - mad, gm["tokens_per_s"] + mad,
+                                    color=fd.palette.get(meth, (0.5, 0.5, 0.5)), alpha=0.2, linewidth=0)
+        row[1].set_ylabel("training tokens / s (after warm-up, ± MAD)")
         for ax in row:
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted(g["block_size"].unique()))
@@ -176,8 +187,10 @@ def _grad_ratio_vs_depth(fd: P.FigureData, last_layers: pd.DataFrame) -> Figure:
             floor = float(pos.min()) / 10 if len(pos) else 1e-45
             zero = d["ratio"] <= 0
             d.loc[zero, "ratio"] = floor
-            sns.lineplot(data=d, x="depth", y="ratio", hue="method", hue_order=fd.method_order(d["method"].unique()),
-                         palette=fd.palette, estimator=P.geomean, errorbar=("pi", 100), marker="o", ax=ax)
+            order = fd.method_order(d["method"].unique())
+            sns.lineplot(data=d, x="depth", y="ratio", hue="method", hue_order=order,
+                         palette=fd.palette, estimator=P.geomean, errorbar=("pi", 100), ax=ax,
+                         **P.method_style(fd, order))
             if zero.any():
                 extra.append((Line2D([], [], ls="none"), f"ratio 0 (underflow) drawn at {floor:.0e}"))
             P.log_y(ax)
@@ -207,7 +220,7 @@ def _grad_norm_vs_layer(fd: P.FigureData, last_layers: pd.DataFrame) -> Figure:
             P.empty(ax)
         else:
             sns.lineplot(data=d, x="layer", y="grad_norm", estimator=P.geomean, errorbar=("pi", 100), ax=ax,
-                         **P.markers(d, "layer"), **P.hue(fd, d))
+                         **P.hue(fd, d, "layer"))
             P.log_y(ax)
             P.int_x(ax)
             P.legend(ax)
@@ -234,7 +247,8 @@ def _sigma_max(fd: P.FigureData, sigma_steps: pd.DataFrame) -> Figure:
         if d.empty:
             P.empty(ax)
         else:
-            sns.lineplot(data=d, x="step", y="sigma_max", errorbar="sd", ax=ax, **P.hue(fd, d))
+            sns.lineplot(data=d, x="step", y="sigma_max", estimator=P.geomean, errorbar=("pi", 50), ax=ax,
+                         **P.hue(fd, d, "step"))
             P.log_y(ax)
             drawn += 1
             extra = [(ax.axhline(1.0, ls="--", color="0.2", lw=1), "σ = 1")]
@@ -244,7 +258,7 @@ def _sigma_max(fd: P.FigureData, sigma_steps: pd.DataFrame) -> Figure:
         ax.set_title(f"{P.panel_title(fd, study, dataset)}: largest singular value, {P.point_text(point)}")
     if not drawn:
         raise P.NoData("no sigma_max values")
-    P.suptitle(fig, "Spectral norm of the weights during training (selected LR, mean ± sd over seeds)")
+    P.suptitle(fig, "Spectral norm of the weights during training (selected LR, geometric mean and IQR over seeds)")
     return fig
 
 

@@ -239,6 +239,8 @@ def answer_line(row: pd.Series) -> str:
         if key == "memory":
             words_ = MEM_WORDS.get(str(row.get("mem_basis")), "training-state memory")
         va, vb = (R.num(row.get(f"{o}_{col}"), unit) for o in (m, r))
+        if key == "epochs_to_90":  # a median over the seeds that reached 90%: say how many did
+            va, vb = (f"{v} over {_reached(row, o)}" for v, o in ((va, m), (vb, r)))
         if key == "depth_tolerance":  # no trainable depth at all
             va, vb = (x.replace("n/a", "none") for x in (va, vb))
         text = f"{words_} ({va} vs {vb})"
@@ -274,6 +276,14 @@ def answer_line(row: pd.Series) -> str:
     s += lm_reference_text(row, m, r)
     s += f" Answer: **{row.get('answer', 'no')}**."
     return s
+
+
+def _reached(row: pd.Series | dict, o: str) -> str:
+    """'k of n seeds': how many completed seeds reached 90% validation accuracy."""
+    k, n = row.get(f"{o}_n_reached_90"), row.get(f"{o}_n_completed")
+    if k is None or pd.isna(k):
+        return "no recorded seeds"
+    return f"{int(k)} of {int(n)} seeds" if n is not None and pd.notna(n) else f"{int(k)} seeds"
 
 
 SN_TOL = 1e-4
@@ -411,10 +421,10 @@ def verdict_note(m: str, r: str, bar: float) -> str:
             f"`mem_basis` peak / step / state; labelled `{STATELESS}` where plain sgd, which keeps no optimizer "
             f"state, is below {rn} on the same basis as well, `plain_sgd_mem_mb`), `depth_tolerance` (deeper deepest-"
             f"trainable depth in the study and dataset, where {rn} failed at or before that depth) and "
-            "`epochs_to_90` (every completed seed reached 90% validation accuracy, in fewer epochs on average "
+            "`epochs_to_90` (every completed seed reached 90% validation accuracy, in fewer epochs (median) "
             f"or where {rn} did not). `answer` = yes when the bar is reached and a wall-time, memory or "
             "depth-tolerance advantage holds; inconclusive when such an advantage holds but the interval contains "
-            "the bar; else no. `never`/`inf` for epochs to 90%: some completed seed never reached 90%.")
+            "the bar; else no. Epochs to 90% are the median over the seeds that reached 90%, with their count.")
 
 
 # ---------------------------------------------------------------- what the projection acts on
@@ -683,7 +693,7 @@ def _ablation_view(a: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- context
 
 CONTEXT_VIEW = ["study", "dataset", "block_size", "method", "lr", "n_seeds", "mem_basis", "mem_mb", "tokens_per_s",
-                "val_bpb", "failures"]
+                "tokens_per_s_mad", "steady_epochs", "val_bpb", "failures"]
 
 
 def _context_note(c: pd.DataFrame) -> str:
@@ -702,7 +712,9 @@ def _context_note(c: pd.DataFrame) -> str:
     growth = ("; ".join(parts) + ".") if parts else ""
     return ("A cost study (`verdict: false`, so not in the accuracy verdict): each optimizer trains the same "
             f"transformer at one LR for a short budget at each context length. Memory is {words} (`mem_basis`); "
-            f"tokens/s is the training loop's throughput. {growth}").rstrip()
+            f"tokens/s is the training loop's throughput over the epochs after the first (the first holds the "
+            f"warm-up), median with `tokens_per_s_mad` its median absolute deviation over those epochs; blank "
+            f"where a run had only one epoch. {growth}").rstrip()
 
 
 # ---------------------------------------------------------------- caveats
@@ -726,8 +738,8 @@ def _caveats(v: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
         "- Depth tolerance compares the deepest grid point trained without a recorded failure; it counts only "
         "where the other optimizer failed at or before that depth.",
         "- Failure kinds are those recorded in each run's metrics.json (`failure`) and in the sweep's summary.json.",
-        "- Epochs to 90%: the first epoch with validation accuracy ≥ 90%; `never` when a completed seed did not "
-        "reach it.",
+        "- Epochs to 90%: the first epoch with validation accuracy ≥ 90%, the median over the completed seeds that "
+        "reached it, with how many did (`n_reached_90` of `n_completed`); n/a when none did.",
     ]
     lm = bool("task" in v and (v["task"] == "lm").any()) if len(v) else False
     lm = lm or bool("task" in runs and (runs["task"] == "lm").any())

@@ -194,7 +194,9 @@ def _advantage_columns(spec: VerdictSpec, dtf: pd.DataFrame, best: pd.DataFrame 
             "plain_sgd_mem_mb": plain,
             "memory_stateless": bool(mem_lower == m and pd.notna(plain) and pd.notna(mem_b) and plain < mem_b),
             f"{m}_deepest": deep_a, f"{r}_deepest": deep_b, "depth_deeper": deeper,
-            f"{m}_epochs_to_90": a.get("epochs_to_90_mean", math.nan), f"{r}_epochs_to_90": b.get("epochs_to_90_mean", math.nan),
+            # median over the seeds that reached 90% (n_reached_90 of n_completed)
+            f"{m}_epochs_to_90": a.get("epochs_to_90_median", math.nan),
+            f"{r}_epochs_to_90": b.get("epochs_to_90_median", math.nan),
             f"{m}_n_reached_90": a.get("n_reached_90", math.nan), f"{r}_n_reached_90": b.get("n_reached_90", math.nan),
             "e90_fewer": _fewer_epochs(a, b, m, r),
             f"{m}_test_bpb": a.get("test_bpb_mean", math.nan), f"{r}_test_bpb": b.get("test_bpb_mean", math.nan),
@@ -343,10 +345,20 @@ def _deeper(dtf: pd.DataFrame, study: Any, dataset: Any, m: str, r: str) -> tupl
 
 
 def _fewer_epochs(a: pd.Series, b: pd.Series, m: str, r: str) -> str:
-    ea, eb = a.get("epochs_to_90_mean", math.nan), b.get("epochs_to_90_mean", math.nan)
-    if isna(ea) or isna(eb) or (math.isinf(ea) and math.isinf(eb)):
+    """Who reaches 90% validation accuracy sooner: a side whose every completed seed reached it
+    against one where some seed did not, else (both every seed) the lower median epoch."""
+    def every(x: pd.Series) -> bool | None:
+        n, k = x.get("n_completed", math.nan), x.get("n_reached_90", math.nan)
+        if isna(n) or isna(k) or int(n) == 0:
+            return None  # not recorded
+        return int(k) == int(n)
+
+    fa, fb = every(a), every(b)
+    if fa is None or fb is None or not (fa or fb):
         return "n/a"  # not recorded, or neither reached 90% on every completed seed
-    return _lower(ea, eb, m, r)
+    if fa != fb:
+        return m if fa else r
+    return _lower(a.get("epochs_to_90_median", math.nan), b.get("epochs_to_90_median", math.nan), m, r)
 
 
 def _lower(a: float, b: float, na: str, nb: str) -> str:
@@ -621,13 +633,16 @@ def depth_tolerance_table(runs: pd.DataFrame, best: pd.DataFrame | None = None) 
 
 
 CONTEXT_COLS = ["study", "dataset", "method", "block_size", "lr", "n_seeds", "n_completed", "mem_basis", "mem_mb",
-                "peak_mem_mb", "step_mem_mb", "state_mem_mb", "tokens_per_s", "seconds_per_epoch", "val_bpb", "failures"]
+                "peak_mem_mb", "step_mem_mb", "state_mem_mb", "tokens_per_s", "tokens_per_s_mad", "steady_epochs",
+                "seconds_per_epoch", "val_bpb", "failures"]
 
 
 def context_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Memory and throughput along a context-length (``block_size``) grid, per method.
 
-    One row per (study, dataset, method, block_size, lr), means over seeds. ``mem_mb`` is on
+    One row per (study, dataset, method, block_size, lr), means over seeds. ``tokens_per_s`` is
+    the steady throughput (epochs after the first; ``tokens_per_s_mad`` its spread over those
+    epochs, ``steady_epochs`` how many), NaN where the runs had one epoch. ``mem_mb`` is on
     ``mem_basis``: ``peak`` (CUDA allocator peak) where every run of the row recorded it, else
     ``step`` (profiled training-step peak, CPU), else ``state`` (training-state size).
     """
@@ -639,6 +654,7 @@ def context_table(runs: pd.DataFrame) -> pd.DataFrame:
     for key, g in sw.groupby(["study", "dataset", "method", "block_size", "lr"], dropna=False, sort=True):
         done = g[g["status"] == "completed"]
         mean = lambda c: float(pd.to_numeric(done[c], errors="coerce").mean()) if c in done and len(done) else math.nan  # noqa: E731
+        med = lambda c: float(pd.to_numeric(done[c], errors="coerce").median()) if c in done and len(done) else math.nan  # noqa: E731
         basis, mem = "state", mean("state_mem_mb")
         for b, col in MEM_BASES:
             if col in done and len(done) and pd.to_numeric(done[col], errors="coerce").notna().all():
@@ -648,7 +664,11 @@ def context_table(runs: pd.DataFrame) -> pd.DataFrame:
             **dict(zip(["study", "dataset", "method", "block_size", "lr"], key)),
             "n_seeds": int(g["seed"].nunique()), "n_completed": len(done), "mem_basis": basis, "mem_mb": mem,
             "peak_mem_mb": mean("peak_mem_mb"), "step_mem_mb": mean("step_mem_mb"), "state_mem_mb": mean("state_mem_mb"),
-            "tokens_per_s": mean("tokens_per_s"), "seconds_per_epoch": mean("seconds_per_epoch"),
+            # throughput after the warm-up epoch only (median over the runs' steady epochs; NaN with one epoch)
+            "tokens_per_s": med("throughput_steady"), "tokens_per_s_mad": med("throughput_steady_mad"),
+            "steady_epochs": int(pd.to_numeric(done["steady_epochs"], errors="coerce").fillna(0).sum())
+            if "steady_epochs" in done else 0,
+            "seconds_per_epoch": mean("seconds_per_epoch"),
             "val_bpb": mean("val_bpb"), "failures": failure_text(g),
         })
     df = pd.DataFrame(out, columns=CONTEXT_COLS)
