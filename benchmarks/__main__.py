@@ -29,9 +29,9 @@ def _time(fn: Callable[[], object], device: torch.device, repeats: int = 5, warm
 
 
 def bench_projection(device: torch.device, depth: int, width: int) -> dict:
-    """Batched spectral clip over the hidden stack vs a per-layer loop doing the same math."""
+    """Batched ``scale`` projection (W / max(1, sigma)) over the hidden stack vs a per-layer loop doing the same math."""
     w = torch.nn.Parameter(torch.randn(depth, width, width, device=device) / width**0.5)
-    proj = SpectralProjection([w], mode="clip", sigma="exact")
+    proj = SpectralProjection([w], mode="scale", sigma="exact")
 
     def per_layer() -> None:
         with torch.no_grad():
@@ -39,8 +39,34 @@ def bench_projection(device: torch.device, depth: int, width: int) -> dict:
                 s = torch.linalg.matrix_norm(w[i], ord=2)
                 w[i].div_(torch.clamp(s, min=1.0))
 
-    return {"name": f"spectral clip, exact sigma, {depth}x{width}x{width}", "optlab": _time(proj.project, device),
+    return {"name": f"spectral scale, exact sigma, {depth}x{width}x{width}", "optlab": _time(proj.project, device),
             "peer": _time(per_layer, device), "peer_name": "per-layer loop with matrix_norm(ord=2)"}
+
+
+def bench_clip_sv(device: torch.device, depth: int, width: int) -> dict:
+    """Batched ``clip_sv`` (singular values above 1 set to 1: one batched SVD) vs a per-layer SVD loop."""
+    w = torch.nn.Parameter(2.0 * torch.randn(depth, width, width, device=device) / width**0.5)
+    proj = SpectralProjection([w], mode="clip_sv", sigma="exact")
+    w0 = w.detach().clone()
+
+    def per_layer() -> None:
+        with torch.no_grad():
+            for i in range(depth):
+                u, s, vh = torch.linalg.svd(w0[i], full_matrices=False)
+                w0[i] = (u * s.clamp_max(1.0)) @ vh
+
+    return {"name": f"spectral clip_sv, {depth}x{width}x{width}", "optlab": _time(proj.project, device),
+            "peer": _time(per_layer, device), "peer_name": "per-layer loop with torch.linalg.svd"}
+
+
+def bench_mode_cost(device: torch.device, depth: int, width: int, mode: str) -> dict:
+    """What a projection mode costs against ``scale`` with exact sigma on the same stack (ratio < 1: dearer)."""
+    w = torch.nn.Parameter(2.0 * torch.randn(depth, width, width, device=device) / width**0.5)
+    p_mode = SpectralProjection([w], mode=mode, sigma="exact")
+    p_scale = SpectralProjection([w], mode="scale", sigma="exact")
+    return {"name": f"projection mode {mode} vs scale, exact sigma, {depth}x{width}x{width}",
+            "optlab": _time(p_mode.project, device), "peer": _time(p_scale.project, device),
+            "peer_name": "scale (W / max(1, sigma))"}
 
 
 def bench_sigma(device: torch.device, depth: int, width: int) -> dict:
@@ -51,10 +77,10 @@ def bench_sigma(device: torch.device, depth: int, width: int) -> dict:
 
 
 def bench_power(device: torch.device, depth: int, width: int) -> dict:
-    """Power-iteration projection (1 iteration) vs exact projection."""
+    """``scale`` with a power-iteration sigma (1 iteration; not strict) vs with the exact sigma."""
     w = torch.nn.Parameter(torch.randn(depth, width, width, device=device) / width**0.5)
-    p_pow = SpectralProjection([w], sigma="power", power_iters=1)
-    p_ex = SpectralProjection([w], sigma="exact")
+    p_pow = SpectralProjection([w], mode="scale", sigma="power", power_iters=1)
+    p_ex = SpectralProjection([w], mode="scale", sigma="exact")
     return {"name": f"projection power(1) vs exact, {depth}x{width}x{width}", "optlab": _time(p_pow.project, device),
             "peer": _time(p_ex.project, device), "peer_name": "exact sigma projection"}
 
@@ -113,6 +139,9 @@ def main() -> None:
     big = not args.quick
     rows = [
         bench_projection(device, 64 if big else 16, 128 if big else 64),
+        bench_clip_sv(device, 64 if big else 16, 128 if big else 64),
+        bench_mode_cost(device, 64 if big else 16, 128 if big else 64, "clip_sv"),
+        bench_mode_cost(device, 64 if big else 16, 128 if big else 64, "normalize"),
         bench_sigma(device, 64 if big else 16, 256 if big else 64),
         bench_power(device, 64 if big else 16, 256 if big else 64),
         bench_train_step(device, 64 if big else 16, 128 if big else 64, 128),
