@@ -312,3 +312,24 @@ def test_lm_reference_sentence() -> None:
                  "above the count model's bits: they are undertrained at this budget.")
     assert "undertrained" not in lm_reference_text({**row, "adam_test_bits": 2.3}, "sgd_sn", "adam")
     assert lm_reference_text({**row, "task": "classification"}, "sgd_sn", "adam") == ""
+
+
+def test_mode_lines_name_the_verdict_mode_and_the_ablation_numbers() -> None:
+    from optlab.analysis.studies.sgd_sn.report import mode_lines
+
+    runs = pd.DataFrame([
+        {"kind": "sweep", "method": "sgd_sn", "optimizer": "sgd_sn", "sn_mode": "clip_sv", "in_verdict": True},
+        {"kind": "sweep", "method": "sgd_sn_scale", "optimizer": "sgd_sn", "sn_mode": "scale", "in_verdict": True},
+        {"kind": "sweep", "method": "sgd_sn", "optimizer": "sgd_sn", "sn_mode": "normalize", "in_verdict": False},
+    ])
+    ab = pd.DataFrame([
+        {"optimizer": "sgd_sn", "arch": "mlp", "depth": 8, "sn_mode": m, "lr": lr, "test_acc_mean": acc}
+        for m, lr, acc in (("clip_sv", 0.01, 0.822), ("scale", 0.01, 0.643), ("normalize", 0.01, 0.643),
+                           ("clip_sv", 0.1, 0.908), ("scale", 0.1, 0.184))
+    ] + [{"optimizer": "sgd", "arch": "mlp", "depth": 8, "sn_mode": None, "lr": 0.01, "test_acc_mean": 0.85}])
+    text = mode_lines(runs, ab, ["sgd_sn"])[0]
+    assert text.startswith("**Which projection answers it.** The verdict's projected runs use `clip_sv` (singular "
+                           "values above 1 set to 1, the rest untouched).")  # not sgd_sn_scale's mode, not a cost study's
+    assert ("The ablation (MLP, depth 8) compares the modes at one configuration: mean test accuracy at LR 0.01: "
+            "clip_sv 82.2%, scale 64.3%, normalize 64.3%; at LR 0.1: clip_sv 90.8%, scale 18.4%.") in text
+    assert mode_lines(runs.iloc[0:0], ab) == []

@@ -103,6 +103,7 @@ def section(rd: R.ReportData) -> str:
         lines += ["**The questions** (the studies' verdict specs differ):", ""]
         lines += [f"- {', '.join(R.values(g['study']))}: {question(*key, key[0] in proj)}" for key, g in groups] + [""]
     lines += projection_lines(runs) + [""]
+    lines += mode_lines(runs, t["ablation"], [str(m) for m in R.values(v["method"])] if "method" in v else None)
     lines += [
         "### The answer, task by task", "",
         "A task is one grid point of a study on one dataset; each optimizer runs at its own learning rate, "
@@ -145,6 +146,48 @@ def section(rd: R.ReportData) -> str:
              "ablation.csv", "best_lr.csv", "runs.csv", "divergence.csv", "context.csv")
     lines += [f"Full tables: {rd.table_links(list(names))}.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+MODE_WORDS = {
+    "clip_sv": "`clip_sv` (singular values above 1 set to 1, the rest untouched)",
+    "scale": "`scale` (W / max(1, σ_max): every singular value shrinks by one factor)",
+    "normalize": "`normalize` (W / σ_max: σ_max forced to 1)",
+}
+
+
+def mode_lines(runs: pd.DataFrame, ablation: pd.DataFrame | None, methods: list[str] | None = None) -> list[str]:
+    """Which projection mode the verdict's projected runs (``methods``, default sgd_sn) use, why
+    that one answers "strict spectral normalization", and the ablation's comparison of the modes."""
+    methods = methods or [DEFAULT_SPEC.method]
+    sw = runs[(runs["kind"] == "sweep") & runs["method"].astype(str).isin(methods)] if "method" in runs else runs.iloc[0:0]
+    if "in_verdict" in sw:
+        sw = sw[sw["in_verdict"].astype(bool)]
+    modes = R.values(sw["sn_mode"]) if "sn_mode" in sw and len(sw) else []
+    if not modes:
+        return []
+    used = ", ".join(MODE_WORDS.get(str(m), f"`{m}`") for m in modes)
+    s = (f"**Which projection answers it.** The verdict's projected runs use {used}. `clip_sv` is the Euclidean "
+         "projection onto the set σ_max ≤ 1: of all matrices with every singular value at most 1 it is the nearest "
+         "(in the Frobenius and the spectral norm), changing only the directions whose gain exceeds 1. That makes it "
+         "the strict normalization that changes the weights least, so it is the one the question is answered with; "
+         f"{MODE_WORDS['scale']} also bounds σ_max by 1 but shrinks every direction, and {MODE_WORDS['normalize']} "
+         "is not a projection onto a ball at all. Convolutions are projected on their operator norm at the layer's "
+         "input size; there `clip_sv` rescales as `scale` does (see Methods).")
+    parts = []
+    if ablation is not None and len(ablation) and "sn_mode" in ablation:
+        a = ablation[(ablation["optimizer"].astype(str) == "sgd_sn") & ablation["sn_mode"].notna()]
+        if "arch" in a:
+            a = a[a["arch"].astype(str) == "mlp"]
+        for lr, g in a.groupby("lr", sort=True):
+            cells = [f"{m} {R.pct(float(r['test_acc_mean']))}" for m in ("clip_sv", "scale", "normalize")
+                     for _, r in g[g["sn_mode"].astype(str) == m].head(1).iterrows() if pd.notna(r["test_acc_mean"])]
+            if len(cells) >= 2:
+                parts.append(f"at LR {format_value(lr)}: {', '.join(cells)}")
+    if parts:
+        depth = R.values(a["depth"]) if "depth" in a else []
+        where = f" (MLP, depth {format_value(depth[0])})" if len(depth) == 1 else " (MLP)"
+        s += f" The ablation{where} compares the modes at one configuration: mean test accuracy {'; '.join(parts)}."
+    return [s, ""]
 
 
 # ---------------------------------------------------------------- the answers
