@@ -496,3 +496,20 @@ def test_write_report_without_markers_fails_clearly(tmp_path: Path) -> None:
     (tables / "analyses.json").unlink()
     with pytest.raises(FileNotFoundError, match="analyses.json"):
         write_report(tables, figures, tmp_path / "results.md")
+
+
+def test_edge_lines_name_edges_and_tasks_where_no_lr_trained() -> None:
+    from optlab.analysis.report import edge_lines
+
+    best = pd.DataFrame([
+        {"study": "mlp_depth", "dataset": "digits", "point": "depth=32", "method": "adam", "lr": 0.0003,
+         "lr_edge": "low", "n_seeds": 5, "n_vanishing": 0, "n_chance": 0},
+        {"study": "mlp_depth", "dataset": "digits", "point": "depth=64", "method": "sgd", "lr": 0.1,
+         "lr_edge": None, "n_seeds": 5, "n_vanishing": 3, "n_chance": 2},
+        {"study": "mlp_depth", "dataset": "digits", "point": "depth=8", "method": "sgd", "lr": 0.1,
+         "lr_edge": None, "n_seeds": 5, "n_vanishing": 4, "n_chance": 0},
+    ])
+    lines = edge_lines(best)
+    assert lines[0] == "Selected LR at the edge of the grid: adam at mlp_depth / digits, depth 32 (0.0003, lowest)."
+    assert lines[2].startswith("No LR tried trained") and "sgd at mlp_depth / digits, depth 64." in lines[2]
+    assert "depth 8" not in lines[2]  # one of its five seeds trained

@@ -57,6 +57,19 @@ def test_search_then_confirm_with_two_search_seeds(study_dir):
     assert pt["lr_edge"] == pipeline.lr_edge(pt["selected_lr"], [1.0, 0.1, 0.01])
     assert set(pt["search_scores"]) == {"1", "0.1", "0.01"}
     assert all(r.config["method"] == "sgd" for r in res)
+    lr = pt["selected_lr"]  # what stage track tags optlab.selected: both search seeds and the confirm seed
+    assert pt["selected_runs"] == [f"sgd-digits-d2-lr{lr:g}-s{s}" for s in (0, 1, 2)]
+    assert sorted(pt["selected_runs"]) == sorted(r.run_id for r in res if r.config["lr"] == lr)
+
+
+def test_headline_run_is_named_for_what_it_trains(monkeypatch):
+    from optlab.config import RunConfig
+
+    cfg = RunConfig(optimizer="adam", lr=0.01, depth=8, dataset="digits", seed=3)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert pipeline.headline_run_name(cfg) == "headline: adam mlp digits d8 lr0.01 s3"
+    monkeypatch.setenv("DVC_EXP_NAME", "brave-fish")  # under dvc exp run
+    assert pipeline.headline_run_name(cfg) == "brave-fish: adam mlp digits d8 lr0.01 s3"
 
 
 def test_method_section_lr_is_the_only_lr_tried(study_dir):
@@ -102,6 +115,8 @@ def _fake_score(best):
 ])
 def test_search_extends_past_an_edge_until_interior_or_the_limit(study_dir, monkeypatch, best, added, selected, at_limit):
     monkeypatch.setattr(pipeline, "_score", _fake_score(best))
+    # the edge rule alone: these one-epoch runs may end near chance, which would add the no-LR-trains rule
+    monkeypatch.setattr(pipeline, "all_failed", lambda results: False)
     res = pipeline.sweep("x", "sgd")
     pt = json.loads((study_dir / "runs/sweep/x/sgd/summary.json").read_text())["points"][0]
     assert pt["lrs_added"] == added and pt["selected_lr"] == selected
@@ -171,3 +186,34 @@ def test_search_selects_the_best_mean_validation_lr_not_test_nor_worst(study_dir
     assert pt["selected_lr"] == 0.1
     assert pt["search_scores"] == pytest.approx({"1": 0.51, "0.1": 0.89, "0.01": 0.495})
     assert calls[-1] == (0.1, 2)  # the confirm seed runs at the selected LR
+
+
+def test_a_search_where_no_lr_trains_looks_past_both_ends(study_dir, monkeypatch):
+    """Every grid LR fails (vanishing, near chance): the best of them is noise, interior or not.
+    The search extends below the grid first (0.003, 0.001, the lr_extend limit of 2), finds the
+    LR that trains, and selects it; the summary says the grid had not trained."""
+    from optlab import engine
+
+    params = yaml.safe_load((study_dir / "params.yaml").read_text())
+    params["studies"]["s"]["quick"]["lr_extend"] = 2
+    (study_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    val = {1.0: 0.10, 0.1: 0.14, 0.01: 0.11, 0.003: 0.60, 0.001: 0.90}  # 0.1 is interior and "best" among failures
+
+    def fake_train(cfg, **kw):
+        v = val.get(cfg.lr, 0.10)
+        fail = "vanishing" if v < 0.2 else None
+        return engine.RunResult(cfg.run_id, "completed", {"lr": cfg.lr, "seed": cfg.seed, "method": "sgd"},
+                                {"val_acc": v, "test_acc": v}, failure=fail, sweep=kw.get("sweep"))
+
+    monkeypatch.setenv("OPTLAB_WORKERS", "1")
+    monkeypatch.setattr(pipeline.engine, "train", fake_train)
+    pipeline.sweep("s", "sgd")
+    pt = json.loads((study_dir / "runs/sweep/s/sgd/summary.json").read_text())["points"][0]
+    assert pt["lrs_added"] == [0.003, 0.001] and pt["selected_lr"] == 0.001
+    assert pt["untrained_search"] is True and pt["trained"] is True
+    assert pt["lr_edge"] == "low" and pt["lr_edge_limit"] is True  # still at the edge when the limit stopped it
+
+    val.update({0.003: 0.12, 0.001: 0.12})  # nothing trains anywhere: both ends tried, then it stops
+    pipeline.sweep("s", "sgd")
+    pt = json.loads((study_dir / "runs/sweep/s/sgd/summary.json").read_text())["points"][0]
+    assert pt["lrs_added"] == [0.003, 0.001, 3.0, 10.0] and pt["trained"] is False

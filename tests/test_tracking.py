@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -469,3 +470,57 @@ def test_parent_run_as_context_manager(store: str) -> None:
     ok, bad = client.get_run(ok_id), client.get_run(bad_id)
     assert ok.info.status == "FINISHED" and ok.data.tags["status"] == "completed"
     assert bad.info.status == "FAILED" and bad.data.tags["status"] == "failed"
+
+
+def test_credential_filter_drops_secrets_and_keeps_token_counts() -> None:
+    dropped: list[str] = []
+    flat = flatten_params({"eval_tokens": 4096, "max_tokens": 64, "tokens_per_s": 1.5, "tokenizer": "char",
+                           "AWS_SECRET_ACCESS_KEY": "x", "api_key": "k", "hf_token": "t", "auth_token": "a",
+                           "token": "z"}, dropped=dropped)
+    assert flat == {"eval_tokens": "4096", "max_tokens": "64", "tokens_per_s": "1.5", "tokenizer": "char"}
+    assert sorted(dropped) == ["AWS_SECRET_ACCESS_KEY", "api_key", "auth_token", "hf_token", "token"]
+
+
+def test_experiment_opens_on_training_runs(store: str) -> None:
+    from mlflow import MlflowClient
+
+    from optlab.tracking.mlflow_sink import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment
+
+    client = MlflowClient(store)
+    new = ensure_experiment(client, "kind-new", store)
+    assert client.get_experiment(new).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    old = client.create_experiment("kind-old")  # made before the tag existed: tagged when next used
+    assert ensure_experiment(client, "kind-old", store) == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_track_marks_selected_runs_and_fills_parents(store: str, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from optlab.tracking.annotate import SELECTED_TAG, annotate
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("annotate")
+    parent = client.create_run(exp, run_name="s@sgd", tags={"git_commit": "c1", "optlab.role": "parent"})
+    names = [f"sgd-digits-d2-lr{lr}-s{s}" for lr in ("0.1", "0.01") for s in (0, 1, 2)]
+    runs = {n: client.create_run(exp, run_name=n, tags={"git_commit": "c1"}).info.run_id for n in names}
+    stale = client.create_run(exp, run_name="sgd-digits-d2-lr0.1-s0", tags={"git_commit": "old"}).info.run_id
+    doc = {"study": "s", "method": "sgd", "optimizer": "sgd", "select": "val_acc", "lrs": [0.1, 0.01],
+           "seeds": [0, 1, 2], "git_commit": "c1",
+           "points": [{"dataset": "digits", "point": {"depth": 2}, "selected_lr": 0.1, "score": 0.9,
+                       "selected_runs": [f"sgd-digits-d2-lr0.1-s{s}" for s in (0, 1, 2)]}]}
+    (tmp_path / "s" / "sgd").mkdir(parents=True)
+    (tmp_path / "s" / "sgd" / "summary.json").write_text(json.dumps(doc))
+    n = annotate(tmp_path, experiment="annotate", tracking_uri=store)
+    assert n == {"slices": 1, "selected_runs": 3, "parents": 1}
+    for name, rid in runs.items():
+        tags = client.get_run(rid).data.tags
+        assert (tags.get(SELECTED_TAG) == "true") is ("lr0.1-" in name)  # seed 0 included
+    assert SELECTED_TAG not in client.get_run(stale).data.tags  # another commit's copy is left alone
+    p = client.get_run(parent.info.run_id).data
+    assert p.params["method"] == "sgd" and p.params["lrs"] == "[0.1, 0.01]" and p.params["seeds"] == "[0, 1, 2]"
+    assert p.metrics["selected_lr/digits/depth_2"] == 0.1 and p.metrics["search_score/digits/depth_2"] == 0.9
+    assert p.tags["optlab.selected_lr/digits/depth_2"] == "0.1" and p.tags["optlab.study"] == "s"
+    found = client.search_runs([exp], filter_string=f"tags.{SELECTED_TAG} = 'true'")
+    assert sorted(r.info.run_name for r in found) == sorted(n for n in names if "lr0.1-" in n)
+    assert annotate(tmp_path, experiment="annotate", tracking_uri=store)["parents"] == 1  # rerun: params kept

@@ -403,7 +403,10 @@ class StudySpec(BaseModel):
     on the remaining ``seeds``. When the selected LR is the largest or smallest tried, the search
     goes one half-decade step further out (1, 3, 10, ... x 10^k) with the search seeds, up to
     ``lr_extend`` steps per side, until the selection is interior (the summary records the LRs
-    added and whether the limit left it at an edge). ``lr_policy: fixed`` runs every LR of ``lrs`` with every seed and
+    added and whether the limit left it at an edge). Where every search run at the best LR
+    failed (no LR tried trains, so the best is noise among failures, interior or not), the search
+    looks past both ends instead, the smaller LRs first, each up to ``lr_extend`` steps, until an
+    LR trains (``untrained_search`` and ``trained`` in the summary). ``lr_policy: fixed`` runs every LR of ``lrs`` with every seed and
     selects nothing. With ``stop_on_failure`` a grid point whose selected run fails (diverged,
     vanishing signal, or accuracy near chance) ends the search along the first grid axis: the
     depth-to-failure search. ``verdict`` names the method, the reference, the metric (default:

@@ -255,6 +255,13 @@ def track(params_path: str = "params.yaml") -> int:
     for line in lines[:-1]:
         if not line.startswith("uploaded"):
             print(f"track: {line}")
+    if summary.ok:
+        from .tracking.annotate import annotate
+
+        params = load_params(params_path)
+        n = annotate("runs/sweep", experiment=(params.get("tracking") or {}).get("experiment", "optlab"))
+        print(f"track: marked {n['selected_runs']} selected-LR runs and filled {n['parents']} parent runs "
+              f"of {n['slices']} slices (filter: tags.optlab.selected = \"true\")")
     return 0 if summary.ok else 1
 
 
@@ -338,6 +345,13 @@ def parse_override(text: str) -> Any:
     return value if value is None or isinstance(value, (bool, int, float)) else text
 
 
+def headline_run_name(cfg: Any) -> str:
+    """The headline run's MLflow name: what it trains, after the DVC experiment's name under
+    ``dvc exp run`` (``DVC_EXP_NAME``), else after ``headline``."""
+    what = f"{cfg.method or cfg.optimizer} {cfg.arch} {cfg.dataset} d{cfg.depth} lr{cfg.lr:g} s{cfg.seed}"
+    return f"{os.environ.get('DVC_EXP_NAME') or 'headline'}: {what}"
+
+
 def train_headline(params_path: str = "params.yaml", out_dir: str = "runs/train",
                    overrides: dict[str, Any] | None = None) -> engine.RunResult:
     """The headline run from the top-level params (stage ``train``).
@@ -362,7 +376,8 @@ def train_headline(params_path: str = "params.yaml", out_dir: str = "runs/train"
     tags["frozen"] = "false"
     if overrides:
         tags["cli_overrides"] = " ".join(f"{k}={v}" for k, v in overrides.items())
-    result = engine.train(cfg, sinks=_sink(params, "train"), run_dir=out_dir, tags=tags, checkpoint_dir=_checkpoint_dir())
+    result = engine.train(cfg, sinks=_sink(params, headline_run_name(cfg)), run_dir=out_dir, tags=tags,
+                          checkpoint_dir=_checkpoint_dir())
     write_final_metrics(result, Path(out_dir) / "final.json")
     print(_summary_line(result))
     return result
@@ -652,10 +667,20 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
                     best_lr = pick()
                     added: list[float] = []
                     steps = {"high": 0, "low": 0}
-                    # an edge choice: go one half-decade further out, until interior or the limit
-                    while searching and (edge := lr_edge(best_lr, list(by_lr))) and steps[edge] < spec.lr_extend:
+                    untrained_search = False
+                    # an edge choice: go one half-decade further out, until interior or the limit; where
+                    # no LR tried trains (every search run failed), the best of them is noise among
+                    # failures, so look past both ends (the smaller LRs first) until one trains
+                    while searching:
+                        edge, base = lr_edge(best_lr, list(by_lr)), best_lr
+                        if all_failed(by_lr[best_lr]):
+                            untrained_search = True
+                            edge = next((e for e in ("low", "high") if steps[e] < spec.lr_extend), None)
+                            base = (min if edge == "low" else max)(by_lr)
+                        if edge is None or steps[edge] >= spec.lr_extend:
+                            break
                         steps[edge] += 1
-                        nxt = half_decade_step(best_lr, edge)
+                        nxt = half_decade_step(base, edge)
                         if bar is not None:
                             bar.total += len(seeds)
                             bar.refresh()
@@ -671,6 +696,9 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
                     summary.append({"dataset": dataset, "point": point, "selected_lr": best_lr, "select": spec.select,
                                     "score": _score(by_lr[best_lr], spec.select), "failures": failures,
                                     "lr_edge": lr_edge(best_lr, tried), "lrs_added": added,
+                                    "untrained_search": untrained_search,
+                                    "selected_runs": [r.run_id for r in chosen],
+                                    "trained": not all_failed(by_lr[best_lr]),
                                     "lr_edge_limit": bool(searching and lr_edge(best_lr, tried)),
                                     "search_scores": {f"{lr:g}": _finite(_score(by_lr[lr], spec.select)) for lr in tried}})
                     if spec.stop_on_failure and failures and first_axis in point and stopped_at is None:
@@ -704,6 +732,11 @@ def _json_default(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return str(v)
+
+
+def all_failed(results: list[engine.RunResult]) -> bool:
+    """Every run diverged, failed or ended with a recorded failure (chance, vanishing, ...): the LR did not train."""
+    return bool(results) and all(r.status != "completed" or r.failure for r in results)
 
 
 def lr_edge(lr: float, lrs: tuple[float, ...] | list[float]) -> str | None:

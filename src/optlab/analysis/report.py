@@ -396,12 +396,22 @@ def edge_lines(best: pd.DataFrame) -> list[str]:
     """One line naming the selected LRs at the edge of their grid (empty list when none)."""
     if best.empty or "lr_edge" not in best:
         return []
+    out = []
     e = best[best["lr_edge"].isin(["high", "low"])]
-    if e.empty:
-        return []
-    parts = [f"{r['method']} at {task_name(r)} ({format_value(r['lr'])}, {'highest' if r['lr_edge'] == 'high' else 'lowest'})"
-             for _, r in e.iterrows()]
-    return [f"Selected LR at the edge of the grid: {'; '.join(parts)}.", ""]
+    if len(e):
+        parts = [f"{r['method']} at {task_name(r)} ({format_value(r['lr'])}, "
+                 f"{'highest' if r['lr_edge'] == 'high' else 'lowest'})" for _, r in e.iterrows()]
+        out += [f"Selected LR at the edge of the grid: {'; '.join(parts)}.", ""]
+    kinds = [f"n_{k}" for k in FAILURE_KINDS if f"n_{k}" in best]
+    if kinds and "n_seeds" in best:
+        failing = best[kinds].fillna(0).sum(axis=1)
+        none = best[(best["n_seeds"] > 0) & (failing >= best["n_seeds"])]
+        if len(none):
+            parts = [f"{r['method']} at {task_name(r)}" for _, r in none.iterrows()]
+            out += [f"No LR tried trained (every run at the selected LR failed, after the search looked past both "
+                    f"ends of the grid up to lr_extend): {'; '.join(parts)}. There the method's number is a failure, "
+                    "not a tuned result.", ""]
+    return out
 
 
 def divergence_summary(div: pd.DataFrame) -> pd.DataFrame:

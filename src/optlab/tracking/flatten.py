@@ -15,10 +15,11 @@ MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 
-# Key names that may hold a credential. `token` is matched except in tokenizer/tokenise/
-# tokenization, which GPT configs use; everything else that contains `token` is dropped.
+# Key names that may hold a credential: `token` as a name or suffix (`token`, `hf_token`,
+# `auth_token`), not counts of tokens or tokenizers (`eval_tokens`, `max_tokens`,
+# `tokens_per_s`, `tokenizer`), which language-model configs and metrics use.
 SECRET_KEY = re.compile(
-    r"secret|token(?!i[sz])|password|passwd|credential|api[_-]?key|access[_-]?key",
+    r"secret|token(?!s|i[sz])|password|passwd|credential|api[_-]?key|access[_-]?key",
     re.IGNORECASE,
 )
 # Values in the shape of well-known credentials, whatever the key is called.

@@ -125,10 +125,19 @@ def _store_init_lock(tracking_uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's UI opens an experiment by its kind: this one shows the training runs, not the
+GenAI overview (traces) that an experiment without the tag may open on."""
+
+
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """Id of experiment `name`, created if missing with its artifacts beside a sqlite store."""
+    """Id of experiment `name`, created if missing with its artifacts beside a sqlite store,
+    tagged as a model-training experiment (:data:`EXPERIMENT_KIND`)."""
     exp = _retry(client.get_experiment_by_name, name)
     if exp is not None:
+        if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) is None:
+            _retry(client.set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return str(exp.experiment_id)
     try:
         return str(
@@ -136,6 +145,7 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
                 client.create_experiment,
                 name,
                 artifact_location=default_artifact_location(tracking_uri),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
         )
     except Exception:
