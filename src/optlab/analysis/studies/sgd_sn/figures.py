@@ -136,14 +136,15 @@ def _memory_vs_context(fd: P.FigureData) -> Figure:
         order = fd.method_order(g["method"].unique())
         basis = sorted(set(g["mem_basis"].astype(str)))
         sns.lineplot(data=g, x="block_size", y="mem_mb", hue="method", hue_order=order, palette=fd.palette,
-                     marker="o", ax=row[0])
+                     ax=row[0], **P.method_style(fd, order))
         row[0].set_ylabel(f"memory (MB, {'/'.join(basis)})")
         tp = g[g["tokens_per_s"].notna()]
         if tp.empty:
             P.empty(row[1], "no steady throughput (runs of one epoch)")
         else:
-            sns.lineplot(data=tp, x="block_size", y="tokens_per_s", hue="method",
-                         hue_order=[o for o in order if o in set(tp["method"])], palette=fd.palette, marker="o", ax=row[1])
+            tp_order = [o for o in order if o in set(tp["method"])]
+            sns.lineplot(data=tp, x="block_size", y="tokens_per_s", hue="method", hue_order=tp_order,
+                         palette=fd.palette, ax=row[1], **P.method_style(fd, tp_order))
             for meth, gm in tp.groupby("method"):
                 gm = gm.sort_values("block_size")
                 mad = gm["tokens_per_s_mad"].fillna(0.0)
