@@ -95,3 +95,38 @@ def test_markers_thin_out_on_long_lines(fds):
     kw = P.hue(core, frame, "step")
     assert kw["markevery"] == 500 // P.MARKS_PER_LINE and kw["dashes"] is False
     assert "markevery" not in P.hue(core, frame.iloc[:20], "step")
+
+
+def _headline_dir(tmp_path: Path, acc: bool) -> Path:
+    import csv
+    import json
+
+    d = tmp_path / ("cls" if acc else "lm")
+    d.mkdir()
+    with (d / "curves.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "metric", "value"])
+        for e in range(3):
+            for s in range(e * 10 + 1, e * 10 + 11, 5):
+                w.writerow([s, e, "train_loss", 2.0 / s])
+            w.writerow([10 * (e + 1), e, "epoch_train_loss", 1.0 / (e + 1)])
+            w.writerow([10 * (e + 1), e, "val_loss", 1.2 / (e + 1)])
+            if acc:
+                w.writerow([10 * (e + 1), e, "train_acc", 0.5 + 0.1 * e])
+                w.writerow([10 * (e + 1), e, "val_acc", 0.45 + 0.1 * e])
+    (d / "metrics.json").write_text(json.dumps({"status": "completed", "config": {"optimizer": "adam", "lr": 0.01}}))
+    return d
+
+
+def test_headline_figure_is_drawn_from_the_run_alone(tmp_path):
+    from matplotlib.image import imread
+
+    out = P.headline_figure(_headline_dir(tmp_path, acc=True))
+    assert out.name == "curves.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lm = P.headline_figure(_headline_dir(tmp_path, acc=False))  # no accuracy: the loss panel only
+    assert imread(lm).shape[1] < imread(out).shape[1]
+    first = out.read_bytes()
+    P.headline_figure(out.parent)
+    assert out.read_bytes() == first  # byte-stable for identical data
+    with pytest.raises(P.NoData):
+        P.headline_figure(tmp_path / "missing")

@@ -191,3 +191,28 @@ def test_make_repro_driver_gives_what_dvc_repro_gives(repo, tmp_path):
         assert _status(work, env) == {}, f"{name}: the pipeline is not up to date"
         records[name] = _final_records(work)
     assert records["driver"] == records["plain"] and len(records["driver"]) > 6
+
+
+def test_headline_experiment_reruns_only_its_stages_and_plots_render_offline(repo, tmp_path):
+    """`dvc exp run -S optimizer=...` reruns the headline run, its figure and the upload, not the
+    studies' tables, figures or README; `dvc plots show` writes a page whose plot is a local image."""
+    import re
+
+    src, _ = repo
+    work = tmp_path / "repo"
+    shutil.copytree(src, work, symlinks=True, ignore=lambda d, names: ["tmp"] if Path(d) == src / ".dvc" else [])
+    env = clean_env(work)
+    before = {p: (work / p).read_bytes() for p in ("README.md", "reports/tables/runs.csv", "reports/results.md")}
+    out = _run(["dvc", "exp", "run", "-S", "optimizer=sgd"], work, env).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert {"train", "headline_plot"} <= ran, out
+    assert not ran & {"aggregate", "plot", "report"}, ran
+    assert all((work / p).read_bytes() == b for p, b in before.items())
+    assert (work / "runs/train/curves.png").read_bytes()[:4] == b"\x89PNG"
+    html_dir = work / "plots_page"
+    _run(["dvc", "plots", "show", "--out", str(html_dir)], work, env)
+    html = (html_dir / "index.html").read_text()
+    images = re.findall(r'<img[^>]*src="([^"]+)"', html)
+    assert images, html[:2000]
+    for s in images:  # no network needed to show the plot
+        assert not s.startswith(("http://", "https://")) and (s.startswith("data:") or (html_dir / s).is_file()), s

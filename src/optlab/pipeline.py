@@ -830,15 +830,26 @@ def _summary_line(r: engine.RunResult) -> str:
 
 
 def aggregate(runs_root: str = "runs", out_dir: str = "reports/tables") -> None:
+    """Stage ``aggregate``: the studies' tables (the headline run is not in them: a headline
+    experiment, ``dvc exp run -S optimizer=adam``, reruns only its own stages)."""
     from .analysis.aggregate import aggregate as agg
 
-    agg(Path(runs_root), Path(out_dir))
+    agg(Path(runs_root), Path(out_dir), headline=False)
 
 
 def plot(runs_root: str = "runs", out_dir: str = "reports/figures") -> None:
+    """Stage ``plot``: the studies' figures (the headline run's is :func:`headline_plot`'s)."""
     from .analysis.plots import plot_all
 
-    plot_all(Path(runs_root), Path(out_dir))
+    plot_all(Path(runs_root), Path(out_dir), headline=False)
+
+
+def headline_plot(run_dir: str = "runs/train") -> Path:
+    """Stage ``headline_plot``: the headline run's loss and accuracy curves, ``runs/train/curves.png``
+    (the pipeline's DVC plot: ``dvc plots show`` renders it without a network)."""
+    from .analysis.plots import headline_figure
+
+    return headline_figure(Path(run_dir))
 
 
 def report(
@@ -873,6 +884,9 @@ _COMMANDS = {
                   "Read runs/ (run directories only) into the per-study tables under reports/tables/."),
     "plot": ("figures from the run directories -> reports/figures (stage plot)",
              "Draw the per-study figures from runs/ into reports/figures/."),
+    "headline_plot": ("the headline run's loss and accuracy curves -> runs/train/curves.png (stage headline_plot)",
+                      "Draw runs/train/curves.png from the headline run's curves.csv: the pipeline's DVC plot "
+                      "(dvc plots show renders it offline)."),
     "report": ("the results page and README sections from tables and figures (stage report)",
                "Write reports/results.md and the results sections of README.md between their markers."),
 }
@@ -942,6 +956,8 @@ def main(argv: list[str] | None = None) -> int:
             aggregate()
         elif args.cmd == "plot":
             plot()
+        elif args.cmd == "headline_plot":
+            headline_plot()
         elif args.cmd == "report":
             report()
     except ValueError as exc:  # ConfigError, PhaseError, ChecksumError: one clear line

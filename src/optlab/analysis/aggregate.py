@@ -1011,6 +1011,7 @@ def aggregate(
     *,
     params: Path | str | None = None,
     analyses: Mapping[str, "StudyAnalysis"] | None = None,
+    headline: bool = True,
 ) -> dict[str, Path]:
     """Write the core tables (runs, best_lr, divergence), every present study analysis's tables
     (CSV + Markdown) and ``analyses.json`` into ``out_dir``.
@@ -1019,6 +1020,7 @@ def aggregate(
     the analysis that claims them); ``analyses`` replaces the registry
     (:func:`optlab.analysis.studies.registry`), e.g. to add one in a test. ``params`` (default:
     ``params.yaml`` beside ``runs_root``, when present) gives the order of the ablation variants.
+    ``headline=False`` leaves the headline run (``runs/train``) out of every table.
     Returns a mapping from file name (e.g. ``"best_lr.md"``) to its path.
     """
     from .studies import AnalysisData, analysis_order, claiming_analysis, registry, resolve
@@ -1027,6 +1029,8 @@ def aggregate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, _, _ = load_runs(runs_root, series=False)
+    if not headline:  # the pipeline's tables: a headline experiment must not rerun the studies' analysis
+        runs = runs[runs["kind"] != "headline"].reset_index(drop=True)
     slices = load_slices(runs_root)
     runs = assign_analyses(runs, slices, claiming_analysis(reg))
     if params is None:

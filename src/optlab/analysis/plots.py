@@ -134,6 +134,7 @@ def figure_data(
     *,
     analyses: Mapping[str, "StudyAnalysis"] | None = None,
     variant_order: list[str] | None = None,
+    headline: bool = True,
 ) -> tuple[FigureData, dict[str, FigureData]]:
     """The core's :class:`FigureData` (every run) and one per present study analysis, from a runs
     root or its (runs, curves, layers) frames (``analyses`` replaces the registry)."""
@@ -150,6 +151,8 @@ def figure_data(
     else:
         root, slices = None, []
         runs, curves, layer_rows = source
+    if not headline:
+        runs = runs[runs["kind"] != "headline"]
     runs = assign_analyses(runs, slices, claiming_analysis(reg))
     names = analysis_order({*runs["analysis"].dropna().astype(str), *(s.analysis for s in slices if s.analysis)}, reg)
     order = tuple(dict.fromkeys(m for n in names if n in reg for m in getattr(reg[n], "method_order", ())))
@@ -165,8 +168,12 @@ def plot_all(
     *,
     variant_order: list[str] | None = None,
     analyses: Mapping[str, "StudyAnalysis"] | None = None,
+    headline: bool = True,
 ) -> list[Path]:
     """Draw every figure that has data into ``out_dir``; return the written PNG paths.
+
+    ``headline=False`` leaves the headline run (``runs/train``) out: the pipeline's ``plot``
+    stage does, so that a headline experiment reruns only its own figure (:func:`headline_figure`).
 
     ``source`` is a runs root or its (runs, curves, layers) frames. From a root, only the
     selected-LR runs' and the headline run's curves are read, and each layers file is reduced
@@ -177,14 +184,17 @@ def plot_all(
     from .studies import registry, resolve
 
     reg = registry() if analyses is None else dict(analyses)
-    core, per = figure_data(source, analyses=reg, variant_order=variant_order)
+    core, per = figure_data(source, analyses=reg, variant_order=variant_order, headline=headline)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     makers: dict[str, Callable[[], Figure]] = {}
     studies = list(dict.fromkeys(s for s, _ in core.panels))
     for study in studies:
         makers[f"{LOSS_PREFIX}{slug(study)}.png"] = lambda s=study: _loss_curves(core, s)
-    makers[HEADLINE] = lambda: _headline_curves(core)
+    if headline:
+        makers[HEADLINE] = lambda: _headline_curves(core)
+    else:
+        (out_dir / HEADLINE).unlink(missing_ok=True)
     for name, fd in per.items():
         for fname, make in resolve(reg, name).figures(fd).items():
             if fname in makers:
@@ -510,6 +520,67 @@ def _loss_curves(fd: FigureData, study: Any) -> Figure:
     suptitle(fig, f"{study}: loss curves at the deepest grid point some method trained "
                   "(selected LR, geometric mean and IQR over seeds)")
     return fig
+
+
+HEADLINE_FILE = "curves.png"
+"""The headline run's own figure, beside its outputs (``runs/train/curves.png``; a DVC image plot)."""
+
+
+def headline_figure(run_dir: Path | str, out: Path | str | None = None) -> Path:
+    """The headline run's curves as one PNG (default ``<run_dir>/curves.png``): loss (training
+    loss per log interval and per epoch, validation loss per epoch; log axis) and accuracy
+    (training and validation per epoch). A run of a task without accuracy gets the loss panel
+    only. Drawn from ``curves.csv`` and ``metrics.json`` alone, so the stage that draws it
+    depends on the headline run and on nothing a study produces."""
+    import json
+
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / HEADLINE_FILE
+    cur = read_csv(run_dir / "curves.csv")
+    if cur is None or cur.empty:
+        raise NoData(f"no curves in {run_dir}")
+    cur["value"] = pd.to_numeric(cur["value"], errors="coerce")
+    cur = cur[np.isfinite(cur["value"])]
+    doc = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    cfg = doc.get("config") or {}
+    last_step = cur.groupby("epoch")["step"].max()
+
+    def per_epoch(metric: str) -> pd.DataFrame:
+        d = cur[cur["metric"] == metric]
+        return d.assign(step=d["epoch"].map(last_step)) if len(d) else d
+
+    loss = [(cur[cur["metric"] == "train_loss"], "train loss (log-interval mean)", "-", None),
+            (per_epoch("epoch_train_loss"), "train loss (epoch mean)", "-", "o"),
+            (per_epoch("val_loss"), "validation loss", "--", "s")]
+    acc = [(per_epoch("train_acc"), "train accuracy", "-", "o"), (per_epoch("val_acc"), "validation accuracy", "--", "s")]
+    has_acc = any(len(d) for d, *_ in acc)
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
+        fig, axes = figure(1, 2 if has_acc else 1)
+        ax = axes[0, 0]
+        for (d, lab, ls, mk), color in zip(loss, COLORS):
+            d = d[d["value"] > 0]
+            if len(d):
+                ax.plot(d["step"], d["value"], ls=ls, marker=mk, color=color, label=lab, lw=1.2 if mk is None else 1.6,
+                        alpha=0.6 if mk is None else 1.0)
+        log_y(ax)
+        ax.set(xlabel="step", ylabel="loss (nats)", title="loss")
+        hollow(ax.lines)
+        ax.legend(fontsize="small")
+        if has_acc:
+            ax = axes[0, 1]
+            for (d, lab, ls, mk), color in zip(acc, COLORS[1:]):
+                if len(d):
+                    ax.plot(d["step"], d["value"], ls=ls, marker=mk, color=color, label=lab)
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+            ax.set(xlabel="step (epoch ends)", ylabel="accuracy", title="accuracy")
+            hollow(ax.lines)
+            ax.legend(fontsize="small")
+        what = ", ".join(f"{k} {cfg[k]}" for k in ("method", "optimizer", "arch", "dataset", "depth", "lr", "seed")
+                         if cfg.get(k) not in (None, ""))
+        suptitle(fig, f"Headline run ({what}; status {doc.get('status', 'n/a')})")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=DPI)
+    return out
 
 
 def _headline_curves(fd: FigureData) -> Figure:
