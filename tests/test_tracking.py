@@ -524,3 +524,21 @@ def test_track_marks_selected_runs_and_fills_parents(store: str, tmp_path: Path)
     found = client.search_runs([exp], filter_string=f"tags.{SELECTED_TAG} = 'true'")
     assert sorted(r.info.run_name for r in found) == sorted(n for n in names if "lr0.1-" in n)
     assert annotate(tmp_path, experiment="annotate", tracking_uri=store)["parents"] == 1  # rerun: params kept
+
+
+def test_tracked_params_are_the_runs_own_model_and_method() -> None:
+    from optlab.config import RunConfig
+
+    mlp = RunConfig(optimizer="sgd", arch="mlp", dataset="digits").tracked_params()
+    assert {"depth", "width", "activation", "init", "optimizer", "lr", "seed", "dataset"} <= set(mlp)
+    assert not {"n_head", "block_size", "residual", "batch_norm", "eval_tokens", "steps_per_epoch"} & set(mlp)
+    assert not any(k.startswith("sn_") for k in mlp) and "lr_spike_step" not in mlp and "optimizer_options" not in mlp
+    sn = RunConfig(optimizer="sgd_sn", arch="mlp", dataset="digits").tracked_params()
+    assert sn["sn_mode"] == "clip_sv" and "sn_roles" in sn
+    gpt = RunConfig(optimizer="adam", arch="gpt", dataset="markov", block_size=64, eval_tokens=512).tracked_params()
+    assert gpt["n_head"] == 4 and gpt["block_size"] == 64 and gpt["eval_tokens"] == 512
+    assert not {"activation", "init", "residual", "batch_norm", "norm", "act_checkpoint"} & set(gpt)
+    res = RunConfig(optimizer="sgd", arch="resnet18", dataset="digits", lr_spike_step=5, lr_spike_factor=10.0)
+    assert {"residual", "batch_norm", "lr_spike_step", "lr_spike_factor"} <= set(res.tracked_params())
+    full = RunConfig(optimizer="sgd", arch="mlp", dataset="digits").flat()
+    assert set(mlp) < set(full) and all(mlp[k] == full[k] for k in mlp)  # a subset, values unchanged

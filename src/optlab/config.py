@@ -37,6 +37,19 @@ ARCHS = ("mlp", "resnet18", "gpt", "gpt_modern", "vit", "cnn", "lq")
 RESNET18_DEPTH = 18  # weighted layers of ResNet-18 (the run key `depth` for arch resnet18)
 ARCH_TASK = {"mlp": "classification", "resnet18": "classification", "gpt": "lm", "gpt_modern": "lm", "vit": "classification",
              "cnn": "classification", "lq": "lq"}
+ARCH_MODEL_KEYS = {
+    "mlp": ("depth", "width", "activation", "init", "norm", "act_checkpoint", "reparam"),
+    "resnet18": ("width", "residual", "batch_norm"),
+    "gpt": ("depth", "width", "n_head", "block_size"),
+    "gpt_modern": ("depth", "width", "n_head", "block_size"),
+    "vit": ("depth", "width", "n_head"),
+    "cnn": ("depth", "width", "batch_norm"),
+    "lq": ("depth",),
+}
+"""The run keys each arch's model reads (engine.model_kwargs); the other model keys of a run
+config do nothing for it and are left out of its tracked params."""
+MODEL_KEYS = frozenset(k for keys in ARCH_MODEL_KEYS.values() for k in keys)
+LM_KEYS = ("block_size", "steps_per_epoch", "eval_tokens")  # read by language-model tasks only
 NORMS = ("none", "layer")  # mlp: normalization before each hidden activation
 ACTIVATIONS = ("tanh", "relu", "gelu")
 INITS = ("orthogonal", "kaiming")
@@ -305,6 +318,27 @@ class RunConfig(_Section):
                 out[k] = v
         out["method"] = self.method_name
         return out
+
+    def tracked_params(self) -> dict[str, Any]:
+        """:meth:`flat` without the keys that do nothing for this run, for the tracking store: the
+        model keys of other archs (:data:`ARCH_MODEL_KEYS`), language-model keys on other tasks,
+        the ``sn_*`` keys unless the run projects or reparametrizes, empty optimizer and method
+        options and the LR-spike keys when no spike is set.
+        ``metrics.json`` keeps the whole config."""
+        flat = self.flat()
+        uses = set(ARCH_MODEL_KEYS[self.arch])
+        lm = ARCH_TASK[self.arch] == "lm"
+        drop = {k for k in MODEL_KEYS if k not in uses}
+        drop |= set() if lm else {k for k in LM_KEYS if k not in uses}
+        if self.optimizer != "sgd_sn" and self.reparam == "none":
+            drop |= {k for k in flat if k.startswith("sn_")}
+        if not self.optimizer_options:
+            drop.add("optimizer_options")
+        if not self.method_options:
+            drop.add("method_options")
+        if self.lr_spike_step == 0:
+            drop |= {"lr_spike_step", "lr_spike_factor"}
+        return {k: v for k, v in flat.items() if k not in drop}
 
     def replace(self, **kw: Any) -> "RunConfig":
         return RunConfig(**{**self.to_dict(), **kw})

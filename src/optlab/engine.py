@@ -306,7 +306,7 @@ def _train(
     if resume is not None:
         base_tags["resumed_from_step"] = str(resume["step"])
     for s in sinks:
-        s.start(cfg.flat(), base_tags)
+        s.start(cfg.tracked_params(), base_tags)
 
     result = RunResult(run_id=cfg.run_id, status="failed", config=cfg.flat(), final={}, sweep=sweep)
     result.provenance = {
