@@ -43,7 +43,7 @@ def test_loss_curves_are_geometric_means_with_quantile_bands_and_hollow_markers(
     fig = P._loss_curves(core, "mlp_depth")
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
-    lines = [ln for ln in ax.lines if len(ln.get_xdata()) > 1]
+    lines = [ln for ln in ax.lines if len(ln.get_xdata()) > 1 and ln.get_marker() not in (None, "None", "")]
     assert lines and len({ln.get_marker() for ln in lines}) == len(lines)  # one marker shape per method
     assert all(ln.get_markerfacecolor() == "none" for ln in lines)  # hollow: coinciding lines both show
     point, sel = P.focus(core, "mlp_depth", "digits")
@@ -130,3 +130,17 @@ def test_headline_figure_is_drawn_from_the_run_alone(tmp_path):
     assert out.read_bytes() == first  # byte-stable for identical data
     with pytest.raises(P.NoData):
         P.headline_figure(tmp_path / "missing")
+
+
+def test_classifier_loss_curves_mark_the_chance_loss_and_lm_curves_do_not(fds):
+    core, _ = fds
+
+    def flat_lines(fig):
+        return [ln for ax in fig.axes for ln in ax.lines if len(set(np.asarray(ln.get_ydata(), float))) == 1]
+
+    mlp = P._loss_curves(core, "mlp_depth")
+    levels = {round(float(ln.get_ydata()[0]), 4) for ln in flat_lines(mlp)}
+    assert round(float(np.log(10)), 4) in levels  # digits: 10 classes, uniform output loses ln 10 nats
+    assert any("chance: uniform output, ln 10" in t.get_text() for ax in mlp.axes for t in ax.get_legend().get_texts())
+    gpt = P._loss_curves(core, "gpt")
+    assert not any("chance" in t.get_text() for ax in gpt.axes if ax.get_legend() for t in ax.get_legend().get_texts())

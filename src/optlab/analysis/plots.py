@@ -48,6 +48,7 @@ from .aggregate import (  # noqa: E402
     assign_analyses,
     best_lr_table,
     best_runs,
+    chance_level,
     load_runs,
     load_slices,
     long_layers,
@@ -510,7 +511,13 @@ def _loss_curves(fd: FigureData, study: Any) -> Figure:
                              **hue(fd, d, "epoch_n"))
                 log_y(ax)
                 int_x(ax)
-                legend(ax)
+                extra = []
+                if (cur["metric"] == "val_acc").any() and not (sel.get("task", pd.Series(dtype=str)) == "lm").any():
+                    # a classifier's loss at uniform output (LM and regression panels have no such line)
+                    n = round(1.0 / chance_level(match(fd.runs, study=study, dataset=dataset)))
+                    extra = [(ax.axhline(float(np.log(n)), ls="--", color="0.3", lw=1),
+                              f"chance: uniform output, ln {n} = {np.log(n):.2f}")]
+                legend(ax, extra)
                 drawn += 1
             ax.set_title(f"{dataset}: {ylab}, {point_text(point)}")
             ax.set_xlabel("epoch")
