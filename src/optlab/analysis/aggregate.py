@@ -261,20 +261,31 @@ def steady_throughput(curves_csv: Path, unit: str) -> dict[str, float]:
     rates: list[float] = []
     try:
         with open(curves_csv, newline="") as fh:
-            for rec in csv.DictReader(fh):
-                if rec.get("metric") == key and rec.get("epoch") not in (None, "", "0"):
-                    try:
-                        rates.append(float(rec["value"]))
-                    except (TypeError, ValueError):
-                        pass
+            header = next(csv.reader(fh), [])
+            if {"epoch", "metric", "value"} <= set(header):
+                ie, im, iv = header.index("epoch"), header.index("metric"), header.index("value")
+                # one epoch-end row per epoch among the per-step losses: parse only the lines naming it
+                for rec in csv.reader(line for line in fh if key in line):
+                    if rec[im] == key and rec[ie] not in ("", "0"):
+                        try:
+                            rates.append(float(rec[iv]))
+                        except ValueError:
+                            pass
     except OSError:
         pass
-    x = np.asarray([r for r in rates if math.isfinite(r)], dtype=float)
+    n, med, mad = median_mad(rates)
+    return {"throughput_steady": med, "throughput_steady_mad": mad, "steady_epochs": n}
+
+
+def median_mad(values: Iterable[float]) -> tuple[int, float, float]:
+    """(n, median, median absolute deviation from the median) of the finite ``values`` ((0, NaN,
+    NaN) for none)."""
+    x = np.asarray(list(values), dtype=float)
+    x = x[np.isfinite(x)]
     if not len(x):
-        return {"throughput_steady": math.nan, "throughput_steady_mad": math.nan, "steady_epochs": 0}
+        return 0, math.nan, math.nan
     med = float(np.median(x))
-    return {"throughput_steady": med, "throughput_steady_mad": float(np.median(np.abs(x - med))),
-            "steady_epochs": int(len(x))}
+    return len(x), med, float(np.median(np.abs(x - med)))
 
 
 def point_label(point: dict[str, Any]) -> str:

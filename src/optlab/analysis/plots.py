@@ -74,9 +74,9 @@ COLORS = [*sns.color_palette("tab10"), *sns.color_palette("Dark2"), *sns.color_p
 """Distinct colours for the methods (27 before one repeats; with :data:`MARKERS` no two of the
 first 189 methods share both colour and marker)."""
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+"""One marker shape per method, so that lines drawn on top of each other stay told apart."""
 HOLLOW = {"markerfacecolor": "none", "markersize": 7, "markeredgewidth": 1.4}
 """Hollow markers in the line's colour (:func:`hollow`): where lines coincide, each outline still shows."""
-"""One marker shape per method, so that lines drawn on top of each other stay told apart."""
 
 Reducer = Callable[[pd.DataFrame], Mapping[str, pd.DataFrame]]
 """One run's long layer rows (with ``run_dir``) -> named reduced frames (see FigureData.layers)."""
@@ -534,11 +534,9 @@ HEADLINE_FILE = "curves.png"
 
 
 def headline_figure(run_dir: Path | str, out: Path | str | None = None) -> Path:
-    """The headline run's curves as one PNG (default ``<run_dir>/curves.png``): loss (training
-    loss per log interval and per epoch, validation loss per epoch; log axis) and accuracy
-    (training and validation per epoch). A run of a task without accuracy gets the loss panel
-    only. Drawn from ``curves.csv`` and ``metrics.json`` alone, so the stage that draws it
-    depends on the headline run and on nothing a study produces."""
+    """The headline run's curves (:func:`headline_curves_figure`) as one PNG, default
+    ``<run_dir>/curves.png``, drawn from its ``curves.csv`` and ``metrics.json`` alone, so the
+    stage that draws it depends on the headline run and on nothing a study produces."""
     import json
 
     run_dir = Path(run_dir)
@@ -546,10 +544,25 @@ def headline_figure(run_dir: Path | str, out: Path | str | None = None) -> Path:
     cur = read_csv(run_dir / "curves.csv")
     if cur is None or cur.empty:
         raise NoData(f"no curves in {run_dir}")
-    cur["value"] = pd.to_numeric(cur["value"], errors="coerce")
-    cur = cur[np.isfinite(cur["value"])]
     doc = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     cfg = doc.get("config") or {}
+    what = ", ".join(f"{k} {cfg[k]}" for k in ("method", "optimizer", "arch", "dataset", "depth", "lr", "seed")
+                     if cfg.get(k) not in (None, ""))
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
+        fig = headline_curves_figure(cur, f"Headline run ({what}; status {doc.get('status', 'n/a')})")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=DPI)
+    return out
+
+
+def headline_curves_figure(cur: pd.DataFrame, title: str) -> Figure:
+    """One run's curves (``step, epoch, metric, value`` rows): loss (training loss per log
+    interval and per epoch, validation loss per epoch; log axis) and accuracy (training and
+    validation per epoch). A task without accuracy gets the loss panel only."""
+    cur = cur.assign(value=pd.to_numeric(cur["value"], errors="coerce"))
+    cur = cur[np.isfinite(cur["value"])]
+    if cur.empty:
+        raise NoData("no finite curves")
     last_step = cur.groupby("epoch")["step"].max()
 
     def per_epoch(metric: str) -> pd.DataFrame:
@@ -561,33 +574,28 @@ def headline_figure(run_dir: Path | str, out: Path | str | None = None) -> Path:
             (per_epoch("val_loss"), "validation loss", "--", "s")]
     acc = [(per_epoch("train_acc"), "train accuracy", "-", "o"), (per_epoch("val_acc"), "validation accuracy", "--", "s")]
     has_acc = any(len(d) for d, *_ in acc)
-    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
-        fig, axes = figure(1, 2 if has_acc else 1)
-        ax = axes[0, 0]
-        for (d, lab, ls, mk), color in zip(loss, COLORS):
-            d = d[d["value"] > 0]
+    fig, axes = figure(1, 2 if has_acc else 1)
+    ax = axes[0, 0]
+    for (d, lab, ls, mk), color in zip(loss, COLORS):
+        d = d[d["value"] > 0]
+        if len(d):
+            ax.plot(d["step"], d["value"], ls=ls, marker=mk, color=color, label=lab, lw=1.2 if mk is None else 1.6,
+                    alpha=0.6 if mk is None else 1.0)
+    log_y(ax)
+    ax.set(xlabel="step", ylabel="loss (nats)", title="loss")
+    hollow(ax.lines)
+    ax.legend(fontsize="small")
+    if has_acc:
+        ax = axes[0, 1]
+        for (d, lab, ls, mk), color in zip(acc, COLORS[1:]):
             if len(d):
-                ax.plot(d["step"], d["value"], ls=ls, marker=mk, color=color, label=lab, lw=1.2 if mk is None else 1.6,
-                        alpha=0.6 if mk is None else 1.0)
-        log_y(ax)
-        ax.set(xlabel="step", ylabel="loss (nats)", title="loss")
+                ax.plot(d["step"], d["value"], ls=ls, marker=mk, color=color, label=lab)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set(xlabel="step (epoch ends)", ylabel="accuracy", title="accuracy")
         hollow(ax.lines)
         ax.legend(fontsize="small")
-        if has_acc:
-            ax = axes[0, 1]
-            for (d, lab, ls, mk), color in zip(acc, COLORS[1:]):
-                if len(d):
-                    ax.plot(d["step"], d["value"], ls=ls, marker=mk, color=color, label=lab)
-            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-            ax.set(xlabel="step (epoch ends)", ylabel="accuracy", title="accuracy")
-            hollow(ax.lines)
-            ax.legend(fontsize="small")
-        what = ", ".join(f"{k} {cfg[k]}" for k in ("method", "optimizer", "arch", "dataset", "depth", "lr", "seed")
-                         if cfg.get(k) not in (None, ""))
-        suptitle(fig, f"Headline run ({what}; status {doc.get('status', 'n/a')})")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=DPI)
-    return out
+    suptitle(fig, title)
+    return fig
 
 
 def _headline_curves(fd: FigureData) -> Figure:
@@ -598,32 +606,10 @@ def _headline_curves(fd: FigureData) -> Figure:
         warnings.warn(f"{len(head)} headline runs; drawing {head['run_dir'].iloc[0]}", stacklevel=3)
     run = head.iloc[0]
     cur = fd.curves[fd.curves["run_dir"] == run["run_dir"]]
-    loss = cur[(cur["metric"] == "train_loss") & np.isfinite(cur["value"]) & (cur["value"] > 0)]
-    acc = cur[(cur["metric"] == "val_acc") & np.isfinite(cur["value"])].assign(epoch_n=lambda f: f["epoch"] + 1)
-    if loss.empty and acc.empty:
-        raise NoData(f"no curves for the headline run {run['run_dir']}")
-    fig, axes = figure(1, 2)
-    ax = axes[0, 0]
-    if loss.empty:
-        empty(ax)
-    else:
-        sns.lineplot(data=loss, x="step", y="value", ax=ax, label="train loss (log-interval mean)")
-        log_y(ax)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.set_title("train loss")
-    ax = axes[0, 1]
-    if acc.empty:
-        empty(ax)
-    else:
-        sns.lineplot(data=acc, x="epoch_n", y="value", marker="o", ax=ax, label="validation accuracy")
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        int_x(ax)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("validation accuracy")
     what = ", ".join(
         f"{k} {run[k]}" for k in ("method", "dataset", "depth", "lr", "seed") if k in run and pd.notna(run[k])
     )
-    suptitle(fig, f"Headline run {run['run_id']} ({what}; status {run['status']})")
-    return fig
+    try:
+        return headline_curves_figure(cur, f"Headline run {run['run_id']} ({what}; status {run['status']})")
+    except NoData:
+        raise NoData(f"no curves for the headline run {run['run_dir']}") from None

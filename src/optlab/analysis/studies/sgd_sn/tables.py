@@ -26,6 +26,7 @@ from ...aggregate import (
     isna,
     match,
     maybe_int,
+    median_mad,
     paired_verdict_table,
     read_ablation_order,
     sweep_runs,
@@ -288,13 +289,8 @@ def mem_pair(a: pd.Series | Mapping, b: pd.Series | Mapping) -> tuple[str, float
 def time_spread(chosen: pd.DataFrame, col: str) -> tuple[int, float, float]:
     """(n, median, MAD) of ``col`` over the completed runs of a configuration (its seeds); the
     MAD is the median absolute deviation from the median (NaN without values)."""
-    done = chosen[chosen["status"] == "completed"] if "status" in chosen else chosen
-    vals = pd.to_numeric(done[col], errors="coerce").to_numpy(dtype=float) if col in done else np.array([])
-    vals = vals[np.isfinite(vals)]
-    if not len(vals):
-        return 0, math.nan, math.nan
-    med = float(np.median(vals))
-    return len(vals), med, float(np.median(np.abs(vals - med)))
+    done = _completed(chosen)
+    return median_mad(pd.to_numeric(done[col], errors="coerce").to_numpy(dtype=float) if col in done else [])
 
 
 def _lower_outside_spread(sa: tuple[int, float, float], sb: tuple[int, float, float], na: str, nb: str) -> str:
