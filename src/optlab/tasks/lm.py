@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..data.synthetic import bits_per_token_floor
 from ..metrics.ngram import ngram_baseline
 from . import TASKS
 from .base import Task
@@ -42,14 +43,18 @@ class LMTask(Task):
         """The floor and a baseline for the test loss: the data's entropy rate where it is known
         (``entropy_floor_bits``, nan otherwise) and an order-2 count model of the training split
         scored on the test tokens that ``evaluate`` scores."""
-        floor = float(self.data.meta.get("entropy_rate_bits", math.nan))
         test = self.data.test
-        n_avail = test.numel() - 1
+        n = self.eval_windows(test.numel()) * self.block_size + 1
+        return {"entropy_floor_bits": bits_per_token_floor(self.data.meta),
+                **ngram_baseline(self.data.train, test[:n], int(self.data.meta["vocab_size"]), self.NGRAM_ORDER)}
+
+    def eval_windows(self, n_tokens: int) -> int:
+        """How many non-overlapping ``block_size`` windows ``evaluate`` scores in a split of
+        ``n_tokens`` tokens (its first ``eval_tokens`` when set)."""
+        n_avail = n_tokens - 1
         if self.eval_tokens > 0:
             n_avail = min(n_avail, self.eval_tokens)
-        n = max(1, n_avail // self.block_size) * self.block_size + 1
-        return {"entropy_floor_bits": floor,
-                **ngram_baseline(self.data.train, test[:n], int(self.data.meta["vocab_size"]), self.NGRAM_ORDER)}
+        return max(1, n_avail // self.block_size)
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"vocab_size": int(self.data.meta["vocab_size"]), "block_size": self.block_size}
@@ -77,11 +82,8 @@ class LMTask(Task):
     def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, float]:
         """Loss over non-overlapping windows covering the split (or its first ``eval_tokens``)."""
         toks = getattr(self.data, split).to(self.device).long()
-        n_avail = toks.numel() - 1
-        if self.eval_tokens > 0:
-            n_avail = min(n_avail, self.eval_tokens)
         T = self.block_size
-        n_win = max(1, n_avail // T)
+        n_win = self.eval_windows(toks.numel())
         starts = torch.arange(n_win, device=self.device) * T
         was = model.training
         model.eval()
