@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
+from optlab import paramfiles
+
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("src", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", "README.md", ".gitignore",
+COPIED = ("src", "stages", "dvc.yaml", "params.yaml", "studies.yaml", "pyproject.toml", "README.md", ".gitignore",
           ".dvc/config", ".dvc/.gitignore")
 TINY = {"width": 8, "epochs": 1, "batch_size": 256}
 
@@ -70,7 +72,7 @@ def study_stage(dvc: dict[str, Any], study: str, template: str) -> dict[str, Any
 def set_studies(repo: Path, studies: dict[str, dict[str, Any]], *, replace: bool) -> None:
     """Write ``studies`` into the copy's params.yaml and give each its matrix stage in dvc.yaml
     (``replace``: instead of the project's studies; else added to them, after the last study)."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = paramfiles.read(repo / "params.yaml")
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
     old = list(params.get("studies") or {})
     assert old, "params.yaml has no study whose dvc.yaml block could be the template"
@@ -89,7 +91,7 @@ def set_studies(repo: Path, studies: dict[str, dict[str, Any]], *, replace: bool
         else:
             stages[name] = block
     dvc["stages"] = stages
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    paramfiles.write(params, repo / "params.yaml")
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
 
 
@@ -107,11 +109,11 @@ def tiny_repo(repo: Path, *, lrs: list[float], seeds: list[int], methods: list[s
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(src, dst)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = paramfiles.read(repo / "params.yaml")
     quick = params["profiles"]["quick"]
     quick.update(depth=2, width=8, epochs=1, batch_size=256)
     quick["ablate"] = {"seeds": [0], "base": {"dataset": "digits", **TINY}, "variants": variants}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    paramfiles.write(params, repo / "params.yaml")
     set_studies(repo, {"tiny": tiny_study(methods, lrs, seeds)}, replace=True)
     env = clean_env(repo)
     sh(["git", "init", "-q", "-b", "main"], repo, env)

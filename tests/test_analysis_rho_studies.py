@@ -32,8 +32,9 @@ def test_scan_rule_picks_the_largest_lr_near_the_best():
 
 def test_scan_choice_compares_with_the_configured_study(tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text("scale: quick\nstudies:\n  rho_adam:\n    quick: {lrs: [0.003, 0.03, 0.3]}\n"
-                 "  rho_momentum:\n    quick: {lrs: [0.01, 0.1]}\n")
+    p.write_text("scale: quick\n")
+    (tmp_path / "studies.yaml").write_text("studies:\n  rho_adam:\n    quick: {lrs: [0.003, 0.03, 0.3]}\n"
+                                           "  rho_momentum:\n    quick: {lrs: [0.01, 0.1]}\n")
     scan = _scan([("adam", 0.03, "completed", 0.95), ("sgd_momentum", 0.1, "completed", 0.9)])
     t = rho_scan.choice_table(scan, p).set_index("optimizer")
     assert t.loc["adam", "agrees"] == "yes" and t.loc["sgd_momentum", "agrees"] == "no"

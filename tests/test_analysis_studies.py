@@ -197,9 +197,10 @@ def make_tree(root: Path, *, summaries: bool = True) -> Path:
         _summary(root, "mlp_depth", "sgd_sn", "digits", [(2, 0.1, []), (8, 0.1, []), (32, 0.1, []), (64, 0.1, ["vanishing"])])
         _summary(root, "gpt", "adam", "markov", [(2, 0.01, ["nonfinite"])], select="val_loss", lrs=[0.1, 0.01, 0.001])
         _summary(root, "gpt", "sgd_sn", "markov", [(2, 0.01, [])], select="val_loss", lrs=[0.1, 0.01, 0.001])
-    params = {"scale": "quick", "profiles": {"quick": {"ablate": {"seeds": list(SEEDS), "variants": {
+    studies = {"profiles": {"quick": {"ablate": {"seeds": list(SEEDS), "variants": {
         n: {"arch": "mlp"} for n in ABL_ORDER}}}}}
-    (root.parent / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    (root.parent / "params.yaml").write_text(json.dumps({"scale": "quick"}))  # JSON is YAML
+    (root.parent / "studies.yaml").write_text(json.dumps(studies))
     return root
 
 

@@ -17,11 +17,12 @@ import pytest
 import torch
 import yaml
 
+from optlab import paramfiles
 from optlab import pipeline
 from tests.conftest import make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
+BASE = paramfiles.read(ROOT / "params.yaml")
 
 
 def _set(params: dict, dotted: str, value) -> None:
@@ -67,7 +68,7 @@ CASES = [
     ("study-dataset-wrong-task", ["sweep", "--study", "mlp_depth", "--method", "sgd"], {"studies.mlp_depth.quick.datasets": ["markov"]}, r"studies.mlp_depth.quick.datasets: unknown value 'markov'.*allowed: digits, mnist"),
     ("study-bad-verdict-method", ["train"], {"studies.mlp_depth.verdict.method": "adamw"}, r"studies.mlp_depth.verdict.method: unknown value 'adamw'.*allowed: sgd, sgd_momentum, adam, sgd_sn"),
     ("frozen-needs-commit", ["train"], {"phase": "frozen"}, r"phase: 'frozen' needs a git repository"),
-    ("not-a-mapping", ["train"], "just a string", r"params: expected a mapping"),
+    ("not-a-mapping", ["train"], "just a string", r"params.yaml: expected a mapping"),
 ]
 
 
@@ -85,8 +86,10 @@ def _workdir(tmp_path: Path, prepared: Path, params) -> Path:
     work = tmp_path / "w"
     (work / "data" / "prepared").mkdir(parents=True)
     shutil.copy(prepared / "digits.pt", work / "data" / "prepared" / "digits.pt")
-    text = params if isinstance(params, str) else yaml.safe_dump(params)
-    (work / "params.yaml").write_text(text)
+    if isinstance(params, str):
+        (work / "params.yaml").write_text(params)
+    else:
+        paramfiles.write(params, work / "params.yaml")
     return work
 
 
@@ -163,7 +166,7 @@ def test_dataset_with_wrong_checksum_is_refused(tmp_path, prepared, monkeypatch,
     work = _workdir(tmp_path, prepared, params)
     _fake_mnist(tmp_path / "mirror")
     params["data"]["mirror"] = str(tmp_path / "mirror")
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfiles.write(params, work / "params.yaml")
     before = _snapshot(work)
     with pytest.warns(UserWarning, match="MD5"):
         code, err = _run_main(work, ["prepare"], monkeypatch, capsys)
@@ -178,10 +181,10 @@ def test_pilot_phase_refuses_dirty_tree(tmp_path, prepared, monkeypatch, capsys)
     params["phase"] = "pilot"
     work = _workdir(tmp_path, prepared, params)
     env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@optlab.invalid", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@optlab.invalid"}
-    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "commit", "-qm", "x"]):
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml", "studies.yaml"], ["git", "commit", "-qm", "x"]):
         subprocess.run(cmd, cwd=work, check=True, env={**env, "PATH": "/usr/bin:/bin"})
     params["lr"] = 0.05  # an uncommitted change to params
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfiles.write(params, work / "params.yaml")
     before = _snapshot(work)
     code, err = _run_main(work, ["train"], monkeypatch, capsys)
     assert code == 2 and "params.yaml" in err and "commit" in err, err

@@ -16,11 +16,12 @@ import pytest
 import torch
 import yaml
 
+from optlab import paramfiles
 from optlab import engine, pipeline
 from tests.conftest import make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
+BASE = paramfiles.read(ROOT / "params.yaml")
 COMMANDS = ("prepare", "train", "sweep", "ablate", "aggregate", "plot", "report")
 
 
@@ -37,7 +38,7 @@ def _workdir(tmp_path: Path, prepared: Path, params: dict) -> Path:
     work = tmp_path / "w"
     (work / "data" / "prepared").mkdir(parents=True)
     shutil.copy(prepared / "digits.pt", work / "data" / "prepared" / "digits.pt")
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfiles.write(params, work / "params.yaml")
     return work
 
 

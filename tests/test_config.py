@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from optlab import paramfiles
 from optlab.config import ConfigError, load_params, resolve_run, resolve_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def params():
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return paramfiles.read(ROOT / "params.yaml")
 
 
 def test_repo_params_resolve(params):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from optlab import paramfiles
 from optlab import pipeline
 from tests.conftest import make_splits
 
@@ -20,13 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_sweep_with_huge_lrs_completes_and_records_divergence(tmp_path, monkeypatch):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = paramfiles.read(ROOT / "params.yaml")
     params = copy.deepcopy(params)
     params["studies"] = {"deep": {"arch": "mlp", "methods": ["sgd", "sgd_sn"], "analysis": "sgd_sn",
                                   "quick": {"datasets": ["digits"], "grid": {"depth": [24]}, "lrs": [10.0, 3.0, 0.01], "lr_extend": 0,
                                             "search_seeds": [0, 1], "seeds": [0, 1],
                                             "set": {"width": 32, "epochs": 2, "batch_size": 64}}}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfiles.write(params, tmp_path / "params.yaml")
     prep = tmp_path / "data" / "prepared"
     prep.mkdir(parents=True)
     s = make_splits(n_train=512, dim=64, n_classes=10)

@@ -15,13 +15,14 @@ import pytest
 import torch
 import yaml
 
+from optlab import paramfiles
 from optlab import engine
 from optlab.config import datasets_to_prepare, resolve_ablation, resolve_run, resolve_study, study_run
 from optlab.data.synthetic import TokenSplits
 from tests.conftest import make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+PARAMS = paramfiles.read(ROOT / "params.yaml")
 FULL = {**copy.deepcopy(PARAMS), "scale": "full"}
 SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32), "digits": (1, 8, 8)}
 

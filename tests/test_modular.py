@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 from conftest import one_thread_fixture
+from optlab import paramfiles
 from optlab import models, optim
 from optlab.config import ConfigError, make_run, resolve_run
 from optlab.optim.modular import PRESETS, Modular
@@ -277,7 +278,7 @@ def test_optimizer_options_are_validated_in_one_line(opts, key):
 
 
 def test_headline_accepts_every_preset_name():
-    params = yaml.safe_load(open("params.yaml"))
+    params = paramfiles.read("params.yaml")
     for name in PRESETS:
         cfg = resolve_run({**params, "optimizer": name})  # what `dvc exp run -S optimizer=<name>` resolves
         assert cfg.optimizer == name and cfg.lr == params["default_lr"][name]

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from optlab import paramfiles
 from optlab import pipeline
 from optlab.config import ConfigError, determining_params, load_params, resolve_study, study_run, validate_params
 from optlab.tracking.policy import PhaseError, check_phase, code_changed_since, params_changed
@@ -37,7 +38,7 @@ def base_params() -> dict[str, Any]:
 
 
 def write_params(repo: Path, params: dict[str, Any]) -> None:
-    (repo / "params.yaml").write_text("# optlab test params\n" + yaml.safe_dump(params, sort_keys=False))
+    paramfiles.write(params, repo / "params.yaml")
 
 
 def commit(repo: Path, msg: str) -> str:
@@ -71,7 +72,7 @@ def freeze(repo: Path, study: str = "a", seeds: list[int] | None = None) -> tupl
     """Freeze the current commit for ``study`` (its own phase keys) and commit that: the
     workflow README describes. Returns (frozen sha, params)."""
     sha = git(repo, "rev-parse", "HEAD")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = paramfiles.read(repo / "params.yaml")
     params["studies"][study].update(phase="frozen", frozen_commit=sha[:10])
     if seeds is not None:
         params["studies"][study]["quick"]["seeds"] = seeds

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import yaml
 
+from optlab import paramfiles
 from optlab import pipeline, repro
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+PARAMS = paramfiles.read(ROOT / "params.yaml")
 
 
 def test_groups_are_studies_and_the_solo_training_stages():
@@ -74,8 +75,9 @@ def test_a_params_edit_changes_only_the_files_of_the_stages_it_concerns():
     assert sorted(k for k in new if base.get(k) != new[k]) == [f"{study}/sgd_copy.json"]
     # an engine key: every training stage
     assert len(changed(lambda p: p.update(diverge_loss=50.0))) == len(base)
-    # the headline run's keys: no study or ablation stage (they have their own sections)
-    assert changed(lambda p: p.update(seed=3)) == []
+    # the headline run's keys: the headline run's file only, no study or ablation stage
+    assert changed(lambda p: p.update(seed=3)) == ["train.json"]
+    assert changed(lambda p: p.update(optimizer="adam")) == ["train.json"]
 
 
 def test_a_code_change_changes_every_file():

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from optlab import paramfiles
 from optlab import engine
 from optlab.config import RunConfig, SNConfig
 from tests.conftest import make_splits, KillAt, comparable
@@ -82,7 +83,7 @@ def test_checkpoint_loads_weights_only(tmp_path):
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_the_stage_resumes(tmp_path):
     """The real thing: `python -m optlab.pipeline train` killed with SIGKILL, then run again."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = paramfiles.read(ROOT / "params.yaml")
     params["profiles"]["quick"].update(depth=4, width=32, epochs=12, batch_size=16)
     params.update(checkpoint_every=40, log_every=10, optimizer="sgd_sn")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OPTLAB_", "DVC_"))}
@@ -91,7 +92,7 @@ def test_sigkill_mid_run_then_rerun_the_stage_resumes(tmp_path):
     def workdir(name: str) -> Path:
         d = tmp_path / name
         d.mkdir()
-        (d / "params.yaml").write_text(yaml.safe_dump(params))
+        paramfiles.write(params, d / "params.yaml")
         subprocess.run([sys.executable, "-m", "optlab.pipeline", "prepare"], cwd=d, env=env, check=True, capture_output=True)
         return d
 
@@ -122,12 +123,12 @@ def test_interrupted_sweep_slice_redoes_only_unfinished_runs(tmp_path, monkeypat
     """A slice killed after two runs: the rerun reuses those two and trains the rest."""
     from optlab import pipeline
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = paramfiles.read(ROOT / "params.yaml")
     params["studies"] = {"s": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd"], "quick": {
         "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.01, 0.001], "lr_extend": 0,
         "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 64}}}}
     params["checkpoint_every"] = 1000
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfiles.write(params, tmp_path / "params.yaml")
     prep = tmp_path / "data" / "prepared"
     prep.mkdir(parents=True)
     s = make_splits(dim=64, n_classes=10)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from optlab import paramfiles
 from optlab import optim, pipeline
 from optlab.config import ConfigError, RunConfig, load_params, resolve_study
 from optlab.tasks.classification import crop_flip
@@ -20,12 +21,12 @@ one_thread = pytest.fixture(autouse=True)(one_thread_fixture)
 
 
 def test_skipped_study_writes_an_empty_slice_with_its_reason(tmp_path, monkeypatch):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = paramfiles.read(ROOT / "params.yaml")
     params["studies"] = {"g": {"analysis": "rho", "arch": "mlp", "methods": ["sgd"], "verdict": False,
                                "published": {"best fixed": "82.6%"},
                                "quick": {"skip": "GPU only"},
                                "full": {"datasets": ["mnist"], "lrs": [0.1]}}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfiles.write(params, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OPTLAB_TRACKING", "0")
     spec = resolve_study(load_params(), "g")
@@ -41,12 +42,12 @@ def test_skipped_study_writes_an_empty_slice_with_its_reason(tmp_path, monkeypat
     refs = references(sl)
     assert refs[["study", "skipped", "label", "value"]].values.tolist() == [["g", "GPU only", "best fixed", "82.6%"]]
     params["studies"]["g"]["quick"] = {"skip": ""}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfiles.write(params, tmp_path / "params.yaml")
     with pytest.raises(ConfigError, match="quick.skip: expected the reason"):
         load_params()
     params["studies"]["g"]["quick"] = {"skip": "x"}
     params["studies"]["g"]["published"] = ["82.6"]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfiles.write(params, tmp_path / "params.yaml")
     with pytest.raises(ConfigError, match="published: expected a mapping"):
         load_params()
 

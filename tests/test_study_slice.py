@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from optlab import paramfiles
 from optlab import pipeline
 from optlab.config import ConfigError
 from tests.conftest import make_splits
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def study_dir(tmp_path, monkeypatch):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = paramfiles.read(ROOT / "params.yaml")
     params["methods"]["sgd_fixed"] = {"optimizer": "sgd", "lr": 0.05}
     params["studies"] = {
         "s": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd", "sgd_fixed", "adam"],
@@ -34,7 +35,7 @@ def study_dir(tmp_path, monkeypatch):
               "quick": {"datasets": ["digits"], "lrs": [0.1, 0.01], "seeds": [0, 1],
                         "set": {"depth": 2, "width": 8, "epochs": 1, "batch_size": 64}}},
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfiles.write(params, tmp_path / "params.yaml")
     prep = tmp_path / "data" / "prepared"
     prep.mkdir(parents=True)
     s = make_splits(dim=64, n_classes=10)
@@ -194,9 +195,9 @@ def test_a_search_where_no_lr_trains_looks_past_both_ends(study_dir, monkeypatch
     LR that trains, and selects it; the summary says the grid had not trained."""
     from optlab import engine
 
-    params = yaml.safe_load((study_dir / "params.yaml").read_text())
+    params = paramfiles.read(study_dir / "params.yaml")
     params["studies"]["s"]["quick"]["lr_extend"] = 2
-    (study_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfiles.write(params, study_dir / "params.yaml")
     val = {1.0: 0.10, 0.1: 0.14, 0.01: 0.11, 0.003: 0.60, 0.001: 0.90}  # 0.1 is interior and "best" among failures
 
     def fake_train(cfg, **kw):

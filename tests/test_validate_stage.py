@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from optlab import paramfiles
 from optlab import pipeline
 from optlab.config import ConfigError
 
@@ -35,7 +36,7 @@ def test_fingerprint_follows_training_code_not_analysis(tmp_path):
 def test_validate_checks_every_study_and_writes_the_fingerprint(tmp_path, monkeypatch):
     out = tmp_path / "validated.txt"
     n = pipeline.validate(str(ROOT / "params.yaml"), out=str(out))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = paramfiles.read(ROOT / "params.yaml")
     assert n > len(params["studies"])  # the headline, every study slice's points, the ablation
     assert out.read_text() == f"training code sha256 {pipeline.training_code_fingerprint()}\n"
 
@@ -46,10 +47,9 @@ def test_validate_checks_every_study_and_writes_the_fingerprint(tmp_path, monkey
     (lambda p: p["methods"]["sgd"].update(step_method="nope"), r"step_method: unknown value 'nope'"),
 ])
 def test_validate_refuses_a_bad_file_before_writing(tmp_path, edit, message):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = paramfiles.read(ROOT / "params.yaml")
     edit(params)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    path = paramfiles.write(params, tmp_path / "params.yaml")
     out = tmp_path / "validated.txt"
     with pytest.raises(ConfigError, match=message):
         pipeline.validate(str(path), out=str(out))

@@ -497,18 +497,14 @@ class StudySpec(BaseModel):
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read and structurally validate params.yaml (unknown keys are errors)."""
-    import yaml
+    """Read ``params.yaml`` and the ``studies.yaml`` beside it (:mod:`optlab.paramfiles`), merged,
+    and validate the result structurally (unknown keys are errors)."""
+    from optlab import paramfiles
 
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"params file not found: {p}")
     try:
-        params = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        params = paramfiles.read(path)
+    except paramfiles.ParamsFileError as exc:
+        raise ConfigError(str(exc)) from None
     validate_params(params)
     return params
 

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import engine
+from . import engine, paramfiles
 from .codeset import TRAINING_CODE_EXCLUDE  # what no training run executes (the fingerprint skips it)
 from .config import (
     RUN_KEYS,
@@ -163,7 +163,8 @@ def _json_text(doc: Any) -> str:
 
 def slice_configs(params: dict[str, Any], fingerprint: str) -> dict[str, dict[str, Any]]:
     """What each training stage's results depend on, one JSON document per stage: ``<study>/<method>.json``
-    for every study slice, ``ablate.json`` for the ablation.
+    for every study slice, ``ablate.json`` for the ablation, ``train.json`` for the headline run
+    (its resolved configuration: what it takes from ``profiles`` in studies.yaml).
 
     A slice's file holds the training code's fingerprint, the engine keys, the study's section
     (its common keys and the selected scale's; not its list of methods, so adding a method to a
@@ -193,6 +194,7 @@ def slice_configs(params: dict[str, Any], fingerprint: str) -> dict[str, dict[st
     variants = {name: resolve_run(params, **var, seed=seeds[0], study="ablate", run_id=name).model_dump()
                 for name, var in resolve_ablation(params).items()} if seeds else {}
     out["ablate.json"] = {"training_code": fingerprint, "engine": engine_keys, "seeds": seeds, "variants": variants}
+    out["train.json"] = {"training_code": fingerprint, "run": resolve_run(params, run_id="train").model_dump()}
     return out
 
 
@@ -215,7 +217,6 @@ def validate(params_path: str = "params.yaml", out: str | None = "runs/validated
     dvc.lock after every stage, so its size costs every stage time). Returns the number of
     configurations checked."""
     params = load_params(params_path)
-    resolve_run(params, run_id="validate")
     fingerprint = training_code_fingerprint()
     docs = slice_configs(params, fingerprint)  # resolves every slice's and variant's configurations
     n = 1 + sum(len(d.get("runs", d.get("variants", ()))) for d in docs.values())
@@ -230,7 +231,7 @@ def validate(params_path: str = "params.yaml", out: str | None = "runs/validated
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(f"training code sha256 {fingerprint}\n")
-    print(f"validate: {params_path} is valid ({n} run configurations checked)")
+    print(f"validate: {params_path} and {paramfiles.STUDIES_FILE} are valid ({n} run configurations checked)")
     return n
 
 

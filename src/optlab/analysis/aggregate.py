@@ -563,16 +563,17 @@ def assign_analyses(runs: pd.DataFrame, slices: Iterable[SliceSummary], claimer:
 
 
 def read_ablation_order(params: Path | str | None) -> list[str]:
-    """The ablation variants' names in params.yaml order (``profiles.<scale>.ablate.variants``).
+    """The ablation variants' names in file order (``profiles.<scale>.ablate.variants`` of the
+    studies.yaml beside ``params``, the params.yaml path; ``scale`` from params.yaml).
 
-    Empty when the file is missing or unreadable (the table is then in directory order).
+    Empty when the files are missing or unreadable (the table is then in directory order).
     """
     if params is None or not Path(params).is_file():
         return []
     try:
-        import yaml
+        from optlab import paramfiles
 
-        doc = yaml.safe_load(Path(params).read_text()) or {}
+        doc = paramfiles.read(params)
         scale = doc.get("scale") or "quick"
         variants = ((doc.get("profiles") or {}).get(scale) or {}).get("ablate", {}).get("variants") or {}
         return [str(k) for k in variants]

@@ -31,7 +31,7 @@ from optlab.codeset import frozen_code_exclude
 from optlab.tracking.provenance import _git, dirty_paths, find_work_tree, git_info, head_commit
 
 PHASES = ("debug", "pilot", "frozen")
-WATCHED = ("src", "stages", "params.yaml", "dvc.yaml", "pyproject.toml", "requirements.lock")
+WATCHED = ("src", "stages", "params.yaml", "studies.yaml", "dvc.yaml", "pyproject.toml", "requirements.lock")
 FROZEN_CODE = ("src", "stages", "requirements.lock", "pyproject.toml")
 # the code under src/optlab that no training run executes (the same list as the validate stage's
 # training-code fingerprint, optlab.codeset): reports and the make-repro driver may change
@@ -169,18 +169,16 @@ def code_changed_since(work_tree: Path, commit: str, paths: Sequence[str] = FROZ
 
 
 def params_at(work_tree: Path, commit: str, params_file: str = "params.yaml") -> dict[str, Any] | None:
-    """params.yaml (`params_file`, relative to the work tree) at `commit`, parsed; None when it is
-    missing there or not a YAML mapping."""
-    import yaml
+    """params.yaml (`params_file`, relative to the work tree) and the studies.yaml beside it at
+    `commit`, parsed and merged (:func:`optlab.paramfiles.read_with`); None when params.yaml is
+    missing there or either file is not a YAML mapping."""
+    from optlab import paramfiles
 
-    proc = _git(Path(work_tree), "show", f"{commit}:{Path(params_file).as_posix()}")
-    if proc.returncode != 0:
-        return None
-    try:
-        doc = yaml.safe_load(proc.stdout)
-    except yaml.YAMLError:
-        return None
-    return doc if isinstance(doc, dict) else None
+    def show(path: str) -> str | None:
+        proc = _git(Path(work_tree), "show", f"{commit}:{Path(path).as_posix()}")
+        return proc.stdout if proc.returncode == 0 else None
+
+    return paramfiles.read_with(show, params_file)
 
 
 def params_changed(now: Mapping[str, Any], then: Mapping[str, Any], study: str | None) -> list[str]:

@@ -73,11 +73,11 @@ def configured_lrs(params: Path | None, study: str) -> tuple[float, ...] | None:
     """The LRs ``studies.<study>`` runs at the selected scale (None when unknown)."""
     if params is None or not Path(params).is_file():
         return None
-    import yaml
+    from optlab import paramfiles
 
     try:
-        p = yaml.safe_load(Path(params).read_text()) or {}
-    except (OSError, yaml.YAMLError):  # a params file the analysis cannot read: "unknown", never a failed report
+        p = paramfiles.read(params)  # params.yaml and the studies.yaml beside it
+    except (OSError, paramfiles.ParamsFileError):  # files the analysis cannot read: "unknown", never a failed report
         return None
     spec = (p.get("studies") or {}).get(study)
     if not isinstance(spec, dict):
