@@ -3,6 +3,7 @@
 #                training stages run side by side (python -m optlab.repro; plain `dvc repro` gives the same result)
 #   make test    create .venv, then run the tests
 #   make bench   performance comparisons in benchmarks/ (ratios against a peer measured in the same run)
+#   make exps    the experiments table: headline params and metrics (dvc exp show without dependency hashes)
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.optlab-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv repro test test-fast bench lock mlflow-ui clean
+.PHONY: venv repro test test-fast bench exps lock mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,11 @@ bench: venv
 	$(BIN)/python -m benchmarks
 	$(BIN)/python -m benchmarks.memory --depth 1000 --peer
 	$(BIN)/python -m benchmarks.rho
+
+# `dvc exp show` lists a column per dependency hash (about 165); this keeps what tells experiments apart.
+EXP_COLUMNS := ^(Experiment|Created|diverged|test_acc|test_loss|val_acc|train_loss|steps|wall_time_s|scale|phase|optimizer|lr|arch|dataset|depth|width|activation|init|epochs|batch_size|seed)$$
+exps: venv
+	$(BIN)/dvc exp show --drop '.*' --keep '$(EXP_COLUMNS)' $(EXPS_ARGS)
 
 # The MLflow UI on loopback only (first uploading any runs still waiting in the tracking spool).
 mlflow-ui: venv

@@ -3,7 +3,7 @@
 A hand-written tree with known values: a depth study on a 10-class dataset (adam fails at depth
 32 by chance-level accuracy and skips 64; sgd_sn trains to 32 and fails at 64 by vanishing
 gradients), a language-model study selected on validation loss (one adam seed diverged), and an
-ablation whose params.yaml order is not alphabetical. Expectations are computed here by hand
+ablation whose studies.yaml order is not alphabetical. Expectations are computed here by hand
 or with numpy, never copied from a previous run of the code.
 """
 
@@ -71,7 +71,7 @@ LM = {
 }
 LM_WALL = {"adam": 10.0, "sgd_sn": 9.0}
 
-# ---- ablation: params.yaml order (not alphabetical); per seed (status, test_acc, val_acc, wall, sigma, violations)
+# ---- ablation: studies.yaml order (not alphabetical); per seed (status, test_acc, val_acc, wall, sigma, violations)
 ABL_ORDER = ["mlp_sn_clip", "mlp_sgd", "mlp_sn_power1"]
 ABL_CFG = {
     "mlp_sn_clip": {"optimizer": "sgd_sn", "sn_mode": "clip", "sn_sigma": "exact"},

@@ -103,3 +103,24 @@ def test_an_old_commit_with_everything_in_params_yaml_still_reads():
     assert paramfiles.read_with(files.get) == merged
     assert paramfiles.read_with({}.get) is None
     assert paramfiles.read_with({"params.yaml": "a: [\n"}.get) is None
+
+
+def test_make_exps_keeps_the_headline_columns_only():
+    """`make exps`: DVC's experiments table with the headline params and metrics, not ~165 hash columns."""
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("dvc")
+    if not (ROOT / ".git").exists():
+        pytest.skip("needs the git checkout")
+    line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if ln.startswith("EXP_COLUMNS"))
+    keep = line.split(":=", 1)[1].strip().replace("$$", "$")
+    dvc = Path(sys.executable).with_name("dvc")
+    full = subprocess.run([str(dvc), "exp", "show", "--csv", "--hide-queued"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout.splitlines()[0].split(",")
+    kept = subprocess.run([str(dvc), "exp", "show", "--csv", "--drop", ".*", "--keep", keep], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout.splitlines()[0].split(",")
+    assert len(full) > 100  # what plain `dvc exp show` lists
+    assert {"Experiment", "test_acc", "val_acc", "optimizer", "lr", "seed", "depth"} <= set(kept)
+    assert len(kept) <= 25 and all(re.fullmatch(keep, c) for c in kept)

@@ -9,7 +9,7 @@ with a final validation accuracy within :data:`WITHIN` of the best one of the sc
 are ``b / 10`` (safe), ``b`` (borderline) and ``10 b`` (unstable). Tables: ``rho_lr_scan`` (one row
 per optimizer and LR: status, validation and test accuracy, peak r) and ``rho_lr_scan_choice`` (per
 optimizer: the best LR, ``b``, the rule's three LRs and the LRs the study of that optimizer is
-configured with in params.yaml, and whether they agree). Figure ``rho_lr_scan.png``: final
+configured with in studies.yaml, and whether they agree). Figure ``rho_lr_scan.png``: final
 validation accuracy and peak r against the LR, the chosen LRs marked.
 """
 

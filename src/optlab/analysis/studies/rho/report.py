@@ -37,7 +37,7 @@ def section(rd: R.ReportData, single_seed: int = SINGLE_SEED) -> str:
         if study in studies:
             continue
         reason = text(refs.loc[refs["study"] == study, "skipped"].iloc[0])
-        lines += [f"### {study}", "", f"Not run at this scale: {reason}. Its configuration is in params.yaml "
+        lines += [f"### {study}", "", f"Not run at this scale: {reason}. Its configuration is in studies.yaml "
                   f"(`studies.{study}`); `scale: full` runs it.", ""]
         lines += reference_lines(refs, study)
     v = rd.table(f"{rd.name}_verdict") if f"{rd.name}_verdict" in rd.table_names else pd.DataFrame()

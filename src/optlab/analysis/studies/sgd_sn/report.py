@@ -711,7 +711,7 @@ ABLATION_VIEW = ["variant", "arch", "depth", "optimizer", "reparam", "sn_mode", 
 
 
 def _ablation_note() -> str:
-    return ("Each variant at a fixed LR over the ablation seeds, in params.yaml order. Means, medians and IQRs are "
+    return ("Each variant at a fixed LR over the ablation seeds, in studies.yaml order (`profiles.<scale>.ablate.variants`). Means, medians and IQRs are "
             "over completed seeds; `sn_violations_total` (layers above σ = 1 + 1e-4 at a check, projected runs "
             "only) is summed over all seeds. n/a: the setting does not apply (projection settings only for sgd_sn, "
             "`sn_power_iters` only for power iteration, conv/batch-norm/residual settings only for the ResNet); "

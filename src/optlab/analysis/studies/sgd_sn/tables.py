@@ -528,7 +528,7 @@ ABLATION_CONFIG = ("arch", "dataset", "depth", "width", "optimizer", "reparam", 
 def ablation_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
     """One row per ablation variant: its configuration and statistics over its seeds.
 
-    Variants come in ``order`` (params.yaml order), others after it by name. Configuration cells
+    Variants come in ``order`` (studies.yaml order), others after it by name. Configuration cells
     that do not apply are NaN (n/a): the projection settings ``sn_*`` exist only for ``sgd_sn``
     (``sn_power_iters`` only with ``sn_sigma: power``), ``sn_conv``, ``batch_norm`` and
     ``residual`` only for the ResNet. Means are over completed seeds, with the median and IQR of
