@@ -285,6 +285,22 @@ def test_the_figures_are_drawn(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         names = {p.name for p in plot_all(root, tmp_path / "figures", analyses={"rho": ANALYSIS})}
     assert {"rho_digits_curves.png", "rho_digits_control.png", "loss_curves_rho_digits.png"} <= names
+    # the manifest stage `track` logs the figures from: each drawn figure and the studies it shows
+    manifest = json.loads((tmp_path / "figures" / "figures.json").read_text())
+    assert set(manifest) == names
+    assert manifest["rho_digits_control.png"] == ["rho_digits"] == manifest["loss_curves_rho_digits.png"]
+
+
+def test_a_figure_belongs_to_the_longest_study_name_in_it() -> None:
+    from optlab.analysis.plots import figure_studies
+
+    studies = ["gpt", "gpt_context", "rho_cap_gpt", "mlp_depth"]
+    assert figure_studies("rho_cap_gpt_control.png", studies) == ["rho_cap_gpt"]
+    assert figure_studies("loss_curves_gpt_context.png", studies) == ["gpt_context"]
+    assert figure_studies("loss_curves_gpt.png", studies) == ["gpt"]
+    assert figure_studies("memory_vs_context.png", studies) == studies  # no study named: all of them
+    assert figure_studies("gptx.png", ["gpt"]) == ["gpt"]  # fallback, not a match on a prefix
+    assert figure_studies("a_gptx_b.png", ["gpt", "mlp"]) == ["gpt", "mlp"]
 
 
 def test_per_epoch_controller_values_fall_back_to_the_steps_of_a_diverged_epoch(tmp_path: Path) -> None:

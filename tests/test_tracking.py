@@ -512,7 +512,7 @@ def test_track_marks_selected_runs_and_fills_parents(store: str, tmp_path: Path)
     (tmp_path / "s" / "sgd").mkdir(parents=True)
     (tmp_path / "s" / "sgd" / "summary.json").write_text(json.dumps(doc))
     n = annotate(tmp_path, experiment="annotate", tracking_uri=store)
-    assert n == {"slices": 1, "selected_runs": 3, "parents": 1}
+    assert n == {"slices": 1, "selected_runs": 3, "parents": 1, "figures": 0}
     for name, rid in runs.items():
         tags = client.get_run(rid).data.tags
         assert (tags.get(SELECTED_TAG) == "true") is ("lr0.1-" in name)  # seed 0 included
@@ -524,6 +524,60 @@ def test_track_marks_selected_runs_and_fills_parents(store: str, tmp_path: Path)
     found = client.search_runs([exp], filter_string=f"tags.{SELECTED_TAG} = 'true'")
     assert sorted(r.info.run_name for r in found) == sorted(n for n in names if "lr0.1-" in n)
     assert annotate(tmp_path, experiment="annotate", tracking_uri=store)["parents"] == 1  # rerun: params kept
+
+
+def _artifacts(client, run_id: str) -> dict[str, int]:
+    return {Path(a.path).name: a.file_size for a in client.list_artifacts(run_id, "figures")}
+
+
+def test_track_logs_each_studys_figures_to_its_parents(store: str, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from optlab.tracking.annotate import FIGURES_TAG, annotate
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("figs")
+    parents = {n: client.create_run(exp, run_name=n, tags={"git_commit": "c1", "optlab.role": "parent"}).info.run_id
+               for n in ("s@sgd", "s@adam", "t@sgd")}
+    sweep = tmp_path / "sweep"
+    for study, method in (("s", "sgd"), ("s", "adam"), ("t", "sgd")):
+        (sweep / study / method).mkdir(parents=True)
+        (sweep / study / method / "summary.json").write_text(json.dumps(
+            {"study": study, "method": method, "git_commit": "c1", "points": []}))
+    figs = tmp_path / "figures"
+    figs.mkdir()
+    for name, size in (("loss_curves_s.png", 10), ("both.png", 20), ("loss_curves_t.png", 30)):
+        (figs / name).write_bytes(b"x" * size)
+    (figs / "figures.json").write_text(json.dumps(
+        {"loss_curves_s.png": ["s"], "both.png": ["s", "t"], "loss_curves_t.png": ["t"], "gone.png": ["s"]}))
+    n = annotate(sweep, experiment="figs", tracking_uri=store, figures_dir=figs)
+    assert n["parents"] == 3 and n["figures"] == 2 + 2 + 2
+    assert _artifacts(client, parents["s@sgd"]) == {"loss_curves_s.png": 10, "both.png": 20}
+    assert _artifacts(client, parents["s@adam"]) == {"loss_curves_s.png": 10, "both.png": 20}
+    assert _artifacts(client, parents["t@sgd"]) == {"both.png": 20, "loss_curves_t.png": 30}
+    assert annotate(sweep, experiment="figs", tracking_uri=store, figures_dir=figs)["figures"] == 0  # unchanged
+    (figs / "both.png").write_bytes(b"y" * 25)  # a redrawn figure is logged again
+    assert annotate(sweep, experiment="figs", tracking_uri=store, figures_dir=figs)["figures"] == 6
+    assert _artifacts(client, parents["t@sgd"])["both.png"] == 25
+    assert client.get_run(parents["t@sgd"]).data.tags[FIGURES_TAG]
+
+
+def test_track_logs_the_headline_figure_to_the_headline_run(store: str, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from optlab.tracking.annotate import annotate_headline
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("head")
+    name = "headline: sgd mlp digits d2 lr0.1 s0"
+    old = client.create_run(exp, run_name=name, tags={"git_commit": "c0"}, start_time=1).info.run_id
+    new = client.create_run(exp, run_name=name, tags={"git_commit": "c1"}, start_time=2).info.run_id
+    curves = tmp_path / "curves.png"
+    assert not annotate_headline(name, "c1", curves, experiment="head", tracking_uri=store)  # no figure yet
+    curves.write_bytes(b"png")
+    assert not annotate_headline("other", "c1", curves, experiment="head", tracking_uri=store)
+    assert annotate_headline(name, "c1", curves, experiment="head", tracking_uri=store)
+    assert _artifacts(client, new) == {"curves.png": 3} and _artifacts(client, old) == {}
 
 
 def test_tracked_params_are_the_runs_own_model_and_method() -> None:

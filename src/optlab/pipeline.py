@@ -260,10 +260,29 @@ def track(params_path: str = "params.yaml") -> int:
         from .tracking.annotate import annotate
 
         params = load_params(params_path)
-        n = annotate("runs/sweep", experiment=(params.get("tracking") or {}).get("experiment", "optlab"))
+        experiment = (params.get("tracking") or {}).get("experiment", "optlab")
+        n = annotate("runs/sweep", experiment=experiment, figures_dir="reports/figures")
         print(f"track: marked {n['selected_runs']} selected-LR runs and filled {n['parents']} parent runs "
-              f"of {n['slices']} slices (filter: tags.optlab.selected = \"true\")")
+              f"of {n['slices']} slices (filter: tags.optlab.selected = \"true\"); {n['figures']} figures logged")
+        _track_headline(experiment)
     return 0 if summary.ok else 1
+
+
+def _track_headline(experiment: str, run_dir: str = "runs/train") -> None:
+    """The headline figure as an artifact of the headline run (found by its name and commit)."""
+    from types import SimpleNamespace
+
+    from .tracking.annotate import annotate_headline
+
+    try:
+        doc = json.loads((Path(run_dir) / "metrics.json").read_text())
+        name = headline_run_name(SimpleNamespace(**{k: doc["config"].get(k) for k in
+                                                    ("method", "optimizer", "arch", "dataset", "depth", "lr", "seed")}))
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    commit = (doc.get("provenance") or {}).get("git_commit")
+    if annotate_headline(name, commit, Path(run_dir) / HEADLINE_FIGURE, experiment=experiment):
+        print(f"track: {run_dir}/{HEADLINE_FIGURE} logged to the headline run {name!r}")
 
 
 def prepare(params_path: str = "params.yaml", raw_dir: str = "data/raw", out_dir: str | None = None) -> list[Path]:
@@ -344,6 +363,9 @@ def parse_override(text: str) -> Any:
     if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
         return float(value)
     return value if value is None or isinstance(value, (bool, int, float)) else text
+
+
+HEADLINE_FIGURE = "curves.png"  # analysis.plots.HEADLINE_FILE, without importing matplotlib into stage track
 
 
 def headline_run_name(cfg: Any) -> str:

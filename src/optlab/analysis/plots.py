@@ -17,6 +17,8 @@ below (``figure``, ``grid``, ``hue``, ``legend``, ``log_y``, ``focus``, ...) are
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import textwrap
 import warnings
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DPI = 120
 LOSS_PREFIX = "loss_curves_"
 HEADLINE = "headline_curves.png"
+MANIFEST = "figures.json"  # {figure file: [the studies it shows]}, read by stage ``track`` (MLflow artifacts)
 MARKER_MAX_POINTS = 40  # a marker at every x value up to this many; beyond, about MARKS_PER_LINE of them
 MARKS_PER_LINE = 12
 COLORS = [*sns.color_palette("tab10"), *sns.color_palette("Dark2"), *sns.color_palette("Set1")]
@@ -189,9 +192,11 @@ def plot_all(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     makers: dict[str, Callable[[], Figure]] = {}
+    shows: dict[str, list[str]] = {}
     studies = list(dict.fromkeys(s for s, _ in core.panels))
     for study in studies:
         makers[f"{LOSS_PREFIX}{slug(study)}.png"] = lambda s=study: _loss_curves(core, s)
+        shows[f"{LOSS_PREFIX}{slug(study)}.png"] = [str(study)]
     if headline:
         makers[HEADLINE] = lambda: _headline_curves(core)
     else:
@@ -201,6 +206,8 @@ def plot_all(
             if fname in makers:
                 raise ValueError(f"study analysis {name!r}: figure {fname} is already drawn by another")
             makers[fname] = make
+            shows[fname] = figure_studies(fname, [str(s) for s in dict.fromkeys(
+                [*(s for s, _ in fd.panels), *fd.chosen.get("study", pd.Series(dtype=object)).dropna()])])
     for stale in out_dir.glob(f"{LOSS_PREFIX}*.png"):  # a study no longer in the runs
         if stale.name not in makers:
             stale.unlink()
@@ -219,7 +226,20 @@ def plot_all(
             drop_empty(fig)
             fig.savefig(path, dpi=DPI)
             written.append(path)
+    manifest = {p.name: shows[p.name] for p in written if shows.get(p.name)}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return written
+
+
+def figure_studies(fname: str, studies: Iterable[str]) -> list[str]:
+    """The studies a study analysis's figure shows: those whose name is a ``_``-delimited part of
+    the file name (the longest, so ``rho_cap_gpt_control.png`` is ``rho_cap_gpt``'s, not
+    ``gpt``'s), else every study the analysis drew from."""
+    studies = list(studies)
+    stem = Path(fname).stem
+    named = [s for s in studies if re.search(rf"(^|_){re.escape(slug(s))}(_|$)", stem)]
+    named = [s for s in named if not any(s != o and slug(s) in slug(o) for o in named)]
+    return named or studies
 
 
 def _prepare(runs: pd.DataFrame, best: pd.DataFrame, curves: pd.DataFrame | None, layer_rows: pd.DataFrame | None,

@@ -9,7 +9,13 @@ deferred runs reach the store only at the ``track`` stage. So this pass reads ea
   ``tags.optlab.selected = "true"`` lists exactly the runs the report compares;
 - gives the slice's parent run (``<study>@<method>``) the study's params (method, optimizer,
   analysis, select, LR grid, seeds), one ``selected_lr/<dataset>/<point>`` metric and tag per
-  grid point, the search score there, and the tags ``optlab.study`` / ``optlab.method``.
+  grid point, the search score there, and the tags ``optlab.study`` / ``optlab.method``;
+- logs the study's figures (``reports/figures``, as its ``figures.json`` assigns them to
+  studies) as artifacts of the parent, under ``figures/``. The tag ``optlab.figures_sha256``
+  records what was logged, so a rerun with the same figures uploads nothing.
+
+The headline run (``runs/train``) gets its curves figure (``runs/train/curves.png``) the same
+way (:func:`annotate_headline`).
 
 Runs are matched by name and git commit (the summary's), so older copies of a run in the same
 store are left alone. No mlflow import at module level.
@@ -17,6 +23,7 @@ store are left alone. No mlflow import at module level.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,6 +32,8 @@ from optlab.tracking.flatten import clean_key
 
 SELECTED_TAG = "optlab.selected"
 SELECTED_LR_TAG = "optlab.selected_lr"
+FIGURES_TAG = "optlab.figures_sha256"
+FIGURES_ARTIFACT_DIR = "figures"
 PARENT_PARAMS = ("study", "method", "optimizer", "step_method", "analysis", "select", "lr_policy", "lrs",
                  "search_seeds", "seeds", "phase")
 
@@ -67,6 +76,31 @@ def summaries(sweep_root: Path | str) -> list[dict[str, Any]]:
     return out
 
 
+def study_figures(figures_dir: Path | str | None) -> dict[str, list[Path]]:
+    """``{study: [figure paths]}`` from ``figures.json`` in ``figures_dir`` (written by the plot
+    stage); empty when there is none. Figures listed but missing are left out."""
+    if figures_dir is None:
+        return {}
+    root = Path(figures_dir)
+    try:
+        manifest = json.loads((root / "figures.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, list[Path]] = {}
+    for name, studies in sorted(manifest.items()):
+        if (root / name).is_file():
+            for study in studies:
+                out.setdefault(str(study), []).append(root / name)
+    return out
+
+
+def files_digest(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        h.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def _all_runs(client: Any, experiment_id: str) -> Iterable[Any]:
     token = None
     while True:
@@ -78,14 +112,15 @@ def _all_runs(client: Any, experiment_id: str) -> Iterable[Any]:
 
 
 def annotate(sweep_root: Path | str = "runs/sweep", experiment: str = "optlab", tracking_uri: str | None = None,
-             ) -> dict[str, int]:
+             figures_dir: Path | str | None = None) -> dict[str, int]:
     """Mark the selected runs and fill the parents (see the module docstring); returns counts."""
     from mlflow.entities import Metric, Param, RunTag
 
     from optlab.tracking.mlflow_sink import _client, _retry
 
     docs = summaries(sweep_root)
-    counts = {"slices": 0, "selected_runs": 0, "parents": 0}
+    figures = study_figures(figures_dir)
+    counts = {"slices": 0, "selected_runs": 0, "parents": 0, "figures": 0}
     if not docs:
         return counts
     client, _ = _client(tracking_uri)
@@ -114,4 +149,39 @@ def annotate(sweep_root: Path | str = "runs/sweep", experiment: str = "optlab", 
             tags = [RunTag(k, v) for k, v in marks["tags"].items()]
             _retry(client.log_batch, parent.info.run_id, metrics=metrics, params=params, tags=tags)
             counts["parents"] += 1
+            mine = figures.get(str(doc.get("study")), [])
+            digest = files_digest(mine) if mine else None
+            if digest and parent.data.tags.get(FIGURES_TAG) != digest:
+                for path in mine:
+                    _retry(client.log_artifact, parent.info.run_id, str(path), FIGURES_ARTIFACT_DIR)
+                _retry(client.set_tag, parent.info.run_id, FIGURES_TAG, digest)
+                counts["figures"] += len(mine)
     return counts
+
+
+def annotate_headline(run_name: str, commit: str | None, curves: Path | str, experiment: str = "optlab",
+                      tracking_uri: str | None = None) -> bool:
+    """Log ``curves`` (the headline figure) under ``figures/`` of the newest run named
+    ``run_name`` at ``commit``; False when there is no such run or figure. Idempotent (the
+    :data:`FIGURES_TAG` digest)."""
+    from optlab.tracking.mlflow_sink import _client, _retry
+
+    curves = Path(curves)
+    if not curves.is_file():
+        return False
+    client, _ = _client(tracking_uri)
+    exp = _retry(client.get_experiment_by_name, experiment)
+    if exp is None:
+        return False
+    quoted = run_name.replace("'", "\\'")
+    found = [r for r in _retry(client.search_runs, [exp.experiment_id], f"attributes.run_name = '{quoted}'",
+                               max_results=50, order_by=["attributes.start_time DESC"])
+             if commit is None or r.data.tags.get("git_commit") == commit]
+    if not found:
+        return False
+    run = found[0]
+    digest = files_digest([curves])
+    if run.data.tags.get(FIGURES_TAG) != digest:
+        _retry(client.log_artifact, run.info.run_id, str(curves), FIGURES_ARTIFACT_DIR)
+        _retry(client.set_tag, run.info.run_id, FIGURES_TAG, digest)
+    return True
