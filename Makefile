@@ -4,6 +4,7 @@
 #   make test    create .venv, then run the tests
 #   make bench   performance comparisons in benchmarks/ (ratios against a peer measured in the same run)
 #   make exps    the experiments table: headline params and metrics (dvc exp show without dependency hashes)
+#   make screenshots  dvc plots show and the MLflow UI in headless Chromium -> reports/ui/*.png
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.optlab-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv repro test test-fast bench exps lock mlflow-ui clean
+.PHONY: venv repro test test-fast bench exps screenshots lock mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,10 @@ exps: venv
 mlflow-ui: venv
 	-$(BIN)/python -m optlab.tracking sync
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
+
+screenshots: venv
+	-$(BIN)/python -m optlab.tracking sync
+	$(BIN)/python -m optlab.screenshots
 
 lock: venv
 	(echo "# Exact pins for optlab's environment (Python 3.11, x86_64). Regenerate: make lock"; \

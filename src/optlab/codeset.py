@@ -7,7 +7,7 @@ code fingerprint (optlab.pipeline: an edit of an excluded file reruns no trainin
 frozen phase's code check (optlab.tracking.policy: a frozen study stays frozen across such
 edits). Standard library only."""
 
-TRAINING_CODE_EXCLUDE = ("analysis/", "robustness.py", "repro.py", "zygote.py")
+TRAINING_CODE_EXCLUDE = ("analysis/", "robustness.py", "repro.py", "zygote.py", "screenshots.py")
 
 
 def frozen_code_exclude(prefix: str = "src/optlab/") -> tuple[str, ...]:
