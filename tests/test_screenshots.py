@@ -56,3 +56,23 @@ def test_no_store_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixt
         return
     assert screenshots.main(["--store", f"sqlite:///{tmp_path}/x.db", "--no-dvc-plots", "--out", str(tmp_path)]) == 2
     assert "no experiment 'optlab'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(screenshots.find_chromium() is None, reason="no Chromium (apt-get install chromium)")
+def test_dvc_plots_show_renders_the_headline_curves_offline(tmp_path: Path) -> None:
+    """`dvc plots show` on this checkout: a page with no network resource, showing the committed
+    runs/train/curves.png (train/val loss and accuracy)."""
+    pytest.importorskip("dvc")
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists() or not (root / "runs/train/curves.png").is_file():
+        pytest.skip("needs the git checkout with its committed headline run")
+    png = screenshots.dvc_plots_page(tmp_path / "dvc_plots.png", screenshots.find_chromium(), repo=root)
+    assert not screenshots.blank(png)
+    with Image.open(png) as shot, Image.open(root / "runs/train/curves.png") as curves:
+        # the curves' own colours (not only the page's white and text) are on the screenshot
+        page = {c for _, c in shot.convert("RGB").getcolors(1 << 22)}
+        drawn = sorted(curves.convert("RGB").getcolors(1 << 22), reverse=True)
+        saturated = [c for _, c in drawn if max(c) - min(c) > 100][:3]
+    assert saturated and all(c in page for c in saturated)

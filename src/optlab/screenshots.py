@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -130,6 +131,22 @@ def _pick_runs(store_uri: str, experiment: str) -> tuple[str, str | None, str | 
     return exp.experiment_id, (parents[0].info.run_id if parents else None), None
 
 
+def dvc_plots_page(out: Path, chromium: str, repo: Path | str | None = None) -> Path:
+    """``dvc plots show`` in ``repo`` (default: the current directory), its page screenshotted
+    into ``out``; the page must reference no network resource (it is opened offline)."""
+    dvc = Path(sys.executable).with_name("dvc")
+    with tempfile.TemporaryDirectory(prefix="optlab-plots-") as tmp:
+        proc = subprocess.run([str(dvc) if dvc.is_file() else "dvc", "plots", "show", "-o", tmp],
+                              capture_output=True, text=True, cwd=repo)
+        if proc.returncode != 0:
+            raise ScreenshotError(f"dvc plots show failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        page = Path(tmp, "index.html")
+        remote = re.findall(r"""(?:src|href)=["'](https?://[^"']+)""", page.read_text())
+        if remote:
+            raise ScreenshotError(f"dvc plots show's page loads {remote[0]}: it would be blank offline")
+        return shoot(chromium, page.resolve().as_uri(), out, wait_ms=1000)
+
+
 def take_all(out_dir: Path, store_uri: str, experiment: str = "optlab", chromium: str | None = None,
              dvc_plots: bool = True) -> list[Path]:
     """Every screenshot of the module docstring that applies; returns the PNGs written."""
@@ -138,14 +155,7 @@ def take_all(out_dir: Path, store_uri: str, experiment: str = "optlab", chromium
         raise ScreenshotError("no Chromium found (apt-get install chromium, or --chromium PATH)")
     written: list[Path] = []
     if dvc_plots:
-        dvc = Path(sys.executable).with_name("dvc")
-        with tempfile.TemporaryDirectory(prefix="optlab-plots-") as tmp:
-            proc = subprocess.run([str(dvc) if dvc.is_file() else "dvc", "plots", "show", "-o", tmp],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise ScreenshotError(f"dvc plots show failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
-            written.append(shoot(browser, Path(tmp, "index.html").resolve().as_uri(), out_dir / "dvc_plots.png",
-                                 wait_ms=1000))
+        written.append(dvc_plots_page(out_dir / "dvc_plots.png", browser))
     exp_id, parent, figure = _pick_runs(store_uri, experiment)
     with mlflow_ui(store_uri) as base:
         written.append(shoot(browser, f"{base}/#/experiments/{exp_id}/runs", out_dir / "mlflow_runs.png"))
