@@ -44,6 +44,7 @@ exps: venv
 # The MLflow UI on loopback only (first uploading any runs still waiting in the tracking spool).
 mlflow-ui: venv
 	-$(BIN)/python -m optlab.tracking sync
+	@echo "optlab: open $$($(BIN)/python -m optlab.tracking url) (the runs table; the UI's own start page opens experiments on GenAI)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
 
 screenshots: venv

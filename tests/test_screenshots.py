@@ -39,6 +39,18 @@ def test_the_mlflow_ui_renders_the_runs_a_parent_and_its_figure(tmp_path: Path) 
     im.save(fig)
     client.log_artifact(parent, str(fig), "figures")
     client.create_run(exp, run_name="sgd-digits-d2-lr0.1-s0", tags={"mlflow.parentRunId": parent})
+    # the link `make mlflow-ui` prints opens on the runs table in model-training mode, in a browser
+    # that never chose a mode; the bare experiment route opens MLflow 3's GenAI overview
+    from optlab.tracking.__main__ import experiment_url
+
+    browser = screenshots.find_chromium()
+    with screenshots.mlflow_ui(uri) as base:
+        link = experiment_url(base, "optlab", uri)
+        assert link.endswith(f"/#/experiments/{exp}?workflowType=machine_learning")
+        ours = screenshots.rendered_dom(browser, link)
+        bare = screenshots.rendered_dom(browser, f"{base}/#/experiments/{exp}")
+    assert "s@sgd" in ours and "Model registry" in ours and "Detect Issues" not in ours
+    assert "Detect Issues" in bare  # MLflow's default: if this fails, MLflow changed and the link may go
     out = tmp_path / "ui"
     written = screenshots.take_all(out, uri, dvc_plots=False)
     assert [p.name for p in written] == ["mlflow_runs.png", "mlflow_parent.png", "mlflow_figure.png"]

@@ -3,8 +3,9 @@
 ``python -m optlab.screenshots`` (``make screenshots``) writes into ``reports/ui/``:
 
 - ``dvc_plots.png``: the page ``dvc plots show`` writes (no network: the headline plot is an image);
-- ``mlflow_runs.png``: the MLflow UI's experiment page (it should open on the training runs, not
-  MLflow 3's GenAI overview);
+- ``mlflow_runs.png``: the experiment as the link ``make mlflow-ui`` prints opens it (the training
+  runs; without ``?workflowType=machine_learning`` MLflow 3.17 opens a fresh browser on its GenAI
+  overview, whatever the experiment's tags say);
 - ``mlflow_parent.png``: one study's parent run (its params, the selected LRs, the figures);
 - ``mlflow_figure.png``: the parent's first logged figure (``figures/<name>.png``) in the run's
   artifact view.
@@ -60,6 +61,17 @@ def shoot(chromium: str, url: str, out: Path, size: tuple[int, int] = (1400, 900
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ScreenshotError(f"chromium could not screenshot {url}: {tail[0]}")
     return out
+
+
+def rendered_dom(chromium: str, url: str, wait_ms: int = 8000) -> str:
+    """The page's DOM after its scripts ran for ``wait_ms`` of virtual time (what a test can read)."""
+    with tempfile.TemporaryDirectory(prefix="optlab-chromium-", ignore_cleanup_errors=True) as profile:
+        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,900",
+               f"--virtual-time-budget={wait_ms}", "--dump-dom", url]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise ScreenshotError(f"chromium could not load {url}: {proc.stderr.strip()[-200:]}")
+    return proc.stdout
 
 
 def blank(png: Path) -> bool:
@@ -144,7 +156,7 @@ def dvc_plots_page(out: Path, chromium: str, repo: Path | str | None = None) -> 
         remote = re.findall(r"""(?:src|href)=["'](https?://[^"']+)""", page.read_text())
         if remote:
             raise ScreenshotError(f"dvc plots show's page loads {remote[0]}: it would be blank offline")
-        return shoot(chromium, page.resolve().as_uri(), out, wait_ms=1000)
+        return shoot(chromium, page.resolve().as_uri(), out, size=(1800, 760), wait_ms=1000)
 
 
 def take_all(out_dir: Path, store_uri: str, experiment: str = "optlab", chromium: str | None = None,
@@ -157,13 +169,16 @@ def take_all(out_dir: Path, store_uri: str, experiment: str = "optlab", chromium
     if dvc_plots:
         written.append(dvc_plots_page(out_dir / "dvc_plots.png", browser))
     exp_id, parent, figure = _pick_runs(store_uri, experiment)
+    from optlab.tracking.__main__ import WORKFLOW, experiment_url
+
     with mlflow_ui(store_uri) as base:
-        written.append(shoot(browser, f"{base}/#/experiments/{exp_id}/runs", out_dir / "mlflow_runs.png"))
+        # the link `make mlflow-ui` prints: a fresh browser, so no stored GenAI / Model training choice
+        written.append(shoot(browser, experiment_url(base, experiment, store_uri), out_dir / "mlflow_runs.png"))
         if parent:
-            written.append(shoot(browser, f"{base}/#/experiments/{exp_id}/runs/{parent}",
+            written.append(shoot(browser, f"{base}/#/experiments/{exp_id}/runs/{parent}?{WORKFLOW}",
                                  out_dir / "mlflow_parent.png"))
         if parent and figure:  # the run page's artifact view (get-artifact itself is a download)
-            written.append(shoot(browser, f"{base}/#/experiments/{exp_id}/runs/{parent}/artifacts/{figure}",
+            written.append(shoot(browser, f"{base}/#/experiments/{exp_id}/runs/{parent}/artifacts/{figure}?{WORKFLOW}",
                                  out_dir / "mlflow_figure.png"))
     for png in written:
         if blank(png):
