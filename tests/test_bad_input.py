@@ -53,7 +53,7 @@ CASES = [
     ("misspelled-key", ["train"], {"optimiser": "sgd"}, r"optimiser: unknown key \(did you mean 'optimizer'\?\); allowed: "),
     ("misspelled-sn-key", ["train"], {"sn.power_iter": 2}, r"sn.power_iter: unknown key \(did you mean 'power_iters'\?\)"),
     ("bad-sn-mode", ["train"], {"sn.mode": "clamp"}, r"sn.mode: unknown value 'clamp'.*allowed: clip_sv, scale, normalize"),
-    ("bad-scale", ["train"], {"scale": "medium"}, r"scale: unknown value 'medium'; allowed: quick, full"),
+    ("bad-scale", ["train"], {"scale": "medium"}, r"scale: unknown value 'medium'; allowed: quick, cpu, full"),
     ("bad-phase", ["train"], {"phase": "final"}, r"phase: unknown value 'final'; allowed: debug, pilot, frozen"),
     ("bad-device", ["train"], {"device": "tpu"}, r"device: unknown value 'tpu'.*; allowed: auto, cpu, cuda"),
     ("bad-default-lr", ["train"], {"default_lr.sgd_sn": -1}, r"default_lr.sgd_sn: must be a finite number > 0"),

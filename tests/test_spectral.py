@@ -307,3 +307,32 @@ def test_sgd_sn_default_is_sgd_then_the_svd_clip():
     for (n, _, p1), (_, _, p2) in zip(models.weight_layers(m1), models.weight_layers(m2)):
         expect = _reference_clip(p2.detach().reshape(-1, *p2.shape[-2:]))
         assert torch.allclose(p1.detach().reshape_as(expect).double(), expect, atol=1e-5), n
+
+
+def test_clip_sv_on_clustered_singular_values_a_float32_svd_could_not_converge_on():
+    """Two 128 x 128 layers of a depth-300 MNIST MLP after 30-odd projected steps (singular values
+    in [0.9994, 1.0002], many equal): LAPACK's float32 SVD on CPU raised "failed to converge ...
+    too many repeated singular values" on them, which failed every depth-300 sgd_sn run. The
+    Gram-eigensolver clip gives the float64 SVD clip to 1e-6, with sigma_max at 1."""
+    from pathlib import Path
+
+    from optlab.optim.spectral import clip_singular_values
+
+    x = torch.load(Path(__file__).with_name("data") / "clustered_sv_layers.pt")
+    y = x.clone()
+    before = clip_singular_values(y)
+    u, s, vh = torch.linalg.svd(x.double())
+    ref = (u * s.clamp(max=1.0).unsqueeze(-2)) @ vh
+    assert (y.double() - ref).abs().max() < 1e-6
+    assert torch.linalg.svdvals(y.double()).max() <= 1 + 1e-6
+    assert torch.allclose(before.double(), s[:, 0], atol=1e-6)
+    # wide and tall shapes, and an exactly repeated spectrum straddling the limit
+    q = torch.linalg.qr(torch.randn(3, 40, 40, dtype=torch.float64)).Q
+    sv = torch.cat([torch.full((20,), 1.0 + 1e-4), torch.ones(10), torch.full((10,), 0.5)]).to(q.dtype)
+    for w in ((q * sv.unsqueeze(-2)) @ q.mT, torch.randn(2, 24, 56, dtype=torch.float64), torch.randn(2, 56, 24, dtype=torch.float64)):
+        w32 = w.float().clone()
+        clip_singular_values(w32)
+        uu, ss, vv = torch.linalg.svd(w.float().double(), full_matrices=False)
+        assert (w32.double() - (uu * ss.clamp(max=1.0).unsqueeze(-2)) @ vv).abs().max() < 1e-6 * max(1.0, float(ss.max()))
+        # float rounding grows with how far above 1 a layer starts (the SVD clip's did too, faster)
+        assert torch.linalg.svdvals(w32.double()).max() <= 1 + 2e-6 * max(1.0, float(ss.max()))

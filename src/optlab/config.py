@@ -49,11 +49,11 @@ ARCH_MODEL_KEYS = {
 """The run keys each arch's model reads (engine.model_kwargs); the other model keys of a run
 config do nothing for it and are left out of its tracked params."""
 MODEL_KEYS = frozenset(k for keys in ARCH_MODEL_KEYS.values() for k in keys)
-LM_KEYS = ("block_size", "steps_per_epoch", "eval_tokens")  # read by language-model tasks only
+LM_KEYS = ("block_size", "eval_tokens")  # read by language-model tasks only
 NORMS = ("none", "layer")  # mlp: normalization before each hidden activation
 ACTIVATIONS = ("tanh", "relu", "gelu")
 INITS = ("orthogonal", "kaiming")
-SCALES = ("quick", "full")
+SCALES = ("quick", "cpu", "full")  # quick: CPU minutes (make repro); cpu: CPU, about an hour, real data; full: GPU
 PHASES = ("debug", "pilot", "frozen")
 SN_MODES = ("clip_sv", "scale", "normalize")
 SN_SIGMAS = ("power", "exact")
@@ -219,7 +219,8 @@ class RunConfig(_Section):
     epochs: int = 10
     batch_size: int = 64
     block_size: int = 128  # gpt: context length
-    steps_per_epoch: int = 0  # lm: steps per epoch (0: one pass worth of tokens)
+    steps_per_epoch: int = 0  # steps per epoch (0: one pass; lm: one pass worth of tokens; classification: the first
+    # steps_per_epoch batches of each epoch's fresh permutation of the training set)
     lr_spike_step: int = 0  # from this step index on (steps counted from 0) every LR is x lr_spike_factor (0: off)
     lr_spike_factor: float = 1.0  # the spike's multiplier of every param group's base LR (> 0)
     augment: str = "none"  # classification on images: none | crop_flip (pad 4, random crop, horizontal flip; training batches only)
@@ -415,7 +416,7 @@ SN_KEYS = tuple(SNConfig.model_fields)
 DATA_KEYS = ("mirror", "val_fraction", "test_fraction", "prepared_dir")
 TRACKING_KEYS = ("experiment", "upload")
 TRACKING_UPLOADS = ("auto", "live", "deferred")
-PROFILE_KEYS = RUN_KEYS + ("sn", "ablate")
+PROFILE_KEYS = RUN_KEYS + ("sn", "ablate", "studies")  # studies: the studies the profile runs (default: all)
 ABLATE_KEYS = ("seeds", "base", "variants")
 METHOD_KEYS = ("optimizer", "optimizer_options", "step_method", "method_options", "sn", "probes", "lr")
 STUDY_SCALE_KEYS = ("skip", "datasets", "grid", "lrs", "lr_policy", "lr_extend", "search_seeds", "seeds", "set", "sn",
@@ -496,15 +497,44 @@ class StudySpec(BaseModel):
         return [sd for sd in self.seeds if sd not in self.search_seeds]
 
 
+PARAM_OVERRIDES: list[tuple[str, Any]] = []
+"""``(dotted key, value)`` pairs every :func:`load_params` of this process applies over the files
+(``python -m optlab.pipeline --set scale=cpu ...``: how the cpu profile's pipeline runs the same
+params at another scale without a second copy of them)."""
+
+
+def apply_overrides(params: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``params`` with each dotted key set to its value (mappings on the way are copied, missing
+    ones created; the result is validated like the files)."""
+    out = dict(params)
+    for key, value in pairs:
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {key}: expected a dotted key such as scale or data.prepared_dir")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node[part] = dict(child)
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     """Read ``params.yaml`` and the ``studies.yaml`` beside it (:mod:`optlab.paramfiles`), merged,
-    and validate the result structurally (unknown keys are errors)."""
+    then :data:`PARAM_OVERRIDES`, and validate the result structurally (unknown keys are errors)."""
     from optlab import paramfiles
 
     try:
         params = paramfiles.read(path)
     except paramfiles.ParamsFileError as exc:
         raise ConfigError(str(exc)) from None
+    if PARAM_OVERRIDES:
+        params = apply_overrides(params, PARAM_OVERRIDES)
     validate_params(params)
     return params
 
@@ -525,6 +555,12 @@ def validate_params(params: dict[str, Any]) -> None:
     for name, prof in profiles.items():
         _check_keys(f"profiles.{name}", prof or {}, PROFILE_KEYS)
         _check_keys(f"profiles.{name}.sn", (prof or {}).get("sn") or {}, SN_KEYS)
+        listed = (prof or {}).get("studies")
+        if listed is not None and not isinstance(listed, list):
+            raise ConfigError(f"profiles.{name}.studies: expected a list of study names, got {listed!r}")
+        if listed is not None and name == params.get("scale", "quick"):  # the profile in use names defined studies
+            for st in listed:
+                _choice(f"profiles.{name}.studies", st, tuple(params.get("studies") or {}))
     datasets = params.get("datasets") or {}
     _check_keys("datasets", datasets, SCALES)
     for scale, names in datasets.items():
@@ -582,6 +618,9 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
     _check_keys(where, raw, STUDY_KEYS)
     for sc in SCALES:
         _check_keys(f"{where}.{sc}", raw.get(sc) or {}, STUDY_SCALE_KEYS)
+    listed = profile(params).get("studies")
+    if listed is not None and name not in listed:  # the profile runs other studies: this one's slices say so
+        raw[scale] = {"skip": f"not one of profiles.{scale}.studies ({', '.join(listed) or 'none'})"}
     if not raw.get(scale):
         raise ConfigError(f"{where}.{scale}: the study has no section for scale {scale!r}")
     spec = {k: v for k, v in raw.items() if k not in SCALES}

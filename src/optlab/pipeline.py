@@ -235,7 +235,7 @@ def validate(params_path: str = "params.yaml", out: str | None = "runs/validated
     return n
 
 
-def track(params_path: str = "params.yaml") -> int:
+def track(params_path: str = "params.yaml", runs_root: str = "runs", figures_dir: str = "reports/figures") -> int:
     """Stage ``track``: upload every spooled run (deferred runs, and runs spooled during a store
     outage) to its tracking store, in one process. Returns 0, or 1 when some upload failed (they
     stay in the spool for the next sync)."""
@@ -261,10 +261,10 @@ def track(params_path: str = "params.yaml") -> int:
 
         params = load_params(params_path)
         experiment = (params.get("tracking") or {}).get("experiment", "optlab")
-        n = annotate("runs/sweep", experiment=experiment, figures_dir="reports/figures")
+        n = annotate(str(Path(runs_root) / "sweep"), experiment=experiment, figures_dir=figures_dir)
         print(f"track: marked {n['selected_runs']} selected-LR runs and filled {n['parents']} parent runs "
               f"of {n['slices']} slices (filter: tags.optlab.selected = \"true\"); {n['figures']} figures logged")
-        _track_headline(experiment)
+        _track_headline(experiment, str(Path(runs_root) / "train"))
     return 0 if summary.ok else 1
 
 
@@ -622,7 +622,7 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
     per_point = len(lrs) * len(spec.search_seeds) + len(confirm_seeds) if searching else len(lrs) * len(spec.seeds)
     bar = _outer_bar(len(spec.datasets) * len(points) * per_point, stage)
     first_axis = next(iter(spec.grid), None)
-    slice_ckpt = _checkpoint_dir() / "sweep" / study / method
+    slice_ckpt = _checkpoint_dir() / "sweep" / str(params.get("scale", "quick")) / study / method
     prefix = method
 
     workers = sweep_workers(params, per_point, device)
@@ -876,11 +876,12 @@ def headline_plot(run_dir: str = "runs/train") -> Path:
 
 
 def report(
-    tables: str = "reports/tables", figures: str = "reports/figures", out_md: str = "reports/results.md", readme: str = "README.md"
+    tables: str = "reports/tables", figures: str = "reports/figures", out_md: str = "reports/results.md", readme: str = "README.md",
+    marker: str = "results", heading: str | None = None,
 ) -> None:
     from .analysis.report import write_report
 
-    write_report(Path(tables), Path(figures), Path(out_md), Path(readme) if readme else None)
+    write_report(Path(tables), Path(figures), Path(out_md), Path(readme) if readme else None, marker=marker, heading=heading)
 
 
 _COMMANDS = {
@@ -930,6 +931,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         prog="python -m optlab.pipeline", description=__doc__.split("\n\n")[0].replace("\n", " "),
         epilog="`python -m optlab.pipeline COMMAND --help` describes a command's options.")
     ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a params key for this command (dotted: data.prepared_dir=...; read as YAML; "
+                         "validated like the file; may follow the command; repeatable)")
     sub = ap.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND")
     parsers = {name: sub.add_parser(name, help=short, description=long, allow_abbrev=False)
                for name, (short, long) in _COMMANDS.items()}
@@ -946,6 +950,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         names = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
         keys.add_argument(*names, dest=f"set_{key}", metavar="VALUE", default=argparse.SUPPRESS,
                           help=kind)
+    vp = parsers["validate"]
+    vp.add_argument("--out", default="runs/validated.txt", help="the fingerprint file (default: runs/validated.txt)")
+    vp.add_argument("--config-dir", default="runs/config", help="the slices' config files (default: runs/config)")
+    for name in ("aggregate", "plot", "track"):
+        parsers[name].add_argument("--runs-root", default="runs", help="the run directories' root (default: runs)")
+    parsers["aggregate"].add_argument("--out-dir", default="reports/tables", help="default: reports/tables")
+    parsers["plot"].add_argument("--out-dir", default="reports/figures", help="default: reports/figures")
+    parsers["track"].add_argument("--figures", default="reports/figures", help="the figures logged to parent runs")
+    rp = parsers["report"]
+    rp.add_argument("--tables", default="reports/tables", help="default: reports/tables")
+    rp.add_argument("--figures", default="reports/figures", help="default: reports/figures")
+    rp.add_argument("--out", default="reports/results.md", help="the results page (default: reports/results.md)")
+    rp.add_argument("--readme", default="README.md", help="the README whose marked section is rewritten ('' for none)")
+    rp.add_argument("--marker", default="results", help="the README's markers: <!-- MARKER:start --> ... <!-- MARKER:end -->")
+    rp.add_argument("--heading", default=None, help="the first section's heading (default: its analysis's title)")
     sp = parsers["sweep"]
     sp.add_argument("--study", required=True, help="the study (a section of params.yaml's studies)")
     sp.add_argument("--method", required=True, help="the method (one of the study's methods)")
@@ -953,8 +972,53 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return ap, parsers
 
 
+def _pop_sets(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` without its ``--set KEY=VALUE`` options (anywhere, so a stage script can append
+    them after the command), and their values."""
+    rest, sets, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--set" and i + 1 < len(argv):
+            sets.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("--set="):
+            sets.append(a[len("--set="):])
+        else:
+            rest.append(a)
+        i += 1
+    return rest, sets
+
+
+def parse_sets(texts: list[str]) -> list[tuple[str, Any]]:
+    """``KEY=VALUE`` texts as (key, value) pairs, values read as YAML (``1e-3`` a number)."""
+    import yaml
+
+    pairs = []
+    for text in texts:
+        key, eq, raw = text.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {text!r}: expected KEY=VALUE (e.g. --set scale=cpu)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+            value = float(value)
+        pairs.append((key.strip(), value))
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import config as _config
+
     ap, parsers = build_parser()
+    argv, sets = _pop_sets(list(sys.argv[1:] if argv is None else argv))
+    try:
+        _config.PARAM_OVERRIDES[:] = parse_sets(sets)
+    except ValueError as exc:
+        print(f"optlab: error: {exc}", file=sys.stderr)
+        return 2
     args, extra = ap.parse_known_args(argv)
     if extra:
         sub = parsers.get(args.cmd, ap)
@@ -972,17 +1036,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "ablate":
             ablate(args.params)
         elif args.cmd == "validate":
-            validate(args.params)
+            validate(args.params, out=args.out, config_dir=args.config_dir)
         elif args.cmd == "track":
-            return track(args.params)
+            return track(args.params, runs_root=args.runs_root, figures_dir=args.figures)
         elif args.cmd == "aggregate":
-            aggregate()
+            aggregate(args.runs_root, args.out_dir)
         elif args.cmd == "plot":
-            plot()
+            plot(args.runs_root, args.out_dir)
         elif args.cmd == "headline_plot":
             headline_plot()
         elif args.cmd == "report":
-            report()
+            report(args.tables, args.figures, args.out, args.readme, marker=args.marker, heading=args.heading)
     except ValueError as exc:  # ConfigError, PhaseError, ChecksumError: one clear line
         print(f"optlab: error: {exc}", file=sys.stderr)
         return 2

@@ -53,8 +53,9 @@ def _dvc(*args: str) -> list[str]:
 
 
 def stale_stages() -> list[str]:
-    """The stages ``dvc status`` reports as changed, in dvc.yaml order."""
-    proc = subprocess.run(_dvc("status", "--json"), capture_output=True, text=True)
+    """The stages ``dvc status`` reports as changed, in dvc.yaml order (the root dvc.yaml only: the
+    cpu profile's pipeline, profiles/cpu/dvc.yaml, is ``make repro-cpu``'s)."""
+    proc = subprocess.run(_dvc("status", "--json", "dvc.yaml"), capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(proc.returncode)

@@ -113,10 +113,13 @@ def write_report(
     *,
     heading: str | None = None,
     analyses: Mapping[str, "StudyAnalysis"] | None = None,
+    marker: str = "results",
 ) -> str:
     """Write ``out_md`` (and the README's marked section); return the text written to ``out_md``.
 
-    ``heading`` replaces the first section's heading; ``analyses`` replaces the registry.
+    ``heading`` replaces the first section's heading; ``analyses`` replaces the registry;
+    ``marker`` names the README's markers (``<!-- MARKER:start -->``: a second profile's results,
+    ``results-cpu``, go between their own).
     Raises ``FileNotFoundError`` if a table (or ``analyses.json``) is missing and ``ValueError``
     if the README lacks exactly one start marker followed by exactly one end marker (the README
     is then untouched).
@@ -149,7 +152,7 @@ def write_report(
     new_readme = None
     if readme is not None:
         readme = Path(readme)
-        new_readme = replace_marked(readme.read_text(), sections(readme.parent), source=str(readme))
+        new_readme = replace_marked(readme.read_text(), sections(readme.parent), source=str(readme), marker=marker)
     text = sections(out_md.parent)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text)
@@ -183,8 +186,9 @@ def write_pages(manifest: list[dict[str, Any]], analyses: Mapping[str, "StudyAna
     return written
 
 
-def replace_marked(text: str, section: str, source: str = "README") -> str:
-    """``text`` with the part between the results markers replaced by ``section`` (markers kept)."""
+def replace_marked(text: str, section: str, source: str = "README", marker: str = "results") -> str:
+    """``text`` with the part between the ``marker`` markers replaced by ``section`` (markers kept)."""
+    START, END = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"  # noqa: N806 - the module's pair by default
     n_start, n_end = text.count(START), text.count(END)
     if n_start != 1 or n_end != 1:
         raise ValueError(

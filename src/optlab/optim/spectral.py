@@ -114,22 +114,38 @@ def clip_singular_values(w: torch.Tensor, limit: float = 1.0, chunk_bytes: int =
     """``w`` (``(m, n)`` or ``(b, m, n)``) with every singular value above ``limit`` set to ``limit``,
     in place, and the largest singular value of each matrix before (``(b,)``).
 
-    W - U (S - limit)_+ V^T: matrices with nothing above the limit are untouched bit for bit; a
-    non-finite matrix is left as it is (its sigma is ``inf``; the run's loss reports it). Batched
-    SVDs over chunks whose factors take at most ``chunk_bytes``. No host sync.
+    From the symmetric eigendecomposition of the smaller Gram matrix, G = W^T W = V S^2 V^T (or
+    W W^T = U S^2 U^T when W is wide): W <- W - W V diag(1 - min(1, limit / s)) V^T (or the same
+    from the left with U). That is U min(S, limit) V^T, the Euclidean projection, as a matrix
+    function of G: backward stable (the result is exact for G + E with ||E|| ~ float eps ||G||),
+    so the clipped sigma_max is ``limit`` to float rounding (of order eps x the sigma it had: measured
+    1e-6 above at sigma 2, 3e-5 at 18; the SVD clip's was 2 to 4 times that). The batched eigensolver converges on
+    the clustered singular values a projection leaves behind (many at exactly ``limit``), where
+    LAPACK's float32 SVD on CPU was seen to fail ("too many repeated singular values") on 2 of 300
+    nearly orthogonal 128 x 128 layers of a depth-300 MLP; it is also about 3x faster here.
+    Matrices with nothing above the limit are untouched bit for bit (the correction is an exact
+    zero); a non-finite matrix is left as it is (its sigma is ``inf``; the run's loss reports it).
+    Chunks whose Gram matrices take at most ``chunk_bytes``. No host sync.
     """
     flat = w.view(-1, *w.shape[-2:])
     m, n = flat.shape[-2:]
-    per = max(1, chunk_bytes // ((m + n + 1) * min(m, n) * 4))
+    k = min(m, n)
+    per = max(1, chunk_bytes // (3 * k * k * 4))
     sigmas = []
     for c in flat.split(per):
         cf = c.float()
         bad = ~torch.isfinite(cf).all(dim=-1).all(dim=-1)
         cf = torch.where(bad[:, None, None], torch.zeros((), device=cf.device), cf)
-        u, sv, vh = torch.linalg.svd(cf, full_matrices=False)
-        excess = (sv - limit).clamp_min(0)
-        c.sub_(((u * excess.unsqueeze(-2)) @ vh).to(c.dtype))
-        top = sv[:, 0] if sv.shape[-1] else torch.zeros(c.shape[0], device=c.device)
+        tall = m >= n
+        gram = cf.transpose(-2, -1) @ cf if tall else cf @ cf.transpose(-2, -1)
+        lam, vec = torch.linalg.eigh(gram)
+        sv = lam.clamp_min(0).sqrt()  # ascending
+        shrink = torch.where(sv > limit, 1 - limit / sv.clamp_min(limit), torch.zeros((), device=sv.device))
+        if k:
+            proj = (vec * shrink.unsqueeze(-2)) @ vec.transpose(-2, -1)  # V diag(1 - limit/s)_+ V^T
+            corr = cf @ proj if tall else proj @ cf
+            c.sub_(torch.where(bad[:, None, None], torch.zeros((), device=c.device), corr).to(c.dtype))
+        top = sv[:, -1] if sv.shape[-1] else torch.zeros(c.shape[0], device=c.device)
         sigmas.append(torch.where(bad, torch.full((), math.inf, device=c.device), top))
     return torch.cat(sigmas) if sigmas else torch.zeros(0, device=w.device)
 

@@ -35,7 +35,9 @@ class ClassificationTask(Task):
             self.image_shape = tuple(int(v) for v in shape)
         self.x, self.y = data.train_x.to(device), data.train_y.to(device)
         self.n = self.x.shape[0]
-        self.steps_per_epoch = math.ceil(self.n / self.batch_size)
+        full = math.ceil(self.n / self.batch_size)
+        per = int(getattr(cfg, "steps_per_epoch", 0) or 0)
+        self.steps_per_epoch = min(full, per) if per > 0 else full  # a capped epoch: its permutation's first batches
         self.items_per_batch = self.batch_size
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -46,7 +48,7 @@ class ClassificationTask(Task):
         return kw
 
     def epoch_batches(self, gen: torch.Generator) -> list[torch.Tensor]:
-        return list(batch_indices(self.n, self.batch_size, gen, self.device))
+        return list(batch_indices(self.n, self.batch_size, gen, self.device))[: self.steps_per_epoch]
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.image_shape is None:
