@@ -585,7 +585,7 @@ def test_tracked_params_are_the_runs_own_model_and_method() -> None:
 
     mlp = RunConfig(optimizer="sgd", arch="mlp", dataset="digits").tracked_params()
     assert {"depth", "width", "activation", "init", "optimizer", "lr", "seed", "dataset"} <= set(mlp)
-    assert not {"n_head", "block_size", "residual", "batch_norm", "eval_tokens", "steps_per_epoch"} & set(mlp)
+    assert not {"n_head", "block_size", "residual", "batch_norm", "eval_tokens"} & set(mlp)
     assert not any(k.startswith("sn_") for k in mlp) and "lr_spike_step" not in mlp and "optimizer_options" not in mlp
     sn = RunConfig(optimizer="sgd_sn", arch="mlp", dataset="digits").tracked_params()
     assert sn["sn_mode"] == "clip_sv" and "sn_roles" in sn
