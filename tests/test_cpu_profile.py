@@ -150,3 +150,21 @@ def test_a_second_profile_writes_between_its_own_markers_only():
         replace_marked(text, "s", marker="results-x")
     readme = (ROOT / "README.md").read_text()
     assert readme.count("<!-- results-cpu:start -->") == 1 and readme.count("<!-- results-cpu:end -->") == 1
+
+
+def test_the_quick_profiles_tables_leave_out_the_cpu_profiles_runs(tmp_path):
+    """runs/cpu/ lies under runs/: the root pipeline's aggregate must not read it (it did, once
+    the cpu profile had run: the quick best-LR table took in 40 cpu rows)."""
+    from optlab.analysis.aggregate import load_slices, run_files
+
+    root = tmp_path / "runs"
+    for sub in ("sweep/s/m/r1", "cpu/sweep/s/m/r2"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "metrics.json").write_text("{}")
+        (root / sub).parent.joinpath("summary.json").write_text("{}")
+    (root / "validated.txt").write_text("x\n")
+    (root / "cpu" / "validated.txt").write_text("x\n")
+    assert run_files(root, "metrics.json") == [root / "sweep/s/m/r1/metrics.json"]
+    assert run_files(root / "cpu", "metrics.json") == [root / "cpu/sweep/s/m/r2/metrics.json"]
+    assert run_files(root, "summary.json") == [root / "sweep/s/m/summary.json"]
+    assert len(load_slices(root)) <= 1

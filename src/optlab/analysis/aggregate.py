@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -90,6 +91,24 @@ MANIFEST = "analyses.json"
 # ---------------------------------------------------------------- loading runs
 
 
+PROFILE_ROOT_MARK = "validated.txt"  # stage validate's out: marks a pipeline's runs root (runs/, runs/cpu/)
+
+
+def run_files(root: Path, name: str) -> list[Path]:
+    """Every file called ``name`` under ``root``, sorted, leaving out nested runs roots of other
+    profiles' pipelines (a subdirectory holding its own ``validated.txt``: runs/cpu/ under runs/),
+    so the quick profile's tables never take in the cpu profile's runs."""
+    out: list[Path] = []
+    for d, dirs, files in os.walk(root):
+        here = Path(d)
+        if here != root and PROFILE_ROOT_MARK in files:
+            dirs[:] = []
+            continue
+        dirs.sort()
+        out += [here / name] if name in files else []
+    return sorted(out)
+
+
 def load_runs(root: Path | str, *, series: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Find every ``metrics.json`` under ``root``; return the (runs, curves, layers) frames.
 
@@ -102,7 +121,7 @@ def load_runs(root: Path | str, *, series: bool = True) -> tuple[pd.DataFrame, p
     """
     root = Path(root)
     base = root.resolve().parent
-    rows = [_run_row(mpath, mpath.parent.resolve().relative_to(base).as_posix()) for mpath in sorted(root.rglob("metrics.json"))]
+    rows = [_run_row(mpath, mpath.parent.resolve().relative_to(base).as_posix()) for mpath in run_files(root, "metrics.json")]
     runs = _runs_frame(rows)
     if not series:
         return runs, *load_series(root, [])
@@ -465,7 +484,7 @@ def load_slices(root: Path | str) -> list[SliceSummary]:
     root = Path(root)
     base = root.resolve().parent
     out: list[SliceSummary] = []
-    for path in sorted(root.rglob("summary.json")):
+    for path in run_files(root, "summary.json"):
         try:
             doc = json.loads(path.read_text())
             points = doc["points"]

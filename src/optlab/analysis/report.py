@@ -37,8 +37,13 @@ from .aggregate import (
 if TYPE_CHECKING:  # pragma: no cover
     from .studies import StudyAnalysis
 
-START = "<!-- results:start -->"
-END = "<!-- results:end -->"
+def markers(name: str = "results") -> tuple[str, str]:
+    """The README's pair of markers around a generated section (``results``: the quick profile's;
+    ``results-cpu``: the cpu profile's)."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+START, END = markers()
 LOSS_PREFIX = "loss_curves_"
 HEADLINE_FIGURE = ("headline_curves.png", "Headline run")
 
@@ -188,16 +193,16 @@ def write_pages(manifest: list[dict[str, Any]], analyses: Mapping[str, "StudyAna
 
 def replace_marked(text: str, section: str, source: str = "README", marker: str = "results") -> str:
     """``text`` with the part between the ``marker`` markers replaced by ``section`` (markers kept)."""
-    START, END = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"  # noqa: N806 - the module's pair by default
-    n_start, n_end = text.count(START), text.count(END)
+    start, end = markers(marker)
+    n_start, n_end = text.count(start), text.count(end)
     if n_start != 1 or n_end != 1:
         raise ValueError(
-            f"{source}: expected exactly one {START!r} and one {END!r} marker "
+            f"{source}: expected exactly one {start!r} and one {end!r} marker "
             f"(found {n_start} and {n_end}); add them around the place for the results section"
         )
-    i, j = text.index(START) + len(START), text.index(END)
+    i, j = text.index(start) + len(start), text.index(end)
     if j < i:
-        raise ValueError(f"{source}: {END!r} comes before {START!r}")
+        raise ValueError(f"{source}: {end!r} comes before {start!r}")
     return text[:i] + "\n" + section.strip("\n") + "\n" + text[j:]
 
 
