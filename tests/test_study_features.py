@@ -52,6 +52,25 @@ def test_skipped_study_writes_an_empty_slice_with_its_reason(tmp_path, monkeypat
         load_params()
 
 
+def test_a_study_that_requires_cuda_is_skipped_without_one(tmp_path, monkeypatch):
+    params = paramfiles.read(ROOT / "params.yaml")
+    params["studies"] = {"g": {"analysis": "modular", "arch": "mlp", "methods": ["sgd"], "verdict": False,
+                               "quick": {"requires": "cuda", "datasets": ["digits"], "lrs": [0.1]},
+                               "full": {"skip": "x"}}}
+    paramfiles.write(params, tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPTLAB_TRACKING", "0")
+    assert resolve_study(load_params(), "g").requires == "cuda"
+    monkeypatch.setattr(pipeline, "_cuda_available", lambda: False)
+    assert pipeline.sweep("g", "sgd") == []
+    doc = json.loads((tmp_path / "runs/sweep/g/sgd/summary.json").read_text())
+    assert doc["skipped"].startswith("needs a CUDA GPU") and "studies.g.quick.requires" in doc["skipped"]
+    params["studies"]["g"]["quick"]["requires"] = "tpu"
+    paramfiles.write(params, tmp_path / "params.yaml")
+    with pytest.raises(ConfigError, match="quick.requires.*allowed: cuda"):
+        load_params()
+
+
 def test_crop_flip_is_a_padded_crop_then_a_flip():
     torch.manual_seed(3)
     x = torch.randn(64, 2 * 5 * 6)

@@ -419,8 +419,9 @@ TRACKING_UPLOADS = ("auto", "live", "deferred")
 PROFILE_KEYS = RUN_KEYS + ("sn", "ablate", "studies")  # studies: the studies the profile runs (default: all)
 ABLATE_KEYS = ("seeds", "base", "variants")
 METHOD_KEYS = ("optimizer", "optimizer_options", "step_method", "method_options", "sn", "probes", "lr")
-STUDY_SCALE_KEYS = ("skip", "datasets", "grid", "lrs", "lr_policy", "lr_extend", "search_seeds", "seeds", "set", "sn",
+STUDY_SCALE_KEYS = ("skip", "requires", "datasets", "grid", "lrs", "lr_policy", "lr_extend", "search_seeds", "seeds", "set", "sn",
                     "select", "stop_on_failure", "probes")
+REQUIRES = ("cuda",)  # a study scale's `requires`: what the machine must have, else its slices are skipped
 LR_EXTEND_DEFAULT = 2  # half-decade steps a search may add past an edge of its grid, per side
 STUDY_PHASE_KEYS = ("phase", "frozen_commit")  # a study's own phase, overriding the top-level pair for its runs
 STUDY_KEYS = ("analysis", "arch", "methods", "verdict", "published") + STUDY_PHASE_KEYS + STUDY_SCALE_KEYS + SCALES
@@ -472,6 +473,7 @@ class StudySpec(BaseModel):
     verdict_spec: dict[str, Any] | None  # None: a cost study
     primary: tuple[str, str]
     skip: str | None = None  # the reason this study does not run at the selected scale (e.g. GPU only)
+    requires: str | None = None  # "cuda": the sweep records the slice as skipped on a machine without a CUDA GPU
     published: dict[str, Any] = {}  # a labeled published reference (row -> value or text) the analysis prints beside ours
     phase: str | None = None  # the study's own phase (None: the top-level phase and frozen_commit apply)
     frozen_commit: str | None = None  # with `phase`: the study's frozen commit
@@ -717,7 +719,11 @@ def resolve_study(params: dict[str, Any], name: str) -> StudySpec:
     analysis = spec.get("analysis", name)
     if not isinstance(analysis, str) or not analysis:
         raise ConfigError(f"{where}.analysis: expected the name of a registered analysis, got {analysis!r}")
+    requires = spec.get("requires")
+    if requires is not None:
+        _choice(f"{wscale}.requires", requires, REQUIRES)
     return StudySpec(
+        requires=requires,
         name=name, analysis=analysis, arch=arch, methods=methods, datasets=datasets, grid=grid, lrs=lrs, lr_policy=policy,
         lr_extend=lr_extend if policy == "search" else 0, search_seeds=search, seeds=seeds, fixed=fixed, sn=sn, select=select,
         select_direction="up" if select == "val_acc" else "down",

@@ -354,6 +354,12 @@ def parse_override(text: str) -> Any:
     """A command-line value read as params.yaml would read it (``0.01`` a float, ``64`` an int,
     ``true`` a bool, ``null`` unset, anything else a string), except that ``1e-3`` is a number too
     (YAML 1.1 reads it as a string). Validation is params.yaml's: the run config's one-line errors."""
+    value = _yaml_value(text)
+    return value if value is None or isinstance(value, (bool, int, float)) else text
+
+
+def _yaml_value(text: str) -> Any:
+    """``text`` read as YAML (the text itself when it is not YAML), ``1e-3`` a float too."""
     import yaml
 
     try:
@@ -362,7 +368,7 @@ def parse_override(text: str) -> Any:
         return text
     if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
         return float(value)
-    return value if value is None or isinstance(value, (bool, int, float)) else text
+    return value
 
 
 HEADLINE_FIGURE = "curves.png"  # analysis.plots.HEADLINE_FILE, without importing matplotlib into stage track
@@ -566,6 +572,12 @@ class _Runner:
             self.pool = None
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: str = "runs/sweep") -> list[engine.RunResult]:
     """One slice of a study: ``method`` over the study's datasets x grid, LR search then seeds.
 
@@ -582,16 +594,19 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
     spec = resolve_study(params, study)
     if method not in spec.methods:
         raise ConfigError(f"{study}: method {method!r} is not in studies.{study}.methods; allowed: {', '.join(spec.methods)}")
-    if spec.skip is not None:  # not at this scale: an empty slice that says why (the analysis reports it)
+    skip = spec.skip
+    if skip is None and spec.requires == "cuda" and not _cuda_available():
+        skip = "needs a CUDA GPU (studies.{}.{}.requires: cuda); this machine has none".format(study, params.get("scale", "quick"))
+    if skip is not None:  # not at this scale (or not on this machine): an empty slice that says why
         out = Path(out_root) / study / method
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         doc = {"study": study, "method": method, "optimizer": resolve_method(params, method).get("optimizer"),
-               "analysis": spec.analysis, "verdict": False, "skipped": spec.skip, "scale": params.get("scale", "quick"),
+               "analysis": spec.analysis, "verdict": False, "skipped": skip, "scale": params.get("scale", "quick"),
                "lrs": [], "search_seeds": [], "seeds": [], "points": [], "published": spec.published}
         (out / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"{study}@{method}: skipped at scale {doc['scale']}: {spec.skip}")
+        print(f"{study}@{method}: skipped at scale {doc['scale']}: {skip}")
         return []
 
     def cfg_for(dataset: str, point: dict[str, Any], lr: float, seed: int, run_id: str) -> RunConfig:
@@ -992,20 +1007,12 @@ def _pop_sets(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def parse_sets(texts: list[str]) -> list[tuple[str, Any]]:
     """``KEY=VALUE`` texts as (key, value) pairs, values read as YAML (``1e-3`` a number)."""
-    import yaml
-
     pairs = []
     for text in texts:
         key, eq, raw = text.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"--set {text!r}: expected KEY=VALUE (e.g. --set scale=cpu)")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-            value = float(value)
-        pairs.append((key.strip(), value))
+        pairs.append((key.strip(), _yaml_value(raw)))
     return pairs
 
 

@@ -17,6 +17,17 @@
 - an **LR multiplier**: the group's LR is ``lr * lr_mult`` (Muon groups) or ``adamw_lr * lr_mult``
   (AdamW groups).
 
+**LR scaling across the Muon matrices** (``lr_scaling``, issue #12 item 6g; our own definitions):
+``global`` (default) one LR per group as above; ``depth``: every Muon matrix's LR divided by ``L``,
+the number of matrices Muon updates (a stack's slices counted one by one): the modular norm's
+equal split of one step over ``L`` layers in series, so ``lr`` is the whole network's step and a
+deeper network takes smaller per-layer steps (at one depth this is the global LR ``lr / L``; it
+differs when the LR is carried to another depth); ``grad_norm``: each matrix's step scaled by its
+gradient's Frobenius norm over the mean across the Muon matrices (mean multiplier 1);
+``adaptive``: a per-layer trust ratio ``||W_l||_F / ||update_l||_F``, so each matrix moves by
+``lr * ||W_l||_F`` (``lr`` a relative step size). See :mod:`optlab.optim.muon` for the exact
+rules; AdamW groups (already per-coordinate adaptive) keep ``adamw_lr * lr_mult``.
+
 These are post-step projections, not the tangent-space methods of :mod:`optlab.optim.manifold`
 (hyperspherical descent, manifold Muon): the step is taken in the ambient space, then projected.
 
@@ -84,6 +95,7 @@ CONSTRAINTS = ("none", "sphere", "stiefel")
 STIEFEL_MODES = ("exact", "ns")
 NS_STEPS = (1, 2, 3, 5, 10)
 NS_CHOICES = ("quintic", "polar_express")
+LR_SCALINGS = ("global", "depth", "grad_norm", "adaptive")
 ADAMW_LR = 3e-3
 """AdamW LR of the AdamW groups of a preset that also uses Muon, when ``adamw_lr`` is not given."""
 
@@ -109,7 +121,7 @@ PRESETS: dict[str, dict[str, RoleSpec]] = {
     "modular_stiefel": _table(("muon", "none"), ("muon", "stiefel"), ("adamw", "none")),
     "full_modular": _table(("adamw", "sphere"), ("muon", "stiefel"), ("adamw", "none")),
 }
-OPTION_KEYS = ("ns_steps", "ns", "momentum", "nesterov", "weight_decay", "adamw_lr", "stiefel", "roles")
+OPTION_KEYS = ("ns_steps", "ns", "momentum", "nesterov", "weight_decay", "adamw_lr", "stiefel", "roles", "lr_scaling")
 
 
 def _number(key: str, v: Any, *, low: float = 0.0, strict: bool = False, below: float | None = None) -> float:
@@ -155,6 +167,10 @@ def parse_options(name: str, opts: Mapping[str, Any]) -> dict[str, Any]:
         if opts["stiefel"] not in STIEFEL_MODES:
             raise ValueError(f"optimizer_options.stiefel: unknown {opts['stiefel']!r}; allowed: {', '.join(STIEFEL_MODES)}")
         out["stiefel"] = opts["stiefel"]
+    if "lr_scaling" in opts:
+        if opts["lr_scaling"] not in LR_SCALINGS:
+            raise ValueError(f"optimizer_options.lr_scaling: unknown {opts['lr_scaling']!r}; allowed: {', '.join(LR_SCALINGS)}")
+        out["lr_scaling"] = opts["lr_scaling"]
     table = dict(PRESETS[name])
     roles = opts.get("roles") or {}
     if not isinstance(roles, Mapping):
@@ -221,9 +237,12 @@ class Modular(OptimizerWrapper):
 
     def __init__(self, model: nn.Module, lr: float, roles: Mapping[str, RoleSpec], *, adamw_lr: float | None = None,
                  weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 ns: str = "quintic", stiefel: str = "exact", preset: str = "custom") -> None:
+                 ns: str = "quintic", stiefel: str = "exact", lr_scaling: str = "global", preset: str = "custom") -> None:
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"optimizer {preset}: lr must be a number > 0, got {lr!r}")
+        if lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"optimizer {preset}: lr_scaling {lr_scaling!r} not allowed; allowed: {', '.join(LR_SCALINGS)}")
+        self.lr_scaling = lr_scaling
         self.preset, self.stiefel_mode = preset, stiefel
         self.roles = {r: roles.get(r, RoleSpec()) for r in ROLES}
         uses_muon = any(s.optimizer == "muon" for s in self.roles.values())
@@ -240,6 +259,11 @@ class Modular(OptimizerWrapper):
             if p.requires_grad:
                 by_role[role_of[canonical_name(pname)]].append((canonical_name(pname), p))
         muon_groups, adamw_groups = [], []
+        # depth scaling: 1 / (the number of matrices Muon updates); the other modes run inside Muon
+        self.muon_matrices = sum(matrix_shape(p)[0] for r in ROLES if self.roles[r].optimizer == "muon"
+                                 for _, p in by_role[r] if p.dim() >= 2)
+        depth_mult = 1.0 / self.muon_matrices if lr_scaling == "depth" and self.muon_matrices else 1.0
+        muon_mode = lr_scaling if lr_scaling in ("grad_norm", "adaptive") else "global"
         self._muon_named: list[tuple[str, nn.Parameter]] = []
         self._constrained: list[_Constrained] = []
         for role in ROLES:
@@ -249,8 +273,9 @@ class Modular(OptimizerWrapper):
             rest = [(nm, p) for nm, p in by_role[role] if p.dim() < 2]
             if spec.optimizer == "muon":
                 if mats:
-                    muon_groups.append({"params": [p for _, p in mats], "lr": lr * spec.lr_mult, "weight_decay": wd,
-                                        "role": role, "lr_mult": spec.lr_mult})
+                    muon_groups.append({"params": [p for _, p in mats], "lr": lr * spec.lr_mult * depth_mult,
+                                        "weight_decay": wd, "role": role, "lr_mult": spec.lr_mult * depth_mult,
+                                        "lr_scaling": muon_mode})
                     self._muon_named += mats
                 to_adamw = rest
             else:
@@ -271,7 +296,8 @@ class Modular(OptimizerWrapper):
             raise ValueError(f"optimizer {preset}: the model has no trainable parameters")
         self._groups = [g for o in self._inner for g in o.param_groups]
         self._defaults = {"lr": lr, "adamw_lr": self.adamw_lr, "weight_decay": float(weight_decay), "momentum": momentum,
-                          "nesterov": nesterov, "ns_steps": ns_steps, "ns": ns, "stiefel": stiefel}
+                          "nesterov": nesterov, "ns_steps": ns_steps, "ns": ns, "stiefel": stiefel,
+                          "lr_scaling": lr_scaling}
         self.projections: list[Any] = []
         sphere = [c.param for c in self._constrained if c.constraint == "sphere"]
         stiefel_ps = [c.param for c in self._constrained if c.constraint == "stiefel"]
@@ -349,7 +375,8 @@ class Modular(OptimizerWrapper):
     def __repr__(self) -> str:
         spec = ", ".join(f"{r}={s.optimizer}{'+' + s.constraint if s.constraint != 'none' else ''}"
                          f"{'x' + format(s.lr_mult, 'g') if s.lr_mult != 1 else ''}" for r, s in self.roles.items())
-        return f"Modular({self.preset}: {spec}; lr={self._defaults['lr']:g}, adamw_lr={self.adamw_lr:g})"
+        scaling = "" if self.lr_scaling == "global" else f", lr_scaling={self.lr_scaling}"
+        return f"Modular({self.preset}: {spec}; lr={self._defaults['lr']:g}, adamw_lr={self.adamw_lr:g}{scaling})"
 
     # -- for the probes
     def muon_params(self) -> list[tuple[str, nn.Parameter]]:
@@ -396,6 +423,9 @@ class Modular(OptimizerWrapper):
         and step counts in place as ``step()`` does."""
         from .rho import _adam_u
 
+        if self.lr_scaling in ("grad_norm", "adaptive"):
+            raise ValueError(f"optimizer {self.preset}: lr_scaling {self.lr_scaling} is not supported with the rho "
+                             f"controller; allowed there: global, depth")
         params: list[Tensor] = []
         us: list[Tensor] = []
         gi = 0

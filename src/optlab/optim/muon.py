@@ -81,6 +81,20 @@ and write-back done chunk by chunk so that the chunk stays in cache (one call ov
 64 x 256 x 256 stack was slower than torch's per-matrix loop: every elementwise pass streamed
 8 MiB through memory). ``step`` has no host syncs. It
 is a ``torch.optim.Optimizer``: ``state_dict``/``load_state_dict`` carry the momentum buffers.
+
+Per-matrix LR scaling (a group's ``lr_scaling``, our own definitions, for the modular LR study):
+each matrix ``l`` of the group steps with ``lr * m_l`` (its decoupled decay too: ``W <- W (1 - lr
+m_l wd)``), where
+
+- ``"global"`` (default): ``m_l = 1``, the update above unchanged (bitwise);
+- ``"grad_norm"``: ``m_l = ||G_l||_F / mean_j ||G_j||_F``, the raw gradient's Frobenius norm over
+  its mean across every matrix of every ``grad_norm`` group in this step (mean multiplier 1). NS
+  discards the gradient's scale; this puts the layers' relative gradient magnitudes back;
+- ``"adaptive"``: ``m_l = ||W_l||_F / ||ratio * O_l||_F``, a per-layer trust ratio (as LARS/LAMB's,
+  on Muon's update): each matrix moves by ``lr * ||W_l||_F`` per step, so ``lr`` is a relative
+  step size (a zero matrix gets ``m_l = 0`` and stays put: start it from a non-zero init).
+
+The multipliers are device tensors (no host sync); stacks get one per matrix.
 """
 
 from __future__ import annotations
@@ -308,6 +322,10 @@ def default_chunk_bytes(device: torch.device) -> int | None:
 CPU_CHUNK_BYTES = 1024 * 1024
 
 
+LR_SCALINGS = ("global", "grad_norm", "adaptive")
+"""Per-matrix LR scalings of a Muon group (``lr_scaling``; see the module docstring)."""
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (see the module docstring). Defaults as torch.optim.Muon: lr 1e-3, weight_decay 0.1,
     momentum 0.95, nesterov, 5 quintic NS steps in bfloat16, eps 1e-7, ``adjust_lr_fn`` None
@@ -332,6 +350,7 @@ class Muon(torch.optim.Optimizer):
         eps: float = EPS,
         adjust_lr_fn: str | None = None,
         chunk_bytes: int | str | None = "auto",
+        lr_scaling: str = "global",
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Muon: a tensor lr must have one element")
@@ -346,11 +365,15 @@ class Muon(torch.optim.Optimizer):
         if not (chunk_bytes is None or chunk_bytes == "auto" or (isinstance(chunk_bytes, int) and chunk_bytes > 0)):
             raise ValueError(f"Muon: chunk_bytes must be 'auto', None or a positive int, got {chunk_bytes!r}")
         coefficient_schedule(ns, ns_steps)  # validates
+        if lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"Muon: lr_scaling {lr_scaling!r} not allowed; allowed: {', '.join(LR_SCALINGS)}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        ns=ns, ns_dtype=ns_dtype, eps=eps, adjust_lr_fn=adjust_lr_fn)
+                        ns=ns, ns_dtype=ns_dtype, eps=eps, adjust_lr_fn=adjust_lr_fn, lr_scaling=lr_scaling)
         super().__init__(params, defaults)
         self.chunk_bytes = chunk_bytes
         for group in self.param_groups:
+            if group["lr_scaling"] not in LR_SCALINGS:
+                raise ValueError(f"Muon: lr_scaling {group['lr_scaling']!r} not allowed; allowed: {', '.join(LR_SCALINGS)}")
             for p in group["params"]:
                 matrix_shape(p)
                 if torch.is_complex(p):
@@ -384,13 +407,41 @@ class Muon(torch.optim.Optimizer):
                 k, r, c = matrix_shape(p)
                 key = (r, c, p.dtype, p.device, group["ns_steps"], ns_key, group["ns_dtype"], group["eps"])
                 batches[key].append((p, group, k))
+        self._grad_mult = self._grad_norm_multipliers()
         for key, items in batches.items():
             r, c, device = key[0], key[1], key[3]
             first = items[0][1]
             chunk = self._chunk(r, c, first["ns_dtype"], device)
             for segs in _chunks(items, chunk):
                 self._chunk_step(segs, r, c, first)
+        self._grad_mult = {}
         return loss
+
+    def _grad_norm_multipliers(self) -> dict[int, Tensor]:
+        """id(param) -> per-matrix ``||G_l||_F / mean_j ||G_j||_F`` (shape ``[k]``) over every
+        matrix of the ``grad_norm`` groups (empty when no group uses it)."""
+        ps = [p for g in self.param_groups if g.get("lr_scaling", "global") == "grad_norm"
+              for p in g["params"] if p.grad is not None]
+        if not ps:
+            return {}
+        norms = [p.grad.reshape(matrix_shape(p)[0], -1).float().norm(dim=1) for p in ps]
+        mean = torch.cat(norms).mean().clamp_min(torch.finfo(torch.float32).tiny)
+        return {id(p): n / mean for p, n in zip(ps, norms)}
+
+    def _multiplier(self, p: Tensor, group: dict, j0: int, j1: int, target: Tensor, o: Tensor, ratio: float) -> Tensor | None:
+        """The group's per-matrix LR multipliers for matrices j0..j1-1 of ``p`` (None: ``global``),
+        shaped to broadcast against ``target`` (``(j1-j0, r, c)``, or ``p`` itself)."""
+        mode = group.get("lr_scaling", "global")
+        if mode == "global":
+            return None
+        if mode == "grad_norm":
+            m = self._grad_mult[id(p)][j0:j1]
+        else:  # adaptive: ||W_l|| / ||ratio O_l||, before this step's decay
+            n = j1 - j0
+            w = target.detach().reshape(n, -1).float().norm(dim=1)
+            u = o.reshape(n, -1).float().norm(dim=1) * ratio
+            m = w / u.clamp_min(torch.finfo(torch.float32).tiny)
+        return m.to(target.dtype).reshape(m.shape[0] if target.dim() == 3 else 1, *[1] * (target.dim() - 1))
 
     def _chunk_step(self, segs: list[tuple[Tensor, dict, int, int, int]], r: int, c: int, first: dict) -> None:
         """Momentum, NS and write-back for one chunk: ``segs`` are (param, group, count, j0, j1),
@@ -428,6 +479,12 @@ class Muon(torch.optim.Optimizer):
                 target, oi_t = p.view(k, r, c)[j0:j1], oi
             else:  # whole parameter (see above)
                 target, oi_t = p, oi.reshape(p.shape)
+            m = self._multiplier(p, group, j0, j1, target, oi_t, ratio)
+            if m is not None:  # per-matrix LR scaling (see the module docstring)
+                if wd != 0:
+                    target.mul_(1 - (lr * wd) * m)
+                target.sub_(oi_t * ((lr * ratio) * m))
+                continue
             if wd != 0:
                 target.mul_(1 - lr * wd)
             if isinstance(lr, Tensor):

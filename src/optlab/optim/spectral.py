@@ -129,14 +129,13 @@ def clip_singular_values(w: torch.Tensor, limit: float = 1.0, chunk_bytes: int =
     """
     flat = w.view(-1, *w.shape[-2:])
     m, n = flat.shape[-2:]
-    k = min(m, n)
+    k, tall = min(m, n), m >= n
     per = max(1, chunk_bytes // (3 * k * k * 4))
     sigmas = []
     for c in flat.split(per):
         cf = c.float()
         bad = ~torch.isfinite(cf).all(dim=-1).all(dim=-1)
-        cf = torch.where(bad[:, None, None], torch.zeros((), device=cf.device), cf)
-        tall = m >= n
+        cf = torch.where(bad[:, None, None], torch.zeros((), device=cf.device), cf)  # its correction: exactly 0
         gram = cf.transpose(-2, -1) @ cf if tall else cf @ cf.transpose(-2, -1)
         lam, vec = torch.linalg.eigh(gram)
         sv = lam.clamp_min(0).sqrt()  # ascending
@@ -144,7 +143,7 @@ def clip_singular_values(w: torch.Tensor, limit: float = 1.0, chunk_bytes: int =
         if k:
             proj = (vec * shrink.unsqueeze(-2)) @ vec.transpose(-2, -1)  # V diag(1 - limit/s)_+ V^T
             corr = cf @ proj if tall else proj @ cf
-            c.sub_(torch.where(bad[:, None, None], torch.zeros((), device=c.device), corr).to(c.dtype))
+            c.sub_(corr.to(c.dtype))
         top = sv[:, -1] if sv.shape[-1] else torch.zeros(c.shape[0], device=c.device)
         sigmas.append(torch.where(bad, torch.full((), math.inf, device=c.device), top))
     return torch.cat(sigmas) if sigmas else torch.zeros(0, device=w.device)
