@@ -61,6 +61,7 @@ import pandas as pd
 from ... import stats
 from ..aggregate import Table, format_value, markdown_table, read_csv, slug, sweep_runs
 from . import AnalysisData, BaseAnalysis
+from . import modular_more as M
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -68,9 +69,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..plots import FigureData
     from ..report import ReportData
 
-STUDIES = ("modular_ns", "modular_presets", "modular_gpt")
+STUDIES = ("modular_ns", "modular_presets", "modular_gpt", "modular_bf16", "modular_roles", "modular_lr")
 METHODS = ("adamw", "muon_ns3", "muon_ns5", "muon", "baseline_adamw", "baseline_muon", "modular_sphere",
-           "modular_stiefel", "full_modular")
+           "modular_stiefel", "full_modular", "role_muon_input", "role_muon_hidden", "role_muon_output", "role_muon_all",
+           "muon_lr_global", "muon_lr_depth", "muon_lr_grad_norm", "muon_lr_adaptive")
 ROLES = ("input", "hidden", "output")
 DEFAULT_REFERENCE = {"modular_ns": "adamw"}
 FALLBACK_REFERENCE = "baseline_adamw"
@@ -85,7 +87,7 @@ PAIRS = (  # (constraint, with, without, what else differs)
     ("sphere (input)", "modular_sphere", "baseline_muon", "input AdamW instead of Muon; output Muon instead of AdamW"),
     ("sphere + Stiefel", "full_modular", "baseline_muon", "input optimizer AdamW instead of Muon"),
 )
-RUN_COLS = ["study", "dataset", "method", "seed", "status", "run_dir", "lm", "train_loss", "test_loss", "train_acc",
+RUN_COLS = ["study", "dataset", "method", "seed", "depth", "status", "run_dir", "lm", "train_loss", "test_loss", "train_acc",
             "test_acc", "val_loss", "val_ppl", "test_ppl", "throughput", "throughput_unit", "grad_erank_mean",
             "wall_time_s"]
 RESULT_METRICS = {"train_loss": "train loss", "test_loss": "test loss", "train_acc": "train acc", "test_acc": "test acc",
@@ -130,6 +132,10 @@ def _interval_cell(est: float, lo: float, hi: float) -> str:
 
 def _rank(m: Any) -> int:
     return METHODS.index(m) if m in METHODS else len(METHODS)
+
+
+def _method_key(m: Any) -> tuple:
+    return (_rank(m), str(m))
 
 
 def _study_rank(s: Any) -> tuple:
@@ -185,6 +191,7 @@ def run_table(runs: pd.DataFrame) -> pd.DataFrame:
     out["throughput"] = num("throughput_steady")
     out["throughput_unit"] = np.where(out["lm"], "tokens/s", "examples/s")
     out["seed"] = pd.to_numeric(out["seed"], errors="coerce")
+    out["depth"] = num("depth")
     return out[RUN_COLS].reset_index(drop=True)
 
 
@@ -538,14 +545,21 @@ class ModularAnalysis(BaseAnalysis):
         base = runs_base(data)
         curves, layers = read_series(rt, base, "curves.csv"), read_series(rt, base, "layers.csv")
         return build_tables(rt, curves, layers, references(data, rt["study"].dropna().unique()),
-                            published_claims(data.slices))
+                            published_claims(data.slices), data.slices)
 
     def figures(self, data: "FigureData") -> dict[str, Callable[[], "Figure"]]:
         rt = run_table(data.runs)
         out: dict[str, Callable[[], "Figure"]] = {}
+        grid = M.grid_studies(rt)
         for study in sorted(rt["study"].dropna().unique(), key=_study_rank):
+            if study in grid:  # 6g: one LR carried across depth
+                out[f"modular_lr_{slug(study)}.png"] = lambda s=study: M.lr_figure(data, pd.DataFrame(), rt, s, _method_key)
+                continue
             out[f"modular_loss_{slug(study)}.png"] = lambda s=study: _loss_figure(data, s)
             out[f"modular_grad_erank_{slug(study)}.png"] = lambda s=study: _erank_figure(data, s)
+            out[f"modular_spectra_{slug(study)}.png"] = lambda s=study: _layers_figure(data, s, "spectra")
+            out[f"modular_sv_{slug(study)}.png"] = lambda s=study: _layers_figure(data, s, "sv")
+            out[f"modular_ns_steps_{slug(study)}.png"] = lambda s=study: _layers_figure(data, s, "ns")
         return out
 
     def section(self, report: "ReportData") -> str:
@@ -553,13 +567,25 @@ class ModularAnalysis(BaseAnalysis):
 
 
 def build_tables(rt: pd.DataFrame, curves: pd.DataFrame, layers: pd.DataFrame, refs: dict[str, str],
-                 claims: dict[str, dict[str, Any]]) -> dict[str, Table]:
-    """Every table of the analysis from frames (runs, curves and layers with ``run_dir``)."""
+                 claims: dict[str, dict[str, Any]], slices: Iterable[Any] = ()) -> dict[str, Table]:
+    """Every table of the analysis from frames (runs, curves and layers with ``run_dir``). Studies
+    with a depth grid (``modular_lr``) are reported per depth (``modular_lr_scaling``) and left out
+    of the flat tables, which pair runs by seed alone."""
+    grid = M.grid_studies(rt)
+    lr_scaling = M.lr_scaling_table(rt, refs, _method_key)
+    rt = rt[~rt["study"].isin(grid)]
     verdict = verdict_table(rt, refs)
     lm = lm_table(rt, curves, refs)
     thr = throughput_table(rt, claims)
     diag, rec = ns_tables(rt, layers)
-    return {"modular_results": (results_table(rt), RESULTS_MD), "modular_verdict": (verdict, VERDICT_MD),
+    ns_dyn, ns_gain = M.ns_dynamics_tables(rt, layers)
+    benefit, role_rec = M.role_benefit_tables(rt, refs, rec)
+    more = {"modular_spectra": (M.spectra_table(rt, layers), M.SPECTRA_MD),
+            "modular_ns_dynamics": (ns_dyn, M.NS_DYN_MD), "modular_ns_gain": (ns_gain, M.NS_GAIN_MD),
+            "modular_role_benefit": (benefit, M.BENEFIT_MD), "modular_role_recommend": (role_rec, M.RECOMMEND_MD),
+            "modular_lr_scaling": (lr_scaling, M.LR_MD), "modular_bf16": (M.bf16_table(rt), M.BF16_MD),
+            "modular_skipped": (M.skipped_table(slices), M.SKIPPED_MD)}
+    return more | {"modular_results": (results_table(rt), RESULTS_MD), "modular_verdict": (verdict, VERDICT_MD),
             "modular_steps_to_target": (steps_to_target(rt, curves), TARGET_MD),
             "modular_lm": (lm, ["study", *LM_MD]), "modular_throughput": (thr, THROUGHPUT_MD),
             "modular_role_rank": (role_rank_table(rt, layers), ROLE_MD),
@@ -632,6 +658,19 @@ def _erank_figure(fd: "FigureData", study: str) -> "Figure":
     return fig
 
 
+def _layers_figure(fd: "FigureData", study: str, kind: str) -> "Figure":
+    """6d/6e figures of one study from its layers.csv rows: ``spectra`` (top-1 energy over
+    training per role), ``sv`` (hidden-layer spectra at the last step), ``ns`` (NS diagnostics
+    against the step count)."""
+    rt, layers = _fig_series(fd, study, "layers.csv")
+    if kind == "spectra":
+        return M.spectra_figure(fd, rt, layers, study, _band, _method_key)
+    if kind == "sv":
+        return M.sv_figure(fd, rt, layers, study, _method_key)
+    diag, _ = ns_tables(rt, layers)
+    return M.ns_steps_figure(fd, diag, study)
+
+
 # ---------------------------------------------------------------- the README section
 
 
@@ -650,8 +689,11 @@ def section(rd: "ReportData") -> str:
         "Issue #12. Per-role optimizers and constraints: AdamW vs Muon (3 and 5 Newton-Schulz steps) on the MLP "
         "(`modular_ns`); the five presets (baseline_adamw, baseline_muon, modular_sphere, modular_stiefel, "
         "full_modular) on the MLP (`modular_presets`) and on the GPT variant with RMSNorm, SwiGLU and a tied "
-        "embedding (`modular_gpt`). Fixed LRs, medians [IQR] over seeds; relative differences use a paired "
-        "bootstrap 95% interval, and *lower loss?* is yes only when the whole interval is below 0.", ""]
+        "embedding (`modular_gpt`), and under bf16 autocast (`modular_bf16`, GPU only); Muon on one role at a "
+        "time against AdamW everywhere (`modular_roles`); one global Muon LR against depth-scaled, "
+        "gradient-norm-aware and per-layer adaptive scaling, carried across depth (`modular_lr`). Fixed LRs, "
+        "medians [IQR] over seeds; relative differences use a paired bootstrap 95% interval, and *lower loss?* "
+        "is yes only when the whole interval is below 0.", ""]
     verdict = rd.table("modular_verdict") if _has(rd, "modular_verdict") else pd.DataFrame()
     if len(verdict):
         lines.append("**Findings** (final test loss against each study's reference):")
@@ -692,16 +734,84 @@ def section(rd: "ReportData") -> str:
                       "of the reduction from k = 1 to the best k measured (the quintic plateaus, it does not reach 0). "
                       "NS(G)/G: how much the orthogonalization raises the gradient's effective rank.", ""]
         lines += [markdown_table(t[[c for c in cols if c in t.columns]], max_chars=200), ""]
+    lines += more_sections(rd)
     figs = []
     for study in rd.studies:
         figs += [(f"modular_loss_{slug(study)}.png", f"{study}: training loss per preset"),
-                 (f"modular_grad_erank_{slug(study)}.png", f"{study}: gradient effective rank per role")]
+                 (f"modular_grad_erank_{slug(study)}.png", f"{study}: gradient effective rank per role"),
+                 (f"modular_spectra_{slug(study)}.png", f"{study}: top-1 singular-value energy of the weights over training"),
+                 (f"modular_sv_{slug(study)}.png", f"{study}: hidden-layer singular values at the last step"),
+                 (f"modular_ns_steps_{slug(study)}.png", f"{study}: Newton-Schulz diagnostics against the step count"),
+                 (f"modular_lr_{slug(study)}.png", f"{study}: test loss against depth per LR scaling")]
     lines += rd.figure_lines(figs)
     names = [n for n in ("modular_results", "modular_verdict", "modular_lm", "modular_steps_to_target",
                          "modular_throughput", "modular_role_rank", "modular_layer_rank", "modular_ns_diag", "modular_ns_recommend",
+                         "modular_spectra", "modular_ns_dynamics", "modular_ns_gain", "modular_role_benefit",
+                         "modular_role_recommend", "modular_lr_scaling", "modular_bf16", "modular_skipped",
                          "modular_published") if _has(rd, n)]
     lines += [f"Tables: {rd.table_links([f'{n}.csv' for n in names])}.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _table(rd: "ReportData", name: str) -> pd.DataFrame:
+    return rd.table(name) if _has(rd, name) else pd.DataFrame()
+
+
+def more_sections(rd: "ReportData") -> list[str]:
+    """The README parts for items 6d-6h (see :mod:`optlab.analysis.studies.modular_more`)."""
+    lines: list[str] = []
+    spectra = _table(rd, "modular_spectra")
+    if len(spectra):
+        lines += ["#### Spectral dynamics of the weights", "",
+                  "From the `weight_spectrum` probe: each run's mean over the layers of a role at its first and at its "
+                  "last check, then the median over seeds. Top-1 energy is σ₁² / Σσᵢ² (1: rank one; 1/n: a flat "
+                  "spectrum). The projections pin their roles' spectra (Stiefel: every σ = 1, condition number 1).", "",
+                  markdown_table(spectra[M.SPECTRA_MD], max_chars=200), ""]
+    dyn, gain = _table(rd, "modular_ns_dynamics"), _table(rd, "modular_ns_gain")
+    if len(dyn) or len(gain):
+        lines += ["#### What Newton-Schulz does to the gradients, over training", ""]
+        if len(dyn):
+            lines += ["From the `ns_diag` probe on the real gradients at the first and at the last check (medians over "
+                      "runs): the angle between G and NS_k(G), ‖G − NS_k(G)‖_F / ‖G‖_F and the orthogonality error of "
+                      "NS_k(G), per step count k.", "", markdown_table(dyn[M.NS_DYN_MD], max_chars=200), ""]
+        if len(gain):
+            lines += ["How far orthogonalization raises the gradient's effective rank (NS(G) / G, Muon layers), at the "
+                      "first and the last check (median [IQR] over seeds):", "",
+                      markdown_table(gain[M.NS_GAIN_MD], max_chars=200), ""]
+    benefit, rec = _table(rd, "modular_role_benefit"), _table(rd, "modular_role_recommend")
+    if len(benefit):
+        lines += ["#### Muon per role, and the recommendation", "",
+                  "Muon on one role at a time (AdamW on the others) against AdamW everywhere: the relative final test "
+                  "loss, paired by seed.", "", markdown_table(benefit[M.BENEFIT_MD], max_chars=200), ""]
+        if len(rec):
+            lines += ["Recommendation per role (**our rule**: Muon where its interval lies below 0, AdamW where above, "
+                      "otherwise either; NS steps from the table above, where that study measured them):", "",
+                      markdown_table(rec[M.RECOMMEND_MD], max_chars=200), ""]
+    lr = _table(rd, "modular_lr_scaling")
+    if len(lr):
+        words = []
+        for (study, method), g in lr[lr["lower loss?"].isin(["yes", "no", "inconclusive"])].groupby(["study", "method"], sort=False):
+            counts = g["lower loss?"].value_counts()
+            words.append(f"{method}: lower at {counts.get('yes', 0)}, higher at {counts.get('no', 0)}, "
+                         f"inconclusive at {counts.get('inconclusive', 0)} of {len(g)} depths")
+        lines += ["#### LR scaling across depth", "",
+                  "One LR per method, set at depth 4 and carried unchanged to the other depths. `depth`: each of the L "
+                  "Muon matrices steps at lr / L (lr 0.08 = 0.02 x 4, so it equals the global LR at depth 4); "
+                  "`grad_norm`: each matrix's step scaled by its gradient norm over the mean; `adaptive`: each matrix "
+                  "moves by lr x its Frobenius norm (a trust ratio). Relative final test loss against the global LR "
+                  "at the same depth, paired by seed.", ""]
+        if words:
+            lines += ["Summary: " + "; ".join(words) + ".", ""]
+        lines += [markdown_table(lr[M.LR_MD], max_chars=200), ""]
+    bf16, skipped = _table(rd, "modular_bf16"), _table(rd, "modular_skipped")
+    if len(bf16):
+        lines += ["#### Low precision (bf16 autocast)", "",
+                  f"Each preset of `{M.BF16_STUDY}` against the same preset of `{M.FP32_STUDY}` (fp32), paired by seed.",
+                  "", markdown_table(bf16[M.BF16_MD], max_chars=200), ""]
+    if len(skipped):
+        per = skipped.groupby("study", sort=False)["reason"].first()
+        lines += ["Not run here: " + "; ".join(f"`{st}` ({why})" for st, why in per.items()) + ".", ""]
+    return lines
 
 
 ANALYSIS = ModularAnalysis(name="modular", title="Modular manifolds: Muon, sphere and Stiefel constraints, per-role optimizers",

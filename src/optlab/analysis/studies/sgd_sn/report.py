@@ -314,6 +314,7 @@ def answer_line(row: pd.Series) -> str:
     if R.is_lm(row) and (pd.notna(row.get(f"{m}_test_bpb")) or pd.notna(row.get(f"{r}_test_bpb"))):
         s += f" Test bits per byte: {m} {R.num(row.get(f'{m}_test_bpb'))} vs {name(r)} {R.num(row.get(f'{r}_test_bpb'))}."
     s += binding_text(row.get(f"{m}_sn_active_frac"), m)
+    s += idle_text(row, m)
     s += strictness_text(row, m)
     s += flattening_text(row, m, r)
     s += lm_reference_text(row, m, r)
@@ -400,6 +401,21 @@ def lm_reference_text(row: pd.Series | dict, m: str, r: str) -> str:
     if ng_bits is not None and pd.notna(ng_bits) and bits and all(b > float(ng_bits) for _, b in bits):
         s += " Both models are above the count model's bits: they are undertrained at this budget."
     return s
+
+
+def idle_text(row: pd.Series | dict, m: str) -> str:
+    """Where the projection never acted: how σ_max of the projected layers moved, and whether a
+    longer run at this LR could make it act (the budget check of the GPT)."""
+    frac, a, b = row.get(f"{m}_sn_active_frac"), row.get(f"{m}_sigma_first"), row.get(f"{m}_sigma_last_check")
+    if frac is None or pd.isna(frac) or float(frac) != 0.0 or a is None or pd.isna(a) or pd.isna(b):
+        return ""
+    t0, t1, rate = row.get(f"{m}_sigma_first_step"), row.get(f"{m}_sigma_last_step"), row.get(f"{m}_sigma_growth_per_100")
+    s = (f" The projected layers' largest σ went from {float(a):.4f} (step {int(t0)}) to {float(b):.4f} (step {int(t1)}), "
+         f"{float(rate):+.4f} per 100 steps (mean over the selected runs)")
+    if pd.notna(rate) and float(rate) > 1e-4:
+        more = (1.0 - float(b)) / float(rate) * 100.0
+        return s + f": at that rate (a linear extrapolation) it would reach 1 after about {more:,.0f} more steps, beyond this profile's budget."
+    return s + ": it is not growing, so a longer run at this LR would not make the projection act either."
 
 
 def binding_text(frac: Any, method: str = DEFAULT_SPEC.method) -> str:
@@ -795,7 +811,9 @@ def _caveats(v: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
                    "what two tokens of context give.")
     out.append("- Budgets: `*_val_last_change` is the selection metric's change over each side's last epoch (mean over "
                "completed selected seeds); beyond half a point of accuracy (0.01 nats of loss) the answer line says the "
-               "curve had not flattened. The quick profile's budgets are fixed by the `make repro` time limit, not "
-               "chosen for convergence.")
+               "curve had not flattened. Half a point is below one example of a small validation split (digits: 144 "
+               "examples, 0.69 points each), so there a change of one example per seed reads as not flattened. Budgets "
+               "are bounded by the profile's time limit (`make repro`: 15 minutes on 2 cores); where the projection "
+               "never acted, the answer line says how its layers' σ moved and whether a longer run could change that.")
     return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -60,7 +61,9 @@ def tables(data: Any) -> dict[str, Table]:
     runs, best = data.runs, data.best
     dtf = depth_to_failure_table(runs, data.summaries, best)
     specs = data.specs(DEFAULT_SPEC)
-    verdict = verdict_table(runs, best, specs, failure_depths=dtf, slices=data.slices)
+    from ..rho.tables import runs_base
+
+    verdict = verdict_table(runs, best, specs, failure_depths=dtf, slices=data.slices, base=runs_base(data))
     out: dict[str, Table] = {"verdict": (verdict, verdict_md_columns(verdict))}
     sn = sn_vs_sgd_table(runs, best, verdict)
     if len(sn):
@@ -85,6 +88,7 @@ def verdict_table(
     failure_depths: pd.DataFrame | None = None,
     slices: Iterable[SliceSummary] = (),
     n_resamples: int | None = None,
+    base: Path | None = None,
 ) -> pd.DataFrame:
     """Per task (study, dataset, grid point): the core's paired verdict
     (:func:`..aggregate.paired_verdict_table`: ratio, its paired bootstrap interval, medians and
@@ -134,7 +138,7 @@ def verdict_table(
     kw = {} if n_resamples is None else {"n_resamples": n_resamples}
     frames = []
     for spec, group in groups.items():
-        extra = _advantage_columns(spec, failure_depths, best)
+        extra = _advantage_columns(spec, failure_depths, best, base)
         f = paired_verdict_table(runs, best, spec, studies=group, extra=extra, **kw)
         frames.append(_answers(f, spec))
     frames = [f for f in frames if len(f)] or frames[:1]
@@ -164,7 +168,8 @@ def verdict_md_columns(v: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys([*cols, "plain_sgd_mem_mb", "memory_stateless", "advantages", "answer"]))
 
 
-def _advantage_columns(spec: VerdictSpec, dtf: pd.DataFrame, best: pd.DataFrame | None = None):
+def _advantage_columns(spec: VerdictSpec, dtf: pd.DataFrame, best: pd.DataFrame | None = None,
+                       base: Path | None = None):
     m, r = spec.method, spec.reference
 
     def extra(task: dict[str, Any], a: pd.Series, b: pd.Series, ra: pd.DataFrame, rb: pd.DataFrame) -> dict[str, Any]:
@@ -204,6 +209,7 @@ def _advantage_columns(spec: VerdictSpec, dtf: pd.DataFrame, best: pd.DataFrame 
             # fraction of steps at which the projection changed a weight (0: the method was plain SGD)
             f"{m}_sn_active_frac": a.get("sn_active_frac_mean", math.nan),
             **_strictness(ra, m),
+            **_sigma_growth(ra, m, base),
             # has each side's validation curve flattened? mean last-epoch change of the selection metric
             f"{m}_val_last_change": _completed_mean(ra, "val_last_change"),
             f"{r}_val_last_change": _completed_mean(rb, "val_last_change"),
@@ -234,6 +240,42 @@ def _strictness(runs: pd.DataFrame, m: str) -> dict[str, Any]:
         f"{m}_sigma_max_max": float(smax.max()) if smax.notna().any() else math.nan,
         f"{m}_sn_strict": (bool(strict.map(_truthy).all()) if len(strict) else math.nan),
     }
+
+
+def _sigma_growth(runs: pd.DataFrame, m: str, base: Path | None) -> dict[str, Any]:
+    """How σ_max of the projected layers moved in the method's completed selected runs (from their
+    layers.csv ``sigma_max`` rows of the roles in ``sn_roles``): the mean over runs of the largest
+    σ_max at the first and at the last check, those checks' steps, and the growth per 100 steps
+    (nan without layer files, e.g. where the runs root is not found)."""
+    keys = (f"{m}_sigma_first", f"{m}_sigma_last_check", f"{m}_sigma_first_step", f"{m}_sigma_last_step",
+            f"{m}_sigma_growth_per_100")
+    out = dict.fromkeys(keys, math.nan)
+    if base is None or "run_dir" not in runs:
+        return out
+    firsts, lasts, s0, s1 = [], [], [], []
+    for _, run in _completed(runs).iterrows():
+        path = Path(base) / str(run["run_dir"]) / "layers.csv"
+        if not path.is_file():
+            continue
+        f = pd.read_csv(path)
+        if not {"metric", "step", "value"} <= set(f.columns):  # a legacy wide layers.csv: no check history
+            continue
+        f = f[f["metric"] == "sigma_max"]
+        roles = [r.strip() for r in str(run.get("sn_roles", "")).strip("[]").replace("'", "").replace('"', "").split(",") if r.strip()]
+        if roles and "role" in f:
+            f = f[f["role"].isin(roles)]
+        if f.empty:
+            continue
+        top = f.groupby("step")["value"].max().sort_index()
+        firsts.append(float(top.iloc[0]))
+        lasts.append(float(top.iloc[-1]))
+        s0.append(int(top.index[0]))
+        s1.append(int(top.index[-1]))
+    if not firsts:
+        return out
+    a, b, t0, t1 = float(np.mean(firsts)), float(np.mean(lasts)), int(np.median(s0)), int(np.median(s1))
+    rate = 100.0 * (b - a) / (t1 - t0) if t1 > t0 else math.nan
+    return dict(zip(keys, (a, b, t0, t1, rate)))
 
 
 def _truthy(x: Any) -> bool:
