@@ -25,7 +25,7 @@ $(STAMP): requirements.lock pyproject.toml
 venv: $(STAMP)
 
 repro: venv
-	$(BIN)/python -m optlab.repro
+	$(BIN)/python -m optlab.repro $(REPRO_ARGS)
 
 repro-cpu: venv
 	$(BIN)/dvc repro profiles/cpu/dvc.yaml
@@ -40,6 +40,7 @@ bench: venv
 	$(BIN)/python -m benchmarks
 	$(BIN)/python -m benchmarks.memory --depth 1000 --peer
 	$(BIN)/python -m benchmarks.rho
+	$(BIN)/python -m benchmarks.muon --threads 1
 
 # `dvc exp show` lists a column per dependency hash (about 165); this keeps what tells experiments apart.
 EXP_COLUMNS := ^(Experiment|Created|diverged|test_acc|test_loss|val_acc|train_loss|steps|wall_time_s|scale|phase|optimizer|lr|arch|dataset|depth|width|activation|init|epochs|batch_size|seed)$$

@@ -15,6 +15,11 @@ Side by side in one process, interleaved repetitions (every variant once per rep
    the manifold), each as a fraction of the Muon step and of a whole training step of the deep MLP
    (forward, backward, Muon on the stack, SGD on the rest). Goal (issue #12): under 10 %
    (published: -35 % throughput). The orthogonality error each leaves after a step is listed.
+3. **Tokens/s per preset** on the GPT variant (``gpt_modern``: RMSNorm, SwiGLU, tied embedding): a
+   whole training step (forward, backward, the preset's optimizer step and constraints) of each
+   of ``baseline_adamw``, ``muon``, ``baseline_muon``, ``modular_sphere``, ``modular_stiefel``
+   (exact) and ``full_modular`` on the same model and batch, and each preset's throughput
+   relative to ``baseline_muon`` (the Stiefel preset against it is the constraint's cost alone).
 """
 
 from __future__ import annotations
@@ -111,8 +116,39 @@ def bench_stiefel(device: torch.device, depth: int, width: int, batch: int, repe
             "over_train": {k: med[k] / med["train step (fwd+bwd+Muon)"] for k in variants}, "ortho_error": errors}
 
 
+PRESETS = ("baseline_adamw", "muon", "baseline_muon", "modular_sphere", "modular_stiefel", "full_modular")
+
+
+def bench_presets(device: torch.device, n_layer: int, n_embd: int, block: int, batch: int, repeats: int,
+                  warmup: int) -> dict[str, Any]:
+    from optlab import optim
+
+    vocab = 256
+    x = torch.randint(0, vocab, (batch, block), generator=torch.Generator().manual_seed(5)).to(device)
+    y = torch.randint(0, vocab, (batch, block), generator=torch.Generator().manual_seed(6)).to(device)
+    fns: dict[str, Callable[[], None]] = {}
+    for preset in PRESETS:
+        torch.manual_seed(0)
+        model = models.build("gpt_modern", vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=4,
+                             n_embd=n_embd).to(device)
+        opt = optim.build(preset, model, lr=0.02 if preset != "baseline_adamw" else 3e-3)
+
+        def step(model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            logits = model(x)
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+            opt.step()
+
+        fns[preset] = step
+    med, _ = interleaved(fns, device, repeats, warmup)
+    tokens = batch * block
+    return {"case": f"gpt_modern {n_layer} x {n_embd}, 4 heads, vocab {vocab}, batch {batch} x {block} tokens",
+            "ms": {k: 1e3 * v for k, v in med.items()}, "tokens_per_s": {k: tokens / v for k, v in med.items()},
+            "vs_baseline_muon": {k: med["baseline_muon"] / v for k, v in med.items()}}
+
+
 def write(muon_rows: list[dict[str, Any]], stiefel: dict[str, Any], args: argparse.Namespace, device: torch.device,
-          out: Path) -> Path:
+          out: Path, presets: dict[str, Any] | None = None) -> Path:
     name = machine(device)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     cmd = (f"python -m benchmarks.muon --device {device.type}{' --quick' if args.quick else ''} --repeats {args.repeats}"
@@ -140,11 +176,21 @@ def write(muon_rows: list[dict[str, Any]], stiefel: dict[str, Any], args: argpar
     for k in s["over_muon"]:
         lines.append(f"| {k} | {s['ms'][k]:.2f} | {100 * s['over_muon'][k]:.1f} % | {100 * s['over_train'][k]:.1f} % | "
                      f"{s['ortho_error'][k]:.1e} |")
+    if presets is not None:
+        p = presets
+        lines += ["", f"Tokens/s per preset, {p['case']}: one whole training step each (forward, backward, the preset's "
+                  "optimizer and constraints), interleaved. `vs baseline_muon`: throughput relative to it "
+                  "(modular_stiefel differs from it by the exact Stiefel projection of the hidden matrices alone; "
+                  "published: Stiefel costs 35 % throughput).", "",
+                  "| preset | ms per step | tokens/s | vs baseline_muon |", "| --- | --- | --- | --- |"]
+        for k in p["ms"]:
+            lines.append(f"| {k} | {p['ms'][k]:.2f} | {p['tokens_per_s'][k]:,.0f} | {p['vs_baseline_muon'][k]:.3f} |")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"muon_{device.type}.md"
     path.write_text("\n".join(lines) + "\n")
     (out / f"muon_{device.type}.json").write_text(json.dumps({"device": name, "torch": torch.__version__, "args": vars(args),
-                                                              "muon": muon_rows, "stiefel": stiefel}, indent=2) + "\n")
+                                                              "muon": muon_rows, "stiefel": stiefel,
+                                                              "presets": presets}, indent=2) + "\n")
     return path
 
 
@@ -168,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         print(rows[-1], flush=True)
     stiefel = bench_stiefel(device, count, 256, 256, args.repeats, args.warmup)
     print(stiefel, flush=True)
-    print(write(rows, stiefel, args, device, Path(args.out)).read_text())
+    presets = bench_presets(device, 2 if args.quick else 4, 64 if args.quick else 128, 64, 16, args.repeats, args.warmup)
+    print(presets, flush=True)
+    print(write(rows, stiefel, args, device, Path(args.out), presets).read_text())
 
 
 if __name__ == "__main__":

@@ -25,3 +25,19 @@ def test_clip_sv_peer_is_the_same_projection():
         ref[i] = (u * s.clamp_max(1.0)) @ vh
     torch.testing.assert_close(w.detach(), ref, atol=1e-5, rtol=1e-5)
     assert float(torch.linalg.matrix_norm(w.detach(), ord=2).max()) <= 1 + 1e-5
+
+
+def test_the_muon_benchmark_runs_at_tiny_size(tmp_path):
+    import argparse
+
+    import benchmarks.muon as BM
+
+    dev = torch.device("cpu")
+    rows = [BM.bench_muon(dev, 2, 8, 8, 1, 0)]
+    assert rows[0]["diff_2d"] == 0.0 and rows[0]["ratio_2d"] > 0
+    st = BM.bench_stiefel(dev, 2, 8, 4, 1, 0)
+    pr = BM.bench_presets(dev, 1, 16, 8, 2, 1, 0)
+    assert set(pr["tokens_per_s"]) == set(BM.PRESETS) and pr["vs_baseline_muon"]["baseline_muon"] == 1.0
+    args = argparse.Namespace(quick=True, repeats=1, threads=0)
+    text = BM.write(rows, st, args, dev, tmp_path, pr).read_text()
+    assert "Tokens/s per preset" in text and "| modular_stiefel |" in text

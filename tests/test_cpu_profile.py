@@ -44,7 +44,7 @@ def test_steps_per_epoch_caps_a_classification_epoch_at_its_permutations_first_b
 
 def test_the_cpu_profile_runs_only_its_listed_studies_at_their_cpu_sections():
     params = _cpu_params()
-    assert config.profile(params)["studies"] == ["mlp_depth"]
+    assert config.profile(params)["studies"] == ["mlp_depth", "credit_mlp"]
     spec = config.resolve_study(params, "mlp_depth")
     assert spec.skip is None and spec.datasets == ("mnist", "fashion_mnist")
     assert spec.grid == {"depth": [8, 32, 100, 300]} and spec.fixed["width"] == 128
@@ -101,10 +101,11 @@ def test_the_cpu_pipeline_has_its_own_paths_and_the_studys_methods():
     assert "--set scale=cpu" in sets and "--set data.prepared_dir=data/cpu" in sets
     studies = yaml.safe_load((ROOT / "studies.yaml").read_text())
     assert doc["vars"][0] == "../../studies.yaml"
-    assert doc["stages"]["mlp_depth"]["matrix"]["method"] == "${studies.mlp_depth.methods}"
+    for study in studies["profiles"]["cpu"]["studies"]:  # a stage per study the profile runs
+        assert doc["stages"][study]["matrix"]["method"] == f"${{studies.{study}.methods}}"
     for name, st in doc["stages"].items():
         assert st["wdir"] == "../..", name
-        if name in ("validate", "prepare", "mlp_depth", "track"):
+        if name in ("validate", "prepare", "mlp_depth", "credit_mlp", "track"):
             assert "${sets}" in st["cmd"], name
     root_outs = set()
     for st in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():

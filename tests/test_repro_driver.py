@@ -110,3 +110,45 @@ def test_finished_stages_are_counted_from_the_log_as_it_grows(tmp_path):
         with g.log.open("ab") as fh:
             fh.write(piece)
         assert g.done_stages() == expected
+
+
+def test_force_retrains_every_training_stage_with_dvc_force(monkeypatch):
+    calls: list[list[str]] = []
+
+    class Done:
+        returncode, stdout, stderr = 0, "validate\nprepare\ntrain\nmlp_depth@sgd\naggregate\n", ""
+
+    def run(cmd, *a, **k):
+        calls.append(list(cmd))
+        return Done()
+
+    started: list[tuple[list[str], bool]] = []
+    monkeypatch.setattr(repro.subprocess, "run", run)
+    monkeypatch.setattr(repro, "stale_stages", lambda: [])  # nothing changed: only --force retrains
+    monkeypatch.setattr(repro, "prune_lock", lambda: [])
+
+    def fake_groups(gs, jobs, workers, force=False):
+        started.append((sorted(s for v in gs.values() for s in v), force))
+        return []
+
+    monkeypatch.setattr(repro, "run_groups", fake_groups)
+    assert repro.main(["--force", "--no-warm"]) == 0
+    assert started == [(["mlp_depth@sgd", "train"], True)]
+    assert any(c[-3:] == ["list", "--name-only", "dvc.yaml"] for c in calls)
+    started.clear()
+    assert repro.main(["--no-warm"]) == 0 and started == []  # without --force, nothing stale: nothing trains
+
+
+def test_a_forced_group_passes_force_to_dvc(tmp_path, monkeypatch):
+    seen = {}
+
+    class P:
+        def __init__(self, cmd, **kw):
+            seen["cmd"] = cmd
+
+    monkeypatch.setattr(repro, "LOGS", tmp_path)
+    monkeypatch.setattr(repro.subprocess, "Popen", P)
+    repro._Group("g", ["g@a"], {}, force=True)
+    assert seen["cmd"][-3:] == ["--single-item", "--force", "g@a"]
+    repro._Group("h", ["h@a"], {})
+    assert "--force" not in seen["cmd"]

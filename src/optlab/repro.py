@@ -63,6 +63,15 @@ def stale_stages() -> list[str]:
     return list(json.loads(text[text.index("{"):])) if "{" in text else []
 
 
+def all_stages() -> list[str]:
+    """Every stage of the root dvc.yaml, in its order (``--force``)."""
+    proc = subprocess.run(_dvc("stage", "list", "--name-only", "dvc.yaml"), capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(proc.returncode)
+    return proc.stdout.split()
+
+
 def groups(stages: list[str]) -> dict[str, list[str]]:
     """Training stages by study: ``<study>@<method>`` under ``<study>``; ``train`` and
     ``ablate`` alone. Other stages are left to the final ``dvc repro``."""
@@ -112,14 +121,15 @@ def order(gs: dict[str, list[str]], times: dict[str, float], prior: dict[str, fl
 
 
 class _Group:
-    def __init__(self, name: str, stages: list[str], env: dict[str, str]) -> None:
+    def __init__(self, name: str, stages: list[str], env: dict[str, str], force: bool = False) -> None:
         self.name, self.stages = name, stages
         LOGS.mkdir(parents=True, exist_ok=True)
         self.log = LOGS / f"{name}.log"
         self._fh = self.log.open("w")
         self._read, self._done, self._tail = 0, 0, b""  # log bytes scanned, stages seen done, last bytes
         self.start = time.monotonic()
-        self.proc = subprocess.Popen(_dvc("--wait-for-lock", "repro", "--single-item", *stages), stdout=self._fh,
+        cmd = _dvc("--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), *stages)
+        self.proc = subprocess.Popen(cmd, stdout=self._fh,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def done_stages(self) -> int:
@@ -152,7 +162,7 @@ def _tail(path: Path, n: int = 25) -> str:
     return "\n".join(line for line in lines[-n:] if line.strip())
 
 
-def run_groups(gs: dict[str, list[str]], jobs: int, workers: int) -> list[str]:
+def run_groups(gs: dict[str, list[str]], jobs: int, workers: int, force: bool = False) -> list[str]:
     """Run the groups, at most ``jobs`` at once. Returns the names of the groups that failed."""
     from tqdm.auto import tqdm
 
@@ -169,7 +179,7 @@ def run_groups(gs: dict[str, list[str]], jobs: int, workers: int) -> list[str]:
         while queue or running:
             while queue and len(running) < jobs:
                 name = queue.pop(0)
-                running.append(_Group(name, gs[name], env))
+                running.append(_Group(name, gs[name], env, force))
             time.sleep(0.5)
             for g in list(running):
                 if g.proc.poll() is None:
@@ -267,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="groups of training stages run at once (default 0: one per core)")
     ap.add_argument("--no-warm", action="store_true",
                     help="start every stage as its own Python process (no shared warm process)")
+    ap.add_argument("--force", action="store_true",
+                    help="retrain every training stage, changed or not (dvc repro --force per group), e.g. to give "
+                         "every run the provenance of the current commit")
     args = ap.parse_args(argv)
 
     def on_term(_s: int, _f: object) -> None:  # `kill`, a CI timeout: stop the groups as Ctrl-C does
@@ -279,13 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     if subprocess.run(_dvc("repro", *FIRST)).returncode != 0:  # a bad params file stops here
         return 1
-    gs = groups(stale_stages())
+    gs = groups(all_stages() if args.force else stale_stages())
     with _Warm(not args.no_warm):
         if gs:
             n = sum(len(v) for v in gs.values())
             print(f"optlab.repro: {n} training stages in {len(gs)} groups, {jobs} at a time "
                   f"({workers} worker{'s' * (workers > 1)} each); logs in {LOGS}/", flush=True)
-            failed = run_groups(gs, jobs, workers)
+            failed = run_groups(gs, jobs, workers, args.force)
             if failed:
                 print(f"optlab.repro: failed: {', '.join(failed)}; the analysis stages did not run", file=sys.stderr)
                 return 1

@@ -773,7 +773,9 @@ def more_sections(rd: "ReportData") -> list[str]:
         if len(dyn):
             lines += ["From the `ns_diag` probe on the real gradients at the first and at the last check (medians over "
                       "runs): the angle between G and NS_k(G), ‖G − NS_k(G)‖_F / ‖G‖_F and the orthogonality error of "
-                      "NS_k(G), per step count k.", "", markdown_table(dyn[M.NS_DYN_MD], max_chars=200), ""]
+                      "NS_k(G), per step count k. NS_k(G) has a Frobenius norm near √min(m, n) whatever the scale of "
+                      "G, so the relative difference grows as the gradients shrink during training; the angle and "
+                      "the orthogonality error are scale-free.", "", markdown_table(dyn[M.NS_DYN_MD], max_chars=200), ""]
         if len(gain):
             lines += ["How far orthogonalization raises the gradient's effective rank (NS(G) / G, Muon layers), at the "
                       "first and the last check (median [IQR] over seeds):", "",
@@ -782,7 +784,8 @@ def more_sections(rd: "ReportData") -> list[str]:
     if len(benefit):
         lines += ["#### Muon per role, and the recommendation", "",
                   "Muon on one role at a time (AdamW on the others) against AdamW everywhere: the relative final test "
-                  "loss, paired by seed.", "", markdown_table(benefit[M.BENEFIT_MD], max_chars=200), ""]
+                  "loss, paired by seed. The LRs are fixed (Muon 0.02, AdamW 0.003, from a short check of the whole "
+                  "network), not tuned per role, so a role's row says how Muon does there at that LR.", "", markdown_table(benefit[M.BENEFIT_MD], max_chars=200), ""]
         if len(rec):
             lines += ["Recommendation per role (**our rule**: Muon where its interval lies below 0, AdamW where above, "
                       "otherwise either; NS steps from the table above, where that study measured them):", "",
