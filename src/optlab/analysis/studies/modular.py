@@ -111,23 +111,8 @@ PUBLISHED_MD = ["study", "claim", "published (reference)", "ours"]
 # ---------------------------------------------------------------- small helpers
 
 
-def _spread_cell(v: Iterable[float], col: str = "") -> str:
-    s = stats.spread(np.asarray(list(v), dtype=float))
-    if s.n == 0:
-        return "n/a"
-    return f"{format_value(s.median, col)} [{format_value(s.q25, col)}–{format_value(s.q75, col)}]"
-
-
-def _pct(v: float) -> str:
-    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:+.1f}%"
-
-
-def _interval_cell(est: float, lo: float, hi: float) -> str:
-    if not math.isfinite(est):
-        return "n/a"
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{_pct(est)} [no interval]"
-    return f"{_pct(est)} [{_pct(lo)}, {_pct(hi)}]"
+# shared with modular_more (the cells, the per-seed series and the "lower loss?" word)
+_spread_cell, _pct, _interval_cell, _by_seed = M.spread_cell, M.pct, M.interval_cell, M.by_seed
 
 
 def _rank(m: Any) -> int:
@@ -142,20 +127,7 @@ def _study_rank(s: Any) -> tuple:
     return (STUDIES.index(s) if s in STUDIES else len(STUDIES), str(s))
 
 
-def rel_diff(method: pd.Series, reference: pd.Series) -> dict[str, Any]:
-    """``mean(method) / mean(reference) - 1`` over the seeds both have (Series indexed by seed),
-    its paired bootstrap interval and the verdict word for "the method is lower"."""
-    ri = stats.paired_ratio_interval(method, reference, direction="up")
-    est, lo, hi = ri.estimate - 1.0, ri.low - 1.0, ri.high - 1.0
-    if not ri.defined:
-        word = "inconclusive"
-    elif hi < 0:
-        word = "yes"
-    elif lo > 0:
-        word = "no"
-    else:
-        word = "inconclusive"
-    return {"estimate": est, "low": lo, "high": hi, "pairs": ri.n_pairs, "verdict": word, "reason": ri.reason}
+rel_diff = M.lower_loss
 
 
 def references(data: AnalysisData | None, studies: Iterable[str]) -> dict[str, str]:
@@ -213,12 +185,6 @@ def results_table(rt: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=RESULTS_MD)
     rows.sort(key=lambda r: (_study_rank(r["study"]), _rank(r["method"]), str(r["method"])))
     return pd.DataFrame(rows)
-
-
-def _by_seed(g: pd.DataFrame, col: str) -> pd.Series:
-    g = g[g["status"] == "completed"]
-    s = pd.Series(g[col].to_numpy(dtype=float), index=g["seed"].to_numpy())
-    return s[~s.index.duplicated(keep="last")]
 
 
 def verdict_table(rt: pd.DataFrame, refs: dict[str, str], metric: str = "test_loss") -> pd.DataFrame:
@@ -358,11 +324,7 @@ def throughput_table(rt: pd.DataFrame, published: dict[str, dict[str, Any]] | No
 
 
 def _cost_cell(cost: float, lo: float, hi: float) -> str:
-    if not math.isfinite(cost):
-        return "n/a"
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{100 * cost:.1f}% [no interval]"
-    return f"{100 * cost:.1f}% [{100 * lo:.1f}%, {100 * hi:.1f}%]"
+    return M.interval_cell(cost, lo, hi, signed=False)
 
 
 # ---------------------------------------------------------------- layer rows

@@ -75,30 +75,38 @@ def _arrow(a: float, b: float, col: str = "") -> str:
     return f"{format_value(a, col)} → {format_value(b, col)}"
 
 
-def _spread_cell(v: Iterable[float]) -> str:
+def spread_cell(v: Iterable[float], col: str = "") -> str:
+    """``median [q25–q75]`` of the finite values (:func:`optlab.stats.spread`), "n/a" without any."""
     s = stats.spread(np.asarray(list(v), dtype=float))
     if s.n == 0:
         return "n/a"
-    return f"{format_value(s.median)} [{format_value(s.q25)}–{format_value(s.q75)}]"
+    return f"{format_value(s.median, col)} [{format_value(s.q25, col)}–{format_value(s.q75, col)}]"
 
 
-def _pct_cell(est: float, lo: float, hi: float) -> str:
+def pct(v: float, signed: bool = True) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:{'+' if signed else ''}.1f}%"
+
+
+def interval_cell(est: float, lo: float, hi: float, signed: bool = True) -> str:
+    """``+x.x% [lo, hi]`` (``signed=False``: no plus sign, for costs)."""
     if not math.isfinite(est):
         return "n/a"
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{100 * est:+.1f}% [no interval]"
-    return f"{100 * est:+.1f}% [{100 * lo:+.1f}%, {100 * hi:+.1f}%]"
+        return f"{pct(est, signed)} [no interval]"
+    return f"{pct(est, signed)} [{pct(lo, signed)}, {pct(hi, signed)}]"
 
 
-def _by_seed(g: pd.DataFrame, col: str) -> pd.Series:
+def by_seed(g: pd.DataFrame, col: str) -> pd.Series:
+    """``col`` of the completed runs, indexed by seed (the last run of a repeated seed)."""
     g = g[g["status"] == "completed"]
     s = pd.Series(g[col].to_numpy(dtype=float), index=g["seed"].to_numpy())
     return s[~s.index.duplicated(keep="last")]
 
 
 def lower_loss(method: pd.Series, reference: pd.Series) -> dict[str, Any]:
-    """``mean(method) / mean(reference) - 1`` over paired seeds, its interval and the word for
-    "lower": yes only when the whole interval is below 0."""
+    """``mean(method) / mean(reference) - 1`` over the seeds both have (Series indexed by seed),
+    its paired bootstrap interval and the word for "the method is lower": yes only when the whole
+    interval is below 0, no when it is above 0, otherwise (or undefined) inconclusive."""
     ri = stats.paired_ratio_interval(method, reference, direction="up")
     est, lo, hi = ri.estimate - 1.0, ri.low - 1.0, ri.high - 1.0
     word = "inconclusive"
@@ -106,7 +114,7 @@ def lower_loss(method: pd.Series, reference: pd.Series) -> dict[str, Any]:
         word = "yes"
     elif ri.defined and lo > 0:
         word = "no"
-    return {"estimate": est, "low": lo, "high": hi, "pairs": ri.n_pairs, "verdict": word}
+    return {"estimate": est, "low": lo, "high": hi, "pairs": ri.n_pairs, "verdict": word, "reason": ri.reason}
 
 
 def grid_studies(rt: pd.DataFrame) -> set[str]:
@@ -128,6 +136,16 @@ def _first_last(f: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return first.merge(last, on=["run_dir", *keys], suffixes=("_first", "_last"))
 
 
+def _first_last_cells(h: pd.DataFrame, key: str, names: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """For each (value of ``key``, column): the medians over runs at the first and last check, and the cell."""
+    out: dict[str, Any] = {}
+    for name, col in names:
+        m = h[h[key] == name]
+        a, b = _med(m["value_first"]), _med(m["value_last"])
+        out |= {f"{name}_first": a, f"{name}_last": b, col: _arrow(a, b) if len(m) else "n/a"}
+    return out
+
+
 def spectra_table(rt: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
     f = layers[layers["metric"].isin(["cond", "top1_energy", "sv_max"])] if len(layers) else layers
     if f is None or f.empty:
@@ -141,11 +159,8 @@ def spectra_table(rt: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
     for (study, method, role), h in fl.groupby(["study", "method", "role"], sort=False):
         row: dict[str, Any] = {"study": study, "method": method, "role": role, "runs": h["run_dir"].nunique(),
                                "steps": f"{int(h['step_first'].min())} → {int(h['step_last'].max())}"}
-        for metric, col in (("cond", "cond (first → last)"), ("top1_energy", "top-1 energy (first → last)"),
-                            ("sv_max", "σ_max (first → last)")):
-            m = h[h["metric"] == metric]
-            a, b = _med(m["value_first"]), _med(m["value_last"])
-            row |= {f"{metric}_first": a, f"{metric}_last": b, col: _arrow(a, b) if len(m) else "n/a"}
+        row |= _first_last_cells(h, "metric", (("cond", "cond (first → last)"), ("top1_energy", "top-1 energy (first → last)"),
+                                                ("sv_max", "σ_max (first → last)")))
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=SPECTRA_MD)
@@ -167,11 +182,8 @@ def ns_dynamics_tables(rt: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataF
         fl = _first_last(f, ["role", "quantity", "k"]).merge(rt[["run_dir", "study"]], on="run_dir")
         for (study, role, k), h in fl.groupby(["study", "role", "k"], sort=True):
             row: dict[str, Any] = {"study": study, "role": role, "k": int(k), "runs": h["run_dir"].nunique()}
-            for q, col in (("angle", "angle (first → last)"), ("rel_diff", "rel. diff (first → last)"),
-                           ("orth_err", "orth. error (first → last)")):
-                m = h[h["quantity"] == q]
-                a, b = _med(m["value_first"]), _med(m["value_last"])
-                row |= {f"{q}_first": a, f"{q}_last": b, col: _arrow(a, b) if len(m) else "n/a"}
+            row |= _first_last_cells(h, "quantity", (("angle", "angle (first → last)"), ("rel_diff", "rel. diff (first → last)"),
+                                                     ("orth_err", "orth. error (first → last)")))
             rows.append(row)
     g = layers[layers["metric"].isin(["grad_erank", "ns_grad_erank"])]
     gain_rows = []
@@ -179,16 +191,13 @@ def ns_dynamics_tables(rt: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataF
         per = g.groupby(["run_dir", "role", "step", "metric"])["value"].mean().unstack("metric").reset_index()
         if {"grad_erank", "ns_grad_erank"} <= set(per.columns):
             per = per.dropna(subset=["grad_erank", "ns_grad_erank"])
-            per["ratio"] = per["ns_grad_erank"] / per["grad_erank"]
-            first = per.loc[per.groupby(["run_dir", "role"])["step"].idxmin()]
-            last = per.loc[per.groupby(["run_dir", "role"])["step"].idxmax()]
-            fl = first.merge(last, on=["run_dir", "role"], suffixes=("_first", "_last"))
-            fl = fl.merge(rt[["run_dir", "study", "method"]], on="run_dir")
+            per = per.assign(value=per["ns_grad_erank"] / per["grad_erank"])[["run_dir", "role", "step", "value"]]
+            fl = _first_last(per, ["role"]).merge(rt[["run_dir", "study", "method"]], on="run_dir")
             for (study, method, role), h in fl.groupby(["study", "method", "role"], sort=False):
                 gain_rows.append({"study": study, "method": method, "role": role, "runs": len(h),
-                                  "gain_first": _med(h["ratio_first"]), "gain_last": _med(h["ratio_last"]),
-                                  "NS(G)/G eff. rank, first check": _spread_cell(h["ratio_first"]),
-                                  "NS(G)/G eff. rank, last check": _spread_cell(h["ratio_last"])})
+                                  "gain_first": _med(h["value_first"]), "gain_last": _med(h["value_last"]),
+                                  "NS(G)/G eff. rank, first check": spread_cell(h["value_first"]),
+                                  "NS(G)/G eff. rank, last check": spread_cell(h["value_last"])})
     return (pd.DataFrame(rows) if rows else empty[0]), (pd.DataFrame(gain_rows) if gain_rows else empty[1])
 
 
@@ -202,14 +211,14 @@ def role_benefit_tables(rt: pd.DataFrame, refs: dict[str, str], ns_recommend: pd
         if not roles:
             continue
         ref = refs.get(study, "baseline_adamw")
-        r = _by_seed(g[g["method"] == ref], "test_loss")
+        r = by_seed(g[g["method"] == ref], "test_loss")
         if r.empty:
             continue
         for method, role in sorted(roles.items(), key=lambda kv: ROLES.index(kv[1])):
-            d = lower_loss(_by_seed(g[g["method"] == method], "test_loss"), r)
+            d = lower_loss(by_seed(g[g["method"] == method], "test_loss"), r)
             rows.append({"study": study, "role": role, "method": method, "reference": ref, "pairs": d["pairs"],
                          "rel_diff": d["estimate"], "rel_diff_low": d["low"], "rel_diff_high": d["high"],
-                         "verdict": d["verdict"], "rel. test loss [95% CI]": _pct_cell(d["estimate"], d["low"], d["high"]),
+                         "verdict": d["verdict"], "rel. test loss [95% CI]": interval_cell(d["estimate"], d["low"], d["high"]),
                          "lower loss?": d["verdict"]})
             ns = ns_recommend[(ns_recommend["study"] == study) & (ns_recommend["role"] == role)] \
                 if len(ns_recommend) and "role" in ns_recommend else pd.DataFrame()
@@ -232,21 +241,21 @@ def lr_scaling_table(rt: pd.DataFrame, refs: dict[str, str], rank: Any = str) ->
         g = rt[rt["study"] == study]
         ref = refs.get(study)
         for depth, h in sorted(g.groupby("depth"), key=lambda kv: float(kv[0])):
-            r = _by_seed(h[h["method"] == ref], "test_loss") if ref is not None else pd.Series(dtype=float)
+            r = by_seed(h[h["method"] == ref], "test_loss") if ref is not None else pd.Series(dtype=float)
             for method, m in sorted(h.groupby("method", sort=False), key=lambda kv: rank(kv[0])):
                 done = m[m["status"] == "completed"]
                 row: dict[str, Any] = {"study": study, "depth": int(depth), "method": method,
                                        "runs": f"{len(done)} of {len(m)} completed", "reference": ref or "—",
                                        "test_loss_median": _med(done["test_loss"]), "test_acc_median": _med(done["test_acc"]),
-                                       "test loss median [IQR]": _spread_cell(done["test_loss"]),
-                                       "test acc median [IQR]": _spread_cell(done["test_acc"])}
+                                       "test loss median [IQR]": spread_cell(done["test_loss"]),
+                                       "test acc median [IQR]": spread_cell(done["test_acc"])}
                 if method == ref or r.empty:
                     row |= {"rel. test loss [95% CI]": "reference" if method == ref else "n/a", "lower loss?": "—"}
                 else:
-                    d = lower_loss(_by_seed(m, "test_loss"), r)
+                    d = lower_loss(by_seed(m, "test_loss"), r)
                     row |= {"rel_diff": d["estimate"], "rel_diff_low": d["low"], "rel_diff_high": d["high"],
                             "verdict": d["verdict"], "pairs": d["pairs"],
-                            "rel. test loss [95% CI]": _pct_cell(d["estimate"], d["low"], d["high"]),
+                            "rel. test loss [95% CI]": interval_cell(d["estimate"], d["low"], d["high"]),
                             "lower loss?": d["verdict"]}
                 rows.append(row)
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=LR_MD)
@@ -262,11 +271,11 @@ def bf16_table(rt: pd.DataFrame) -> pd.DataFrame:
         f = hi[hi["method"] == preset]
         if f.empty:
             continue
-        loss = lower_loss(_by_seed(b, "val_loss"), _by_seed(f, "val_loss"))
-        thr = stats.paired_ratio_interval(_by_seed(b, "throughput"), _by_seed(f, "throughput"), direction="up")
+        loss = lower_loss(by_seed(b, "val_loss"), by_seed(f, "val_loss"))
+        thr = stats.paired_ratio_interval(by_seed(b, "throughput"), by_seed(f, "throughput"), direction="up")
         rows.append({"preset": preset, "pairs": loss["pairs"], "val loss fp32 median": format_value(_med(f["val_loss"])),
                      "val loss bf16 median": format_value(_med(b["val_loss"])), "rel_diff": loss["estimate"],
-                     "rel. val loss bf16 vs fp32 [95% CI]": f"{_pct_cell(loss['estimate'], loss['low'], loss['high'])} "
+                     "rel. val loss bf16 vs fp32 [95% CI]": f"{interval_cell(loss['estimate'], loss['low'], loss['high'])} "
                                                             f"({'lower' if loss['verdict'] == 'yes' else 'higher' if loss['verdict'] == 'no' else 'inconclusive'})",
                      "speedup": thr.estimate,
                      "tokens/s bf16 / fp32 [95% CI]": "n/a" if not math.isfinite(thr.estimate) else
