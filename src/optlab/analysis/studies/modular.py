@@ -515,7 +515,7 @@ class ModularAnalysis(BaseAnalysis):
         grid = M.grid_studies(rt)
         for study in sorted(rt["study"].dropna().unique(), key=_study_rank):
             if study in grid:  # 6g: one LR carried across depth
-                out[f"modular_lr_{slug(study)}.png"] = lambda s=study: M.lr_figure(data, pd.DataFrame(), rt, s, _method_key)
+                out[f"modular_lr_{slug(study)}.png"] = lambda s=study: M.lr_figure(data, rt, s, _method_key)
                 continue
             out[f"modular_loss_{slug(study)}.png"] = lambda s=study: _loss_figure(data, s)
             out[f"modular_grad_erank_{slug(study)}.png"] = lambda s=study: _erank_figure(data, s)
@@ -598,26 +598,9 @@ def _loss_figure(fd: "FigureData", study: str) -> "Figure":
 
 
 def _erank_figure(fd: "FigureData", study: str) -> "Figure":
-    from .. import plots as P
-
     rt, layers = _fig_series(fd, study, "layers.csv")
-    f = layers[layers["metric"] == "grad_erank"] if len(layers) else layers
-    if f is None or f.empty:
-        raise P.NoData(f"no grad_erank rows for {study}")
-    f = f.groupby(["run_dir", "step", "role"])["value"].mean().reset_index().merge(rt[["run_dir", "method"]], on="run_dir")
-    roles = [r for r in ROLES if r in set(f["role"])] or sorted(f["role"].unique())
-    fig, axes = P.figure(1, len(roles), w=3.4, h=3.0)
-    axes = np.atleast_1d(axes).ravel()
-    for ax, role in zip(axes, roles):
-        g = f[f["role"] == role]
-        for method in sorted(g["method"].unique(), key=lambda m: (_rank(m), str(m))):
-            _band(ax, g[g["method"] == method], fd.palette.get(method), method)
-        ax.set_title(role, fontsize=9)
-        ax.set_xlabel("step")
-    axes[0].set_ylabel("gradient effective rank")
-    axes[0].legend(fontsize=6)
-    fig.suptitle(f"{study}: gradient effective rank over training, per role (median, IQR)", fontsize=10)
-    return fig
+    return M.role_bands_figure(fd, rt, layers, "grad_erank", "gradient effective rank",
+                               f"{study}: gradient effective rank over training, per role (median, IQR)", _band, _method_key)
 
 
 def _layers_figure(fd: "FigureData", study: str, kind: str) -> "Figure":

@@ -292,14 +292,17 @@ def skipped_table(slices: Iterable[Any]) -> pd.DataFrame:
 # ---------------------------------------------------------------- figures
 
 
-def spectra_figure(fd: "FigureData", rt: pd.DataFrame, layers: pd.DataFrame, study: str, band: Any, rank: Any) -> "Figure":
+def role_bands_figure(fd: "FigureData", rt: pd.DataFrame, layers: pd.DataFrame, metric: str, ylabel: str, title: str,
+                      band: Any, rank: Any) -> "Figure":
+    """One panel per role: ``metric`` of layers.csv over training (each run's layer mean), a median
+    and IQR band per method."""
     from .. import plots as P
 
-    f = layers[layers["metric"] == "top1_energy"] if len(layers) else layers
+    f = layers[layers["metric"] == metric] if len(layers) else layers
     if f is None or f.empty:
-        raise P.NoData(f"no weight_spectrum rows for {study}")
+        raise P.NoData(f"no {metric} rows ({title})")
     f = f.groupby(["run_dir", "step", "role"])["value"].mean().reset_index().merge(rt[["run_dir", "method"]], on="run_dir")
-    roles = [r for r in ROLES if r in set(f["role"])]
+    roles = [r for r in ROLES if r in set(f["role"])] or sorted(f["role"].unique())
     fig, axes = P.figure(1, len(roles), w=3.4, h=3.0)
     axes = np.atleast_1d(axes).ravel()
     for ax, role in zip(axes, roles):
@@ -308,10 +311,16 @@ def spectra_figure(fd: "FigureData", rt: pd.DataFrame, layers: pd.DataFrame, stu
             band(ax, g[g["method"] == method], fd.palette.get(method), method)
         ax.set_title(role, fontsize=9)
         ax.set_xlabel("step")
-    axes[0].set_ylabel("top-1 energy σ₁² / Σσᵢ² (layer mean)")
+    axes[0].set_ylabel(ylabel)
     axes[0].legend(fontsize=6)
-    fig.suptitle(f"{study}: spectral concentration of the weights over training (median, IQR over seeds)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return fig
+
+
+def spectra_figure(fd: "FigureData", rt: pd.DataFrame, layers: pd.DataFrame, study: str, band: Any, rank: Any) -> "Figure":
+    return role_bands_figure(fd, rt, layers, "top1_energy", "top-1 energy σ₁² / Σσᵢ² (layer mean)",
+                             f"{study}: spectral concentration of the weights over training (median, IQR over seeds)",
+                             band, rank)
 
 
 def sv_figure(fd: "FigureData", rt: pd.DataFrame, layers: pd.DataFrame, study: str, rank: Any) -> "Figure":
@@ -357,7 +366,7 @@ def ns_steps_figure(fd: "FigureData", ns_diag: pd.DataFrame, study: str) -> "Fig
     return fig
 
 
-def lr_figure(fd: "FigureData", table: pd.DataFrame, rt: pd.DataFrame, study: str, rank: Any) -> "Figure":
+def lr_figure(fd: "FigureData", rt: pd.DataFrame, study: str, rank: Any) -> "Figure":
     from .. import plots as P
 
     g = rt[(rt["study"] == study) & (rt["status"] == "completed")]
