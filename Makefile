@@ -5,6 +5,8 @@
 #                on 2 cores; its results go to reports/cpu/ and README's cpu section). make repro never runs it
 #   make test    create .venv, then run the tests
 #   make bench   performance comparisons in benchmarks/ (ratios against a peer measured in the same run)
+#   make gpu-check  on a machine with one CUDA GPU: GPU benchmarks, the 10,000 x 256 MLP and a short full-size run of
+#                every study within 10 minutes -> reports/gpu/<gpu-name>.md (needs only python3 with torch)
 #   make exps    the experiments table: headline params and metrics (dvc exp show without dependency hashes)
 #   make screenshots  dvc plots show and the MLflow UI in headless Chromium -> reports/ui/*.png
 
@@ -14,7 +16,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.optlab-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv repro repro-cpu test test-fast bench exps screenshots lock mlflow-ui clean
+.PHONY: venv repro repro-cpu test test-fast bench gpu-check exps screenshots lock mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +43,14 @@ bench: venv
 	$(BIN)/python -m benchmarks.memory --depth 1000 --peer
 	$(BIN)/python -m benchmarks.rho
 	$(BIN)/python -m benchmarks.muon --threads 1
+
+# The prepared GPU check, for a lent machine with one CUDA GPU (it needs no .venv: that machine's own
+# python3 with torch; the study runs also need pydantic and PyYAML). Runs the GPU benchmarks, the
+# 10,000 x 256 MLP steps and a short full-scale run of every study within a 540 s budget (the whole
+# command ends within 10 minutes), and writes reports/gpu/<gpu-name>.md and .json for committing.
+# The CPU smoke run of the same code: python -m benchmarks.gpu_check --tiny (tests/test_gpu_check.py).
+gpu-check:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m benchmarks.gpu_check --device cuda $(GPU_CHECK_ARGS)
 
 # `dvc exp show` lists a column per dependency hash (about 165); this keeps what tells experiments apart.
 EXP_COLUMNS := ^(Experiment|Created|diverged|test_acc|test_loss|val_acc|train_loss|steps|wall_time_s|scale|phase|optimizer|lr|arch|dataset|depth|width|activation|init|epochs|batch_size|seed)$$

@@ -43,6 +43,8 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
+from . import distributed as dist_
+from . import gpus
 from . import methods as methods_
 from . import models
 from . import probes as probes_
@@ -104,10 +106,16 @@ def _json_num(v: Any) -> Any:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The run's device. ``cuda``/``auto`` on a machine with several GPUs and no
+    ``CUDA_VISIBLE_DEVICES`` takes a GPU no other optlab process holds (:mod:`optlab.gpus`: one
+    GPU per ``dvc queue`` worker); under torchrun each rank takes GPU ``LOCAL_RANK`` instead."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda requested but not available; allowed here: auto, cpu")
+    if name == "cuda" and not dist_.env_world().active:
+        index = gpus.claim()
+        return torch.device("cuda", index) if index is not None else torch.device("cuda")
     return torch.device(name)
 
 
@@ -274,8 +282,12 @@ def _train(
     sweep: dict[str, Any] | None,
     keep_done: bool,
 ) -> RunResult:
-    sinks = [_Guarded(sk) for sk in sinks]
     device = resolve_device(cfg.device)
+    world = dist_.setup(device)
+    device = dist_.rank_device(device, world)
+    if not world.is_main:  # rank 0 alone logs and writes (see optlab.distributed)
+        sinks, run_dir, progress = [], None, False
+    sinks = [_Guarded(sk) for sk in sinks]
     seed_everything(cfg.seed)
     rec = _Recorder(sinks)
     base_tags = {
@@ -295,7 +307,8 @@ def _train(
     base_tags.update(tags or {})
     if data is None:  # bad input (a missing file) fails here, before any record is written
         data = load_prepared(cfg.prepared_dir, cfg.dataset, device)
-    ckpt = Checkpointer(Path(checkpoint_dir), cfg) if checkpoint_dir is not None and cfg.checkpoint_every > 0 else None
+    ckpt = (Checkpointer(Path(checkpoint_dir), cfg, writer=world.is_main)
+            if checkpoint_dir is not None and cfg.checkpoint_every > 0 else None)
     if ckpt is not None and keep_done:
         done = ckpt.load_done()
         if done is not None:  # finished before the stage was interrupted: reuse, don't retrain or re-log
@@ -305,6 +318,8 @@ def _train(
     resume = ckpt.latest() if ckpt is not None else None
     if resume is not None:
         base_tags["resumed_from_step"] = str(resume["step"])
+    if world.active:
+        base_tags["world_size"] = str(world.size)
     for s in sinks:
         s.start(cfg.tracked_params(), base_tags)
 
@@ -318,7 +333,7 @@ def _train(
         "numerics": numerics,
     }
     try:
-        _Loop(cfg, data, device, rec, result, progress, ckpt).run(resume)
+        _Loop(cfg, data, device, rec, result, progress, ckpt, world).run(resume)
     except Exception as exc:  # a bug: record it, then re-raise
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {exc}"
@@ -344,9 +359,10 @@ class Checkpointer:
 
     keep = 2
 
-    def __init__(self, root: Path, cfg: RunConfig) -> None:
+    def __init__(self, root: Path, cfg: RunConfig, writer: bool = True) -> None:
         digest = hashlib.sha256(json.dumps(cfg.flat(), sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.dir = root / f"{cfg.run_id}-{digest}"
+        self.writer = writer  # False on data-parallel ranks above 0: they read checkpoints, rank 0 writes them
 
     def paths(self) -> list[Path]:
         """Checkpoint files, newest first."""
@@ -355,8 +371,10 @@ class Checkpointer:
         return sorted(self.dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
 
     def save(self, state: dict[str, Any], step: int) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{step:09d}.pt"
+        if not self.writer:
+            return path
+        self.dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -380,12 +398,16 @@ class Checkpointer:
         return None
 
     def clear(self) -> None:
+        if not self.writer:
+            return
         for p in self.dir.glob("step-*.pt*") if self.dir.is_dir() else []:
             p.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.dir.rmdir()
 
     def save_done(self, result: RunResult) -> None:
+        if not self.writer:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         doc = {**result.to_json(), "curves": result.curves, "layers": result.layers}
         _atomic_text(self.dir / "done.json", json.dumps(doc, default=_json_num))
@@ -415,9 +437,12 @@ CHECKPOINT_FORMAT = 2
 class _Loop:
     """The training loop for one run, with its state kept on the object so it can checkpoint."""
 
-    def __init__(self, cfg: RunConfig, data: Any, device: torch.device, rec: _Recorder, result: RunResult, progress: bool, ckpt: Checkpointer | None) -> None:
+    def __init__(self, cfg: RunConfig, data: Any, device: torch.device, rec: _Recorder, result: RunResult, progress: bool,
+                 ckpt: Checkpointer | None, world: dist_.World = dist_.SINGLE) -> None:
         self.cfg, self.data, self.device, self.rec, self.result, self.ckpt = cfg, data, device, rec, result, ckpt
+        self.world = world
         self.task = tasks_.build(cfg, data, device)
+        self.task.world = world  # evaluation: each rank its slice of the split, sums reduced
         self.model = models.build(cfg.arch, **model_kwargs(cfg, self.task)).to(device)
         if cfg.reparam == "spectral_norm":
             from .optim.reparam import apply_spectral_norm_reparam
@@ -429,7 +454,17 @@ class _Loop:
         env = probes_.ProbeEnv(model=self.model, index=self.index, method=self.method, task=self.task, cfg=cfg, device=device)
         self.probes = probes_.build(cfg.probes, env)
         self.at: dict[str, list[Any]] = {p: [pr for pr in self.probes if pr.point == p] for p in probes_.POINTS}
-        self.fwd = torch.compile(self.model) if cfg.compile else self.model
+        train_fwd: Any = self.model
+        if world.active:
+            if not getattr(self.method, "distributed", False):
+                able = ", ".join(sorted(n for n in methods_.METHODS if getattr(methods_.METHODS.get(n), "distributed", False)))
+                raise ValueError(f"step_method: {cfg.step_method!r} cannot train data-parallel (WORLD_SIZE={world.size}); "
+                                 f"allowed under torchrun: {able}")
+            from torch.nn.parallel import DistributedDataParallel
+
+            train_fwd = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            dist_.reseed_rank(cfg.seed, world)
+        self.fwd = torch.compile(train_fwd) if cfg.compile else train_fwd
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.steps_per_epoch = self.task.steps_per_epoch
         self.total = self.steps_per_epoch * cfg.epochs
@@ -535,7 +570,7 @@ class _Loop:
             for idx in batches[self.batch_in_epoch :]:
                 if self.step >= self.total:
                     break
-                xb, yb = self.task.batch(idx)
+                xb, yb = self.task.batch(dist_.shard(idx, self.world))
                 if self.lr_schedule:
                     self.method.set_lr_scale(schedule_.lr_scale(cfg, self.step))
                 due = [p for p in self.probes if p.point in ("after_backward", "after_step") and p.due(self.step)]
@@ -597,14 +632,19 @@ class _Loop:
     def _flush(self, epoch: int) -> bool:
         """Losses and the method's per-step statistics to the host in one transfer each; True if diverged."""
         stats, self.stat_buf = self.stat_buf, []
-        bad = _flush_losses(self.loss_buf, self.step, epoch, self.cfg, self.rec, self.result, stats)
+        bad = _flush_losses(self.loss_buf, self.step, epoch, self.cfg, self.rec, self.result, stats, self.world)
         self.loss_buf = []
         return bad
 
     def _end_epoch(self, epoch: int, seconds: float, n_batches: int) -> None:
         """Epoch-end records: train sums, validation metrics, throughput (one sync each)."""
         keys = [k for k in self.task.EPOCH_KEYS if k in self.sums]
-        tr = torch.stack([self.sums[k] / max(1, self.seen) for k in keys]).tolist() if keys else []
+        sums, seen = self.sums, self.seen
+        if self.world.active:  # the ranks' sums and counts, added (one all-reduce)
+            tot = dist_.all_sum(torch.stack([*(sums[k].float() for k in keys),
+                                             torch.tensor(float(seen), device=self.device)]), self.world)
+            sums, seen = dict(zip(keys, tot[:-1])), int(tot[-1].item())
+        tr = torch.stack([sums[k] / max(1, seen) for k in keys]).tolist() if keys else []
         val = self.task.evaluate(self.model, "val")
         sel = val.get(self.task.select.removeprefix("val_"), math.nan)
         self.best_val = max(self.best_val, self.best_sign * sel)
@@ -725,17 +765,20 @@ def model_kwargs(cfg: RunConfig, task: Any) -> dict[str, Any]:
 
 
 def _flush_losses(buf: list[torch.Tensor], step: int, epoch: int, cfg: RunConfig, rec: _Recorder, result: RunResult,
-                  stats: list[dict[str, torch.Tensor]] | None = None) -> bool:
+                  stats: list[dict[str, torch.Tensor]] | None = None, world: dist_.World = dist_.SINGLE) -> bool:
     """Move buffered losses (and the method's per-step statistics, one row per step and key) to
-    the host in one transfer each; detect divergence. True if diverged."""
+    the host in one transfer each; detect divergence. True if diverged. Data-parallel: the losses
+    and statistics are the ranks' means (one all-reduce each), so every rank records the same
+    values and takes the same divergence decision at the same flush."""
     if not buf:
         return False
-    losses = torch.stack(buf).float().cpu().tolist()
+    losses = dist_.all_mean(torch.stack(buf).float(), world).cpu().tolist()
     first = step - len(losses) + 1
     if stats:
         keys = sorted({k for d in stats for k in d})
         nan = torch.tensor(float("nan"), device=buf[0].device)
-        table = torch.stack([torch.stack([d.get(k, nan).float().reshape(()) for k in keys]) for d in stats]).cpu().tolist()
+        table = dist_.all_mean(torch.stack([torch.stack([d.get(k, nan).float().reshape(()) for k in keys]) for d in stats]),
+                               world).cpu().tolist()
         s0 = step - len(table) + 1
         # every step's row goes to curves.csv; the sinks (MLflow) get one point per flush, the
         # interval's mean over its finite values, as for train_loss: per-step rows into a SQL

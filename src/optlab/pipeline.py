@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import engine, paramfiles
+from . import distributed, engine, paramfiles
 from .codeset import TRAINING_CODE_EXCLUDE  # what no training run executes (the fingerprint skips it)
 from .config import (
     RUN_KEYS,
@@ -405,10 +405,12 @@ def train_headline(params_path: str = "params.yaml", out_dir: str = "runs/train"
     tags["frozen"] = "false"
     if overrides:
         tags["cli_overrides"] = " ".join(f"{k}={v}" for k, v in overrides.items())
-    result = engine.train(cfg, sinks=_sink(params, headline_run_name(cfg)), run_dir=out_dir, tags=tags,
-                          checkpoint_dir=_checkpoint_dir())
-    write_final_metrics(result, Path(out_dir) / "final.json")
-    print(_summary_line(result))
+    world = distributed.env_world()  # torchrun: every rank trains, rank 0 alone writes (optlab.distributed)
+    sinks = _sink(params, headline_run_name(cfg)) if world.is_main else []
+    result = engine.train(cfg, sinks=sinks, run_dir=out_dir, tags=tags, checkpoint_dir=_checkpoint_dir())
+    if world.is_main:
+        write_final_metrics(result, Path(out_dir) / "final.json")
+        print(_summary_line(result))
     return result
 
 
@@ -590,6 +592,10 @@ def sweep(study: str, method: str, params_path: str = "params.yaml", out_root: s
     selected LR, whether it sits at an edge of the LR grid, and the study's verdict spec, so the
     analysis reads everything from run directories.
     """
+    if distributed.env_world().active:
+        raise ConfigError("sweep: a study slice runs many runs and fans them out itself (sweep_workers, or one SLURM task "
+                          "per slice: python -m optlab.launch); torchrun trains one run: torchrun ... -m optlab.pipeline "
+                          "train")
     params = load_params(params_path)
     spec = resolve_study(params, study)
     if method not in spec.methods:

@@ -47,6 +47,7 @@ class BackpropOptions(BaseModel):
 class Backprop(Method):
     name = "backprop"
     Options = BackpropOptions
+    distributed = True
 
     def __init__(self, model: nn.Module, task: Any, cfg: Any, device: torch.device, options: Any) -> None:
         super().__init__(model, task, cfg, device, options)

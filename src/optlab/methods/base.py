@@ -55,6 +55,10 @@ class Method:
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
     replaces_backprop: ClassVar[bool] = False
+    # can train data-parallel under torchrun (optlab.distributed): the step's gradients come from
+    # one backward through ``ctx.forward`` (DistributedDataParallel averages them over the ranks)
+    # and whatever else the step computes agrees across ranks
+    distributed: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, task: Any, cfg: Any, device: torch.device, options: BaseModel) -> None:
         self.model, self.task, self.cfg, self.device, self.options = model, task, cfg, device, options

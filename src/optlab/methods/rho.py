@@ -75,6 +75,7 @@ def sample_pool(task: Any, samples: str) -> torch.Tensor | None:
 class Rho(Method):
     name = "rho"
     Options = RhoOptions
+    distributed = True  # Delta_a is the maximum over the ranks' slices (optlab.optim.rho)
 
     def __init__(self, model: nn.Module, task: Any, cfg: Any, device: torch.device, options: Any) -> None:
         super().__init__(model, task, cfg, device, options)

@@ -79,7 +79,10 @@ batches and orthogonalized in batched calls, then written back: one call per sha
 CPU chunks of at most 1 MiB of bf16 matrices (``chunk_bytes``), with the momentum update, NS
 and write-back done chunk by chunk so that the chunk stays in cache (one call over a whole
 64 x 256 x 256 stack was slower than torch's per-matrix loop: every elementwise pass streamed
-8 MiB through memory). ``step`` has no host syncs. It
+8 MiB through memory). ``step`` has no host syncs. Data-parallel under torchrun
+(:mod:`optlab.distributed`), each rank orthogonalizes a share of the chunks (balanced by NS
+cost), every rank keeps every momentum buffer, and one all-gather per parameter dtype brings the
+new matrices to every rank. It
 is a ``torch.optim.Optimizer``: ``state_dict``/``load_state_dict`` carry the momentum buffers.
 
 Per-matrix LR scaling (a group's ``lr_scaling``, our own definitions, for the modular LR study):
@@ -106,6 +109,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from .. import distributed
 
 QUINTIC = (3.4445, -4.7750, 2.0315)
 """Muon's fixed quintic (Keller Jordan; torch.optim.Muon's default)."""
@@ -408,14 +413,61 @@ class Muon(torch.optim.Optimizer):
                 key = (r, c, p.dtype, p.device, group["ns_steps"], ns_key, group["ns_dtype"], group["eps"])
                 batches[key].append((p, group, k))
         self._grad_mult = self._grad_norm_multipliers()
+        plan = []
         for key, items in batches.items():
             r, c, device = key[0], key[1], key[3]
             first = items[0][1]
             chunk = self._chunk(r, c, first["ns_dtype"], device)
-            for segs in _chunks(items, chunk):
+            plan += [(segs, r, c, first) for segs in _chunks(items, chunk)]
+        world = distributed.current()
+        if world.active:
+            self._shared_step(plan, world)
+        else:
+            for segs, r, c, first in plan:
                 self._chunk_step(segs, r, c, first)
         self._grad_mult = {}
         return loss
+
+    def _shared_step(self, plan: list[tuple[list, int, int, dict]], world: distributed.World) -> None:
+        """Data-parallel (every rank holds the same averaged gradients): each chunk is
+        orthogonalized and applied on one rank, the ranks' shares balanced by NS cost; every rank
+        updates every momentum buffer (so any rank's state is the whole state); then one
+        all-gather per parameter dtype gives every rank the others' new matrices. The result is
+        the single-process step's, bitwise, given the same gradients."""
+        load = [0] * world.size
+        owner = []
+        for segs, r, c, _ in plan:  # greedy, in plan order: the same on every rank
+            o = min(range(world.size), key=lambda i: (load[i], i))
+            load[o] += sum(j1 - j0 for *_, j0, j1 in segs) * r * c * min(r, c)
+            owner.append(o)
+        for (segs, r, c, first), o in zip(plan, owner):
+            if o == world.rank:
+                self._chunk_step(segs, r, c, first)
+            else:
+                self._momentum(segs, r, c, need=False)
+        by_dtype: dict[tuple, list[list[list[Tensor]]]] = {}
+        for (segs, r, c, _), o in zip(plan, owner):
+            for p, _g, k, j0, j1 in segs:
+                t = p.view(k, r, c)[j0:j1] if p.is_contiguous() else p
+                ranks = by_dtype.setdefault((p.dtype, p.device), [[] for _ in range(world.size)])
+                ranks[o].append(t)
+        for (dtype, device), ranks in by_dtype.items():
+            sizes = [sum(t.numel() for t in ts) for ts in ranks]
+            width = max(sizes)
+            if width == 0:
+                continue
+            mine = torch.zeros(width, dtype=dtype, device=device)
+            if ranks[world.rank]:
+                torch.cat([t.reshape(-1) for t in ranks[world.rank]], out=mine[: sizes[world.rank]])
+            parts = [torch.empty(width, dtype=dtype, device=device) for _ in range(world.size)]
+            torch.distributed.all_gather(parts, mine)
+            for o, ts in enumerate(ranks):
+                if o == world.rank:
+                    continue
+                off = 0
+                for t in ts:
+                    t.copy_(parts[o][off : off + t.numel()].view_as(t))
+                    off += t.numel()
 
     def _grad_norm_multipliers(self) -> dict[int, Tensor]:
         """id(param) -> per-matrix ``||G_l||_F / mean_j ||G_j||_F`` (shape ``[k]``) over every
@@ -443,23 +495,31 @@ class Muon(torch.optim.Optimizer):
             m = w / u.clamp_min(torch.finfo(torch.float32).tiny)
         return m.to(target.dtype).reshape(m.shape[0] if target.dim() == 3 else 1, *[1] * (target.dim() - 1))
 
-    def _chunk_step(self, segs: list[tuple[Tensor, dict, int, int, int]], r: int, c: int, first: dict) -> None:
-        """Momentum, NS and write-back for one chunk: ``segs`` are (param, group, count, j0, j1),
-        matrices j0..j1-1 of each parameter (whole parameters when not contiguous)."""
-        n_total = sum(j1 - j0 for *_, j0, j1 in segs)
+    def _momentum(self, segs: list[tuple[Tensor, dict, int, int, int]], r: int, c: int, need: bool = True) -> list[Tensor]:
+        """The momentum update of a chunk's matrices; with ``need`` the updates to orthogonalize
+        (Nesterov or not), as ``(n, r, c)`` tensors."""
         ups = []
         for p, group, k, j0, j1 in segs:
             buf = self.state[p]["momentum_buffer"]
             mu = group["momentum"]
             if j0 == 0 and j1 == k and not (p.is_contiguous() and buf.is_contiguous()):
                 buf.lerp_(p.grad, 1 - mu)  # whole parameter, any layout
-                u = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                ups.append(u.reshape(k, r, c))
+                if need:
+                    u = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                    ups.append(u.reshape(k, r, c))
                 continue
             g = p.grad.reshape(k, r, c)[j0:j1]
             b = buf.view(k, r, c)[j0:j1]
             b.lerp_(g, 1 - mu)
-            ups.append(g.lerp(b, mu) if group["nesterov"] else b)
+            if need:
+                ups.append(g.lerp(b, mu) if group["nesterov"] else b)
+        return ups
+
+    def _chunk_step(self, segs: list[tuple[Tensor, dict, int, int, int]], r: int, c: int, first: dict) -> None:
+        """Momentum, NS and write-back for one chunk: ``segs`` are (param, group, count, j0, j1),
+        matrices j0..j1-1 of each parameter (whole parameters when not contiguous)."""
+        n_total = sum(j1 - j0 for *_, j0, j1 in segs)
+        ups = self._momentum(segs, r, c)
         if len(ups) == 1:
             x = ups[0]
         else:  # one pass: gather (and cast to the NS dtype) into one batch

@@ -8,6 +8,9 @@ Over a set of samples, ``Delta_a`` is the largest per-sample spread ``max_k a_k 
 
     rho = pi / Delta_a.
 
+Data-parallel under torchrun (:mod:`optlab.distributed`), ``Delta_a`` is the maximum over the
+ranks' slices of the batch (one all-reduce), so every rank takes the single-process step.
+
 A step of length ``tau`` has normalized size ``r = tau / rho``; steps with ``r > 1`` leave the region
 where the local model of the loss means anything. (For a binary logistic model the exact radius of
 a sample is ``sqrt(delta^2 + pi^2) / Delta_a``, ``delta`` its logit gap, so ``pi / Delta_a`` is a
@@ -77,6 +80,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .. import distributed
 from ..models.functional import ParamSlots, eval_outputs, forward_tangents, functorch_active
 from .projected import OptimizerWrapper, Projected
 
@@ -562,6 +566,9 @@ class RhoController(OptimizerWrapper):
         name = self._name
         tangents = {name[id(p)]: u for p, u in zip(prop.params, prop.u)}
         s = self._spread(self._sample_sets(inputs, outputs), tangents, unorm)  # Delta_a * ||u||
+        world = distributed.current()
+        if world.active:  # data-parallel: the spread over every rank's slice of the batch (one all-reduce)
+            s = distributed.all_max(s.clone(), world)
         zero = torch.zeros((), device=dev, dtype=unorm.dtype)
         delta_a = torch.where(unorm > 0, s / unorm, zero)
         cap = self.r_target * _PI / s  # r_target * rho / ||u|| (inf where the logits do not move)

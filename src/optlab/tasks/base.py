@@ -6,6 +6,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..distributed import SINGLE, World
+
 
 class Task:
     """A training task: batches, loss, per-step sums, evaluation, primary metric, probe batch.
@@ -33,6 +35,9 @@ class Task:
     milestone: ClassVar[tuple[str, float] | None] = None  # (val metric, threshold): epochs_to_<x>
     EPOCH_KEYS: ClassVar[dict[str, str]] = {"loss": "epoch_train_loss", "correct": "train_acc"}
     PROBE_SIZE: ClassVar[int] = 256
+    # data-parallel runs (optlab.distributed): the engine sets this; ``evaluate`` then covers the
+    # rank's slice of the split and adds the ranks' sums
+    world: World = SINGLE
     PROBE_SEED: ClassVar[int] = 1234
 
     steps_per_epoch: int

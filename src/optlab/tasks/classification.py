@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.loading import batch_indices
+from ..distributed import all_sum, span
 from . import TASKS
 from .base import Task
 
@@ -75,13 +76,15 @@ class ClassificationTask(Task):
         model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
-        for i in range(0, x.shape[0], chunk):
-            logits = model(x[i : i + chunk]).float()
-            loss_sum += F.cross_entropy(logits, y[i : i + chunk], reduction="sum")
-            correct += (logits.argmax(-1) == y[i : i + chunk]).sum()
+        lo, hi = span(x.shape[0], self.world)  # the whole split with one process
+        for i in range(lo, hi, chunk):
+            j = min(i + chunk, hi)
+            logits = model(x[i:j]).float()
+            loss_sum += F.cross_entropy(logits, y[i:j], reduction="sum")
+            correct += (logits.argmax(-1) == y[i:j]).sum()
         model.train(was)
         n = max(1, x.shape[0])
-        loss, acc = torch.stack([loss_sum / n, correct / n]).tolist()
+        loss, acc = (all_sum(torch.stack([loss_sum, correct.float()]), self.world) / n).tolist()
         return {"loss": float(loss), "acc": float(acc)}
 
 

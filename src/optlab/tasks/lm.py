@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.synthetic import bits_per_token_floor
+from ..distributed import all_sum, span
 from ..metrics.ngram import ngram_baseline
 from . import TASKS
 from .base import Task
@@ -90,14 +91,15 @@ class LMTask(Task):
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         ar = torch.arange(T + 1, device=self.device)
-        for i in range(0, n_win, self.batch_size):
-            win = toks[starts[i : i + self.batch_size, None] + ar]
+        lo, hi = span(n_win, self.world)  # every window with one process
+        for i in range(lo, hi, self.batch_size):
+            win = toks[starts[i : min(i + self.batch_size, hi), None] + ar]
             logits = model(win[:, :-1]).float()
             loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), win[:, 1:].reshape(-1), reduction="sum")
             correct += (logits.argmax(-1) == win[:, 1:]).sum()
         model.train(was)
         n_tok = n_win * T
-        loss, acc = torch.stack([loss_sum / n_tok, correct / n_tok]).tolist()
+        loss, acc = (all_sum(torch.stack([loss_sum, correct.float()]), self.world) / n_tok).tolist()
         meta = self.data.meta
         # bits per byte of the text these tokens cover (bits per character for ASCII char-level data)
         bytes_per_token = float(meta["n_bytes"][split]) / float(meta["n_tokens"][split])

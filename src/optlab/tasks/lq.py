@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..data.loading import batch_indices
+from ..distributed import all_sum, span
 from . import TASKS, register_datasets
 from .base import Task
 from .classification import ClassificationTask
@@ -63,9 +64,11 @@ class LQTask(Task):
         x = getattr(self.data, f"{split}_x").to(self.device)
         y = getattr(self.data, f"{split}_y").to(self.device)
         total = torch.zeros((), device=self.device)
-        for i in range(0, x.shape[0], chunk):
-            total += self.loss(model(x[i : i + chunk]), y[i : i + chunk]) * min(chunk, x.shape[0] - i)
-        return {"loss": float(total / max(1, x.shape[0]))}
+        lo, hi = span(x.shape[0], self.world)  # the whole split with one process
+        for i in range(lo, hi, chunk):
+            j = min(i + chunk, hi)
+            total += self.loss(model(x[i:j]), y[i:j]) * (j - i)
+        return {"loss": float(all_sum(total, self.world) / max(1, x.shape[0]))}
 
 
 register_datasets("lq", ["lq"])
