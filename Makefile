@@ -4,7 +4,8 @@
 #   make repro-cpu  the cpu profile (profiles/cpu/dvc.yaml: MNIST and FashionMNIST MLPs to depth 300, about an hour
 #                on 2 cores; its results go to reports/cpu/ and README's cpu section). make repro never runs it
 #   make test    create .venv, then run the tests
-#   make bench   performance comparisons in benchmarks/ (ratios against a peer measured in the same run)
+#   make bench   performance comparisons in benchmarks/ (ratios against a peer measured in the same run), then
+#                reports/benchmarks.md and .csv: the machine and every goal of issue #14 (python -m benchmarks.report)
 #   make gpu-check  on a machine with one CUDA GPU: GPU benchmarks, the 10,000 x 256 MLP and a short full-size run of
 #                every study within 10 minutes -> reports/gpu/<gpu-name>.md (needs only python3 with torch)
 #   make exps    the experiments table: headline params and metrics (dvc exp show without dependency hashes)
@@ -43,6 +44,10 @@ bench: venv
 	$(BIN)/python -m benchmarks.memory --depth 1000 --peer
 	$(BIN)/python -m benchmarks.rho
 	$(BIN)/python -m benchmarks.muon --threads 1
+	$(BIN)/python -m benchmarks.sgd_sn --threads 1 --repeats 9 --repeats-deep 5
+	$(BIN)/python -m benchmarks.storage --threads 1
+	$(BIN)/python -m benchmarks.repro_time
+	$(BIN)/python -m benchmarks.report
 
 # The prepared GPU check, for a lent machine with one CUDA GPU (it needs no .venv: that machine's own
 # python3 with torch; the study runs also need pydantic and PyYAML). Runs the GPU benchmarks, the

@@ -25,6 +25,14 @@ def make_splits(n_train: int = 256, n_val: int = 64, n_test: int = 64, dim: int 
     return Splits(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx, test_y=sy, meta=meta)
 
 
+SPLIT_KEYS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+
+
+def save_prepared(s: Splits, path) -> None:
+    """Write splits as a prepared dataset file (``data/prepared/<name>.pt``)."""
+    torch.save({k: getattr(s, k) for k in SPLIT_KEYS} | {"meta": s.meta}, path)
+
+
 class KillAt:
     """A sink that raises KeyboardInterrupt (which gets past the engine's sink guard) once a metric
     batch reaches ``step``: a crash inside the process, for the resume tests."""

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from optlab import paramfiles
 from optlab import pipeline
-from tests.conftest import make_splits
+from tests.conftest import make_splits, save_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +30,7 @@ def test_sweep_with_huge_lrs_completes_and_records_divergence(tmp_path, monkeypa
     prep = tmp_path / "data" / "prepared"
     prep.mkdir(parents=True)
     s = make_splits(n_train=512, dim=64, n_classes=10)
-    torch.save({k: getattr(s, k) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")} | {"meta": s.meta}, prep / "digits.pt")
+    save_prepared(s, prep / "digits.pt")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(tmp_path / "ck"))

@@ -301,7 +301,7 @@ def test_frozen_sweep_runs_and_records_its_phase(repo: Path, monkeypatch) -> Non
 
     import torch
 
-    from tests.conftest import make_splits
+    from tests.conftest import make_splits, save_prepared
 
     sha, _ = freeze(repo)
     (repo / "reports" / "notes.md").write_text("notes after freezing\n")
@@ -309,8 +309,7 @@ def test_frozen_sweep_runs_and_records_its_phase(repo: Path, monkeypatch) -> Non
     prep = repo / "data" / "prepared"  # DVC-written data: not code
     prep.mkdir(parents=True)
     s = make_splits(n_train=128, dim=64, n_classes=10)
-    torch.save({k: getattr(s, k) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")} | {"meta": s.meta},
-               prep / "digits.pt")
+    save_prepared(s, prep / "digits.pt")
     monkeypatch.chdir(repo)
     monkeypatch.setenv("OPTLAB_TRACKING", "0")
     monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(repo.parent / "ck"))

@@ -17,7 +17,7 @@ import yaml
 from optlab import paramfiles
 from optlab import engine
 from optlab.config import RunConfig, SNConfig
-from tests.conftest import make_splits, KillAt, comparable
+from tests.conftest import make_splits, save_prepared, KillAt, comparable
 from conftest import every
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_interrupted_sweep_slice_redoes_only_unfinished_runs(tmp_path, monkeypat
     prep = tmp_path / "data" / "prepared"
     prep.mkdir(parents=True)
     s = make_splits(dim=64, n_classes=10)
-    torch.save({k: getattr(s, k) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")} | {"meta": s.meta}, prep / "digits.pt")
+    save_prepared(s, prep / "digits.pt")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OPTLAB_TRACKING", "0")
     monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(tmp_path / "ck"))

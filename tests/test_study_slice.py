@@ -13,7 +13,7 @@ import yaml
 from optlab import paramfiles
 from optlab import pipeline
 from optlab.config import ConfigError
-from tests.conftest import make_splits
+from tests.conftest import make_splits, save_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +39,7 @@ def study_dir(tmp_path, monkeypatch):
     prep = tmp_path / "data" / "prepared"
     prep.mkdir(parents=True)
     s = make_splits(dim=64, n_classes=10)
-    torch.save({k: getattr(s, k) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")} | {"meta": s.meta},
-               prep / "digits.pt")
+    save_prepared(s, prep / "digits.pt")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OPTLAB_TRACKING", "0")
     monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(tmp_path / "ck"))

@@ -199,18 +199,21 @@ def test_official_test_file_tinystories_layout(tmp_path: Path) -> None:
     spec = DATASETS["tinystories"]
     out = tmp_path / "ts.pt"
     with pytest.warns(UnverifiedWarning):
-        meta = prepare_text(spec, tmp_path / "raw", out, mirror=mirror, download=False, val_fraction=0.1)
+        meta = prepare_text(spec, tmp_path / "raw", out, mirror=mirror, download=False, val_fraction=0.1,
+                            tokenizer="char")
     d, tok = load_text(out), load_tokenizer(out)
     assert tok.decode(d.test) == valid_text
     assert tok.decode(torch.cat([d.train, d.val])) == train_text
     assert meta["n_tokens"]["val"] == round(0.1 * len(train_text))
     assert meta["test_split"] == "official" and meta["test_fraction"] is None
     assert set(meta["md5"]) == {"TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"}
-    # SentencePiece: "<|endoftext|>" is one fixed piece for this corpus
+    # SentencePiece, TinyStories' own tokenizer (what `prepare` uses: no tokenizer given):
+    # "<|endoftext|>" is one fixed piece for this corpus
+    assert spec.tokenizer == "sentencepiece" and DATASETS["tinyshakespeare"].tokenizer == "char"
     out_sp = tmp_path / "ts_sp.pt"
     with pytest.warns(UnverifiedWarning):
-        prepare_text(spec, tmp_path / "raw", out_sp, mirror=mirror, download=False,
-                     tokenizer="sentencepiece", vocab_size=300)
+        meta_sp = prepare_text(spec, tmp_path / "raw", out_sp, mirror=mirror, download=False, vocab_size=300)
+    assert meta_sp["tokenizer"] == "sentencepiece" and meta_sp["vocab_size"] == 300
     sp = load_tokenizer(out_sp)
     assert "<|endoftext|>" in sp.pieces("x<|endoftext|>y")
     assert sp.decode(load_text(out_sp).test) == valid_text

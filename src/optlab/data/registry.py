@@ -29,6 +29,8 @@ class DatasetSpec:
     ``text``: a raw text corpus prepared to token streams by ``optlab.data.text.prepare_text``,
     with ``n_classes=0`` and ``input_shape=()``).
     ``subdir`` is the torchvision-style folder of the raw files inside a mirror (``MNIST/raw``).
+    ``tokenizer`` (text corpora): what ``prepare`` tokenizes the corpus with, ``char`` or
+    ``sentencepiece`` (a 4,096-piece vocabulary trained on the training split).
     """
 
     name: str
@@ -39,6 +41,7 @@ class DatasetSpec:
     base_url: str | None = None
     subdir: str | None = None
     preparable: bool = True
+    tokenizer: str = "char"
 
     @property
     def input_dim(self) -> int:
@@ -155,6 +158,7 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             ),
             base_url="https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/",
             subdir="TinyStories",
+            tokenizer="sentencepiece",  # the full GPT study's 4,096-token vocabulary
         ),
     }
 )

@@ -229,7 +229,7 @@ def prepare_text(
     out_path: str | os.PathLike[str],
     *,
     mirror: str | os.PathLike[str] | None = None,
-    tokenizer: str = "char",
+    tokenizer: str | None = None,
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.05,
@@ -243,7 +243,8 @@ def prepare_text(
 ) -> dict[str, Any]:
     """Fetch, tokenize, split and save a text corpus; return its meta dict.
 
-    ``tokenizer``: ``char`` (``vocab_size`` must be None: the corpus decides it) or
+    ``tokenizer``: None (default: the dataset's own, ``DatasetSpec.tokenizer``: SentencePiece for
+    TinyStories, characters for Tiny Shakespeare), ``char`` (``vocab_size`` must be None: the corpus decides it) or
     ``sentencepiece`` (``vocab_size`` default 4096; ``sp_model_type`` ``bpe`` or ``unigram``;
     at most ``sp_max_sentences`` training lines (0: all), sampled with ``seed``). The SentencePiece
     model is also written next to ``out_path`` as ``<stem>.model`` (``meta["sp_model_path"]``).
@@ -255,6 +256,8 @@ def prepare_text(
     spec = get_spec(name)
     if spec.kind != "text":
         raise ValueError(f"prepare_text: dataset {spec.name!r} is not a text corpus (kind {spec.kind!r})")
+    if tokenizer is None:
+        tokenizer = spec.tokenizer
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer: unknown {tokenizer!r}; allowed: {', '.join(TOKENIZERS)}")
     if tokenizer == "char" and vocab_size is not None:
