@@ -67,7 +67,7 @@ def test_the_sgd_sn_benchmark_runs_at_quick_size_and_its_strict_variants_hold(tm
     fl = BS.bench_flops(2, 8, 4, dev, repeats=1, warmup=0, sizes=(16,))
     assert fl["step_flops"] == BS.mlp_step_flops(4, BS.INPUT_DIM, 8, 2, BS.N_CLASSES) and fl["fraction_of_peak"] > 0
     args = argparse.Namespace(quick=True, depths=[2], width=8, batch=4, repeats=1, warmup=1, check_steps=11,
-                              check_steps_deep=3, repeats_deep=0, threads=0)
+                              check_steps_deep=3, repeats_deep=0, min_sample_ms=30.0, threads=0)
     text = BS.write([row], [fl], args, dev, tmp_path, 1.0).read_text()
     assert "| sgd_sn clip_sv exact | yes |" in text and "Goal (b)" in text
     import json
