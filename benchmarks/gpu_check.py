@@ -414,11 +414,11 @@ def bench_sgd_sn_item(ctx: Ctx) -> dict[str, Any]:
         raise
     dev = ctx.device
     if ctx.tiny:
-        calls = [("step cost, depth 2 x 8", lambda: bs.bench_depth(2, 8, 4, dev, 1, 1, "end")),
+        calls = [("step cost, depth 2 x 8", lambda: bs.bench_depth(2, 8, 4, dev, 1, 1, 1)),
                  ("FLOP rate, depth 2 x 8", lambda: bs.bench_flops(2, 8, 4, dev, 1, 0, (16,)))]
     else:
-        calls = [("step cost, depth 64 x 256", lambda: bs.bench_depth(64, 256, 128, dev, 3, 2, "end")),
-                 ("step cost, depth 1000 x 256", lambda: bs.bench_depth(1000, 256, 128, dev, 2, 1, "end")),
+        calls = [("step cost, depth 64 x 256", lambda: bs.bench_depth(64, 256, 128, dev, 3, 2, 3)),
+                 ("step cost, depth 1000 x 256", lambda: bs.bench_depth(1000, 256, 128, dev, 2, 1, 1)),
                  ("FLOP rate, depth 1000 x 256", lambda: bs.bench_flops(1000, 256, 128, dev, 3, 1, (512, 1024, 2048)))]
     rows, status = _subcalls(ctx, calls, reserve_s=5.0)
     return {"status": status, "rows": rows,
