@@ -33,6 +33,28 @@ def save_prepared(s: Splits, path) -> None:
     torch.save({k: getattr(s, k) for k in SPLIT_KEYS} | {"meta": s.meta}, path)
 
 
+def study_workspace(tmp_path, monkeypatch, studies: dict, **top) -> "Path":
+    """A project directory for study-slice tests: the repository's params.yaml with ``studies``
+    (and top-level keys ``top``; ``methods`` entries are merged), a tiny prepared ``digits``,
+    cwd there, tracking off, checkpoints under ``ck/``."""
+    from pathlib import Path
+
+    from optlab import paramfiles
+
+    params = paramfiles.read(Path(__file__).resolve().parents[1] / "params.yaml")
+    params["methods"].update(top.pop("methods", {}))
+    params["studies"] = studies
+    params.update(top)
+    paramfiles.write(params, tmp_path / "params.yaml")
+    prep = tmp_path / "data" / "prepared"
+    prep.mkdir(parents=True)
+    save_prepared(make_splits(dim=64, n_classes=10), prep / "digits.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPTLAB_TRACKING", "0")
+    monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    return tmp_path
+
+
 class KillAt:
     """A sink that raises KeyboardInterrupt (which gets past the engine's sink guard) once a metric
     batch reaches ``step``: a crash inside the process, for the resume tests."""

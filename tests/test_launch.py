@@ -8,31 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from optlab import launch, paramfiles, pipeline
-from tests.conftest import make_splits, save_prepared
+from optlab import launch, pipeline
+from tests.conftest import study_workspace
 
-ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("submitit")
 
 
 @pytest.fixture
 def study_dir(tmp_path, monkeypatch):
-    params = paramfiles.read(ROOT / "params.yaml")
-    params["studies"] = {
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return study_workspace(tmp_path, monkeypatch, {
         "x": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd", "adam"], "verdict": False,
               "quick": {"datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.03], "lr_extend": 0,
                         "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 64}}},
-    }
-    paramfiles.write(params, tmp_path / "params.yaml")
-    prep = tmp_path / "data" / "prepared"
-    prep.mkdir(parents=True)
-    s = make_splits(dim=64, n_classes=10)
-    save_prepared(s, prep / "digits.pt")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("OPTLAB_TRACKING", "0")
-    monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(tmp_path / "ck"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return tmp_path
+    })
 
 
 def _finals(root: Path) -> dict[str, dict]:

@@ -17,7 +17,7 @@ import yaml
 from optlab import paramfiles
 from optlab import engine
 from optlab.config import RunConfig, SNConfig
-from tests.conftest import make_splits, save_prepared, KillAt, comparable
+from tests.conftest import make_splits, study_workspace, KillAt, comparable
 from conftest import every
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,19 +123,9 @@ def test_interrupted_sweep_slice_redoes_only_unfinished_runs(tmp_path, monkeypat
     """A slice killed after two runs: the rerun reuses those two and trains the rest."""
     from optlab import pipeline
 
-    params = paramfiles.read(ROOT / "params.yaml")
-    params["studies"] = {"s": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd"], "quick": {
+    study_workspace(tmp_path, monkeypatch, {"s": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd"], "quick": {
         "datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [0.1, 0.01, 0.001], "lr_extend": 0,
-        "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 64}}}}
-    params["checkpoint_every"] = 1000
-    paramfiles.write(params, tmp_path / "params.yaml")
-    prep = tmp_path / "data" / "prepared"
-    prep.mkdir(parents=True)
-    s = make_splits(dim=64, n_classes=10)
-    save_prepared(s, prep / "digits.pt")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("OPTLAB_TRACKING", "0")
-    monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(tmp_path / "ck"))
+        "search_seeds": [0], "seeds": [0, 1], "set": {"width": 8, "epochs": 1, "batch_size": 64}}}}, checkpoint_every=1000)
     real = engine._Loop.run
     calls = []
 

@@ -13,16 +13,13 @@ import yaml
 from optlab import paramfiles
 from optlab import pipeline
 from optlab.config import ConfigError
-from tests.conftest import make_splits, save_prepared
+from tests.conftest import study_workspace
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def study_dir(tmp_path, monkeypatch):
-    params = paramfiles.read(ROOT / "params.yaml")
-    params["methods"]["sgd_fixed"] = {"optimizer": "sgd", "lr": 0.05}
-    params["studies"] = {
+    return study_workspace(tmp_path, monkeypatch, {
         "s": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd", "sgd_fixed", "adam"],
               "verdict": {"method": "sgd", "reference": "adam", "bar": 0.9},
               "quick": {"datasets": ["digits"], "grid": {"depth": [2]}, "lrs": [1.0, 0.1, 0.01],
@@ -34,16 +31,7 @@ def study_dir(tmp_path, monkeypatch):
         "f": {"analysis": "sgd_sn", "arch": "mlp", "methods": ["sgd"], "verdict": False, "lr_policy": "fixed",
               "quick": {"datasets": ["digits"], "lrs": [0.1, 0.01], "seeds": [0, 1],
                         "set": {"depth": 2, "width": 8, "epochs": 1, "batch_size": 64}}},
-    }
-    paramfiles.write(params, tmp_path / "params.yaml")
-    prep = tmp_path / "data" / "prepared"
-    prep.mkdir(parents=True)
-    s = make_splits(dim=64, n_classes=10)
-    save_prepared(s, prep / "digits.pt")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("OPTLAB_TRACKING", "0")
-    monkeypatch.setenv("OPTLAB_CHECKPOINT_DIR", str(tmp_path / "ck"))
-    return tmp_path
+    }, methods={"sgd_fixed": {"optimizer": "sgd", "lr": 0.05}})
 
 
 def test_search_then_confirm_with_two_search_seeds(study_dir):
