@@ -4,7 +4,6 @@ a method section that fixes its own LR; the summary carries the verdict spec for
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
