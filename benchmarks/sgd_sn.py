@@ -40,12 +40,13 @@ previous projection; ||G||_2 <= ||G||_F). Where that bound is <= 1 an exact sigm
 ``gate skippable`` is the fraction of layer-steps where it was, i.e. the share of eigensolves a
 bound-gated projection could skip on this trajectory.
 
-One more idea from the issue is prototyped here (not in ``optlab.optim``): :class:`BoundScale`
-divides each layer by max(1, certified bound) after the plain SGD step and replaces the bound by
-the exact sigma every ``PROTO_REFRESH`` steps. It is strict by construction and needs an
-eigensolve only at every ``PROTO_REFRESH``-th step; its timed samples cover one whole period, so
-its time per step is the amortized one. It is a different map from ``scale`` (it shrinks more
-where the bound is loose); the mean sigma at the last check shows by how much.
+The certified bound itself is an sgd_sn option, ``sn.sigma: bound`` (``optlab.optim.spectral``):
+each layer is divided by max(1, b + lr ||G||_F) after the step, b the bound after the previous
+projection, and the bound is replaced by the exact sigma every ``BOUND_REFRESH`` projections. It
+is strict by construction and needs an eigensolve only every ``BOUND_REFRESH``-th step; its timed
+samples cover whole periods, so its time per step is the amortized one. It is a different map
+from ``scale`` with exact sigma (it shrinks more where the bound is loose); the mean sigma at the
+last check shows by how much.
 
 Goal (b): achieved FLOP/s of the plain training step, counting matrix-product FLOPs of forward and
 backward (:func:`mlp_step_flops`: 6 x batch x width^2 per hidden layer, 4 x batch x in x width for
@@ -76,7 +77,7 @@ from torch import nn
 
 from benchmarks.timing import machine, median_time
 from optlab import models, optim
-from optlab.optim.spectral import spectral_norm_exact
+from optlab.optim.spectral import BOUND_REFRESH
 from optlab.probes.spectral import SN_TOL, spectral_projections
 
 INPUT_DIM, N_CLASSES, LR = 784, 10, 0.1
@@ -86,9 +87,9 @@ SN_VARIANTS: dict[str, dict[str, Any]] = {
     "sgd_sn scale exact": {"sn_mode": "scale", "sn_sigma": "exact"},
     "sgd_sn normalize exact": {"sn_mode": "normalize", "sn_sigma": "exact"},
     "sgd_sn scale power(1)": {"sn_mode": "scale", "sn_sigma": "power", "sn_power_iters": 1},
+    f"sgd_sn scale bound (exact every {BOUND_REFRESH})": {"sn_mode": "scale", "sn_sigma": "bound",
+                                                           "sn_refresh": BOUND_REFRESH},
 }
-PROTO_REFRESH = 10
-PROTO = f"prototype: scale by certified bound, exact every {PROTO_REFRESH}"
 STRICT_TARGET, POWER_TARGET, FLOP_TARGET = 1.5, 1.10, 0.5
 ISSUE = "#14"
 
@@ -181,50 +182,6 @@ class Variant:
         return self.stats.record(exact_sigmas(mats), gn, consecutive=consecutive)
 
 
-class BoundScale:
-    """Prototype (not in ``optlab.optim``): a strict projection without an eigensolve at most steps.
-
-    Plain SGD moves each matrix by ``-lr G``, so sigma(W - lr G) <= sigma(W) + lr ||G||_2 <= b + lr
-    ||G||_F for any b >= sigma(W): a certified upper bound, O(size) per layer. Dividing the layer by
-    max(1, bound) leaves it at sigma <= 1 whatever its true sigma is, and the bound after that is
-    min(bound, 1). Every ``refresh`` steps the bound is replaced by the exact sigma (optlab's batched
-    Gram eigensolver, times 1 + ``margin`` for its float32 rounding), which takes back the slack the
-    bound accumulated. Strict by construction; it shrinks a layer more than ``scale`` does (by
-    sigma / bound), which the check's mean sigma shows."""
-
-    def __init__(self, mats: list[torch.Tensor], lr: float, refresh: int = PROTO_REFRESH, margin: float = 1e-5) -> None:
-        self.mats, self.lr, self.refresh, self.margin = mats, lr, refresh, margin
-        self.t = 0
-        self.gnorms: list[torch.Tensor] = []
-        with torch.no_grad():
-            self.bounds = [self._exact(w) for w in mats]
-            self._scale(self.bounds)
-
-    def _exact(self, w: torch.Tensor) -> torch.Tensor:
-        return spectral_norm_exact(w.detach().reshape(-1, *w.shape[-2:])) * (1 + self.margin)
-
-    @torch.no_grad()
-    def before_step(self) -> None:
-        """Frobenius norm of each layer's gradient (the step is -lr G: plain SGD, no weight decay)."""
-        self.gnorms = [torch.linalg.vector_norm(w.grad.reshape(-1, w.shape[-2] * w.shape[-1]), dim=-1) for w in self.mats]
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        self.t += 1
-        if self.t % self.refresh == 0:
-            b = [self._exact(w) for w in self.mats]
-        else:
-            b = [bd + self.lr * g for bd, g in zip(self.bounds, self.gnorms)]
-        self._scale(b)
-
-    def _scale(self, bounds: list[torch.Tensor]) -> None:
-        self.bounds = []
-        for w, b in zip(self.mats, bounds):
-            s = 1.0 / b.clamp_min(1.0)
-            w.view(-1, *w.shape[-2:]).mul_(s.to(w.dtype).view(-1, 1, 1))
-            self.bounds.append(b * s)
-
-
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -272,21 +229,8 @@ def make_variants(depth: int, width: int, batch: int, device: torch.device) -> l
         o = optim.build("sgd_sn", m, lr=LR, **kw)
         params = [p for proj in spectral_projections(o) for grp in proj.groups for p in grp]
         out.append(Variant(label, _train_step(m, o, x, y), lambda ps=params: list(ps),
-                           lambda ps=params: [p.grad for p in ps], bool(o.strict)))
-    m = build_mlp(depth, width, device)
-    o = optim.build("sgd", m, lr=LR)
-    mats = [m.input.weight, m.hidden.weight, m.head.weight]
-    bs = BoundScale(mats, LR)
-
-    def proto_step(m: nn.Module = m, o: torch.optim.Optimizer = o, bs: BoundScale = bs) -> None:
-        o.zero_grad(set_to_none=True)
-        F.cross_entropy(m(x), y).backward()
-        bs.before_step()
-        o.step()
-        bs.after_step()
-
-    out.append(Variant(PROTO, proto_step, lambda ms=mats: list(ms), lambda ms=mats: [p.grad for p in ms], True,
-                       min_steps=PROTO_REFRESH))
+                           lambda ps=params: [p.grad for p in ps], bool(o.strict),
+                           min_steps=int(kw.get("sn_refresh", 1))))
     src = build_mlp(depth, width, device)
     seq, lins = torch_sn_peer(src)
     del src
@@ -444,7 +388,7 @@ def bench_depth(depth: int, width: int, batch: int, device: torch.device, repeat
         "strictness": {v.label: v.stats.to_json() for v in variants if v.strict is not None},
     }
     goals = []
-    for label in (*SN_VARIANTS, PROTO):
+    for label in SN_VARIANTS:
         r, st = row["over_plain"][label], row["strictness"][label]
         if row["strict"][label]:
             goals.append(_goal(f"(a) depth {depth}: {label} step / plain SGD step", r, f"<= {STRICT_TARGET}",
@@ -490,8 +434,8 @@ def write(rows: list[dict[str, Any]], flops: list[dict[str, Any]], args: argpars
              "faster than torch's spectral_norm.", ""]
     for r in rows:
         lines += [f"## {r['case']}", "", f"{r['repeats']} rounds after {r['warmup']} warm-up steps, {r['steps_per_sample']} "
-                  f"step(s) per timed sample ({PROTO_REFRESH * math.ceil(r['steps_per_sample'] / PROTO_REFRESH)} for the "
-                  f"prototype: whole refresh periods), {r['timed_s']:.0f} s; then {r['check_steps']} checked steps of each variant "
+                  f"step(s) per timed sample ({BOUND_REFRESH * math.ceil(r['steps_per_sample'] / BOUND_REFRESH)} for the "
+                  f"bound: whole refresh periods), {r['timed_s']:.0f} s; then {r['check_steps']} checked steps of each variant "
                   f"({r['wall_s']:.0f} s in all).", "",
                   "| variant | strict | ms per step | x plain | torch / this | checks | violations | checks with one "
                   "| max sigma_max | mean sigma_max, last check | gate skippable |",

@@ -52,7 +52,7 @@ def test_lr_null_takes_optimizer_default(params):
         ({"depth": 2.5}, r"depth: expected an integer, got 2.5"),
         ({"optimzer": "sgd"}, r"optimzer: unknown key \(did you mean 'optimizer'\?\); allowed: "),
         ({"sn": {"mode": "clamp"}}, r"sn.mode: unknown value 'clamp'.*allowed: clip_sv, scale, normalize"),
-        ({"sn": {"iters": 3}}, r"sn.iters: unknown key.*allowed: mode, sigma, power_iters, conv, roles"),
+        ({"sn": {"iters": 3}}, r"sn.iters: unknown key.*allowed: mode, sigma, power_iters, refresh, conv, roles"),
         ({"scale": "huge"}, r"scale: unknown value 'huge'; allowed: quick, cpu, full"),
         ({"phase": "final"}, r"phase: unknown value 'final'; allowed: debug, pilot, frozen"),
         ({"activation": "sigmoid"}, r"activation: unknown value 'sigmoid'; allowed: tanh, relu, gelu"),

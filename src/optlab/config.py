@@ -56,7 +56,7 @@ INITS = ("orthogonal", "kaiming")
 SCALES = ("quick", "cpu", "full")  # quick: CPU minutes (make repro); cpu: CPU, about an hour, real data; full: GPU
 PHASES = ("debug", "pilot", "frozen")
 SN_MODES = ("clip_sv", "scale", "normalize")
-SN_SIGMAS = ("power", "exact")
+SN_SIGMAS = ("power", "exact", "bound")
 SN_CONV = ("operator", "operator_power", "matrix")
 ROLES = ("input", "hidden", "output")
 DEVICES = ("auto", "cpu", "cuda")
@@ -159,8 +159,10 @@ class SNConfig(_Section):
     """Spectral normalization applied after every optimizer step (``sgd_sn``)."""
 
     mode: str = "clip_sv"  # clip_sv: singular values above 1 set to 1 (the Euclidean projection); scale: W / max(1, sigma); normalize: W / sigma
-    sigma: str = "exact"  # exact: batched eigensolver / SVD (strict); power: persistent power iteration (scale/normalize; not strict)
+    sigma: str = "exact"  # exact: batched eigensolver / SVD (strict); power: persistent power iteration (scale/normalize; not strict);
+    #                       bound: divide by a certified upper bound, exact every `refresh` steps (scale only; strict)
     power_iters: int = 1  # power iterations per step
+    refresh: int = 10  # sigma bound: projections between two exact sigmas
     conv: str = "operator"  # conv weights: operator norm at the layer's input size via an exact upper bound (strict) |
     #                         operator_power: the same norm by power iteration (not strict) | matrix: reshaped-kernel norm
     roles: tuple[str, ...] = ("input", "hidden", "output")  # which weight matrices are projected
@@ -181,13 +183,17 @@ class SNConfig(_Section):
         _choice("sn.sigma", self.sigma, SN_SIGMAS)
         if self.mode == "clip_sv" and self.sigma != "exact":
             raise ConfigError("sn.sigma: clip_sv computes an SVD (sigma is exact); allowed with clip_sv: exact "
-                              "(power applies to sn.mode scale and normalize)")
+                              "(power applies to sn.mode scale and normalize, bound to scale)")
+        if self.mode == "normalize" and self.sigma == "bound":
+            raise ConfigError("sn.sigma: bound divides by an upper bound, which cannot put a layer at norm exactly 1; "
+                              "allowed with normalize: exact, power (bound applies to sn.mode scale)")
         _choice("sn.conv", self.conv, SN_CONV)
         if not self.roles:
             raise ConfigError(f"sn.roles: expected a non-empty list from {', '.join(ROLES)}, got {list(self.roles)!r}")
         for r in self.roles:
             _choice("sn.roles", r, ROLES)
         _int_at_least("sn.power_iters", self.power_iters, 1)
+        _int_at_least("sn.refresh", self.refresh, 1)
 
 
 class RunConfig(_Section):

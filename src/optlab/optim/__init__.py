@@ -26,7 +26,8 @@ pi / Delta_a``, steps capped at ``r_target * rho``).
 
 In ``sgd_sn`` 2-D (and stacked 3-D) weights go to :class:`SpectralProjection` (``sn_mode``
 ``clip_sv``: singular values above 1 set to 1, the Euclidean projection; ``scale``: W / max(1,
-sigma); ``normalize``: W / sigma); 4-D conv kernels go to :class:`ConvSpectralProjection`,
+sigma), with sigma exact, by power iteration, or (``sn_sigma="bound"``) a certified upper bound
+refreshed exactly every ``sn_refresh`` steps; ``normalize``: W / sigma); 4-D conv kernels go to :class:`ConvSpectralProjection`,
 bounding the convolution's operator norm at the layer's input size (``sn_conv="operator"``,
 strict: an exact upper bound; ``"operator_power"``: power iteration, not strict; geometry from
 the model's ``conv_specs()``) or the reshaped-kernel matrix norm (``sn_conv="matrix"``). For conv
@@ -59,7 +60,7 @@ from .conv_spectral import ConvSpec, ConvSpectralProjection
 from .modular import PRESETS as _MODULAR_PRESETS
 from .modular import Modular, build_modular
 from .projected import Projected
-from .spectral import SpectralProjection, power_iteration, spectral_norm_exact
+from .spectral import BOUND_REFRESH, SpectralProjection, power_iteration, spectral_norm_exact
 
 __all__ = [
     "build",
@@ -92,7 +93,8 @@ def run_options(cfg: Any, model: nn.Module) -> dict[str, Any]:
     opts: dict[str, Any] = dict(getattr(cfg, "optimizer_options", None) or {})
     if cfg.optimizer in _USES_SN:
         sn = cfg.sn
-        opts.update(sn_mode=sn.mode, sn_sigma=sn.sigma, sn_power_iters=sn.power_iters, sn_roles=tuple(sn.roles),
+        opts.update(sn_mode=sn.mode, sn_sigma=sn.sigma, sn_power_iters=sn.power_iters, sn_refresh=sn.refresh,
+                    sn_roles=tuple(sn.roles),
                     seed=cfg.seed)
         if any(p.dim() == 4 for p in model.parameters()):
             opts["sn_conv"] = sn.conv
@@ -126,6 +128,7 @@ def build(
     sn_mode: str = "clip_sv",
     sn_sigma: str = "exact",
     sn_power_iters: int = 1,
+    sn_refresh: int = BOUND_REFRESH,
     sn_roles: tuple[str, ...] = WEIGHT_ROLES,
     sn_conv: str = "operator",
     sn_conv_warmup: int = CONV_WARMUP_ITERS,
@@ -159,7 +162,8 @@ def build(
     if rho is not None:
         from .rho import build_controller
 
-        base = build(name, model, lr, sn_mode=sn_mode, sn_sigma=sn_sigma, sn_power_iters=sn_power_iters, sn_roles=sn_roles,
+        base = build(name, model, lr, sn_mode=sn_mode, sn_sigma=sn_sigma, sn_power_iters=sn_power_iters,
+                     sn_refresh=sn_refresh, sn_roles=sn_roles,
                      sn_conv=sn_conv, sn_conv_warmup=sn_conv_warmup, seed=seed, **extra)
         return build_controller(model, base, **dict(rho))
     if name not in _NAMES:
@@ -194,7 +198,13 @@ def build(
     kernels = [(n, p) for n, p in chosen if p.dim() == 4]
     if any(p.dim() > 4 for _, p in chosen):
         raise ValueError(f"sgd_sn: cannot project weights of more than 4 dimensions: {[n for n, p in chosen if p.dim() > 4]}")
-    projs: list[Any] = [SpectralProjection(matrices, mode=sn_mode, sigma=sn_sigma, power_iters=sn_power_iters, seed=seed)]
+    projs: list[Any] = [SpectralProjection(matrices, mode=sn_mode, sigma=sn_sigma, power_iters=sn_power_iters, seed=seed,
+                                           refresh=sn_refresh)]
+    if kernels and sn_sigma == "bound":
+        if sn_conv == "matrix":
+            raise ValueError("sn.sigma: bound applies to weight matrices; with sn.conv matrix the conv kernels need "
+                             "sn.sigma exact or power (or sn.conv operator, strict, or operator_power)")
+        sn_sigma = "exact"  # the operator forms compute their own sigma: sn.sigma does not reach them
     if kernels:
         specs = _conv_specs(model, [n for n, _ in kernels], required=sn_conv != "matrix")
         projs.append(ConvSpectralProjection(
@@ -210,7 +220,7 @@ def validate_options(name: str, options: dict[str, Any]) -> None:
     """Check ``optimizer_options`` for optimizer ``name`` without building it (one-line ValueError
     naming the key and the allowed values). ``build``'s own keywords (``rho``, ``sn_*``, ``seed``)
     pass through: ``build`` checks them."""
-    own = {"rho", "sn_mode", "sn_sigma", "sn_power_iters", "sn_roles", "sn_conv", "sn_conv_warmup", "seed"}
+    own = {"rho", "sn_mode", "sn_sigma", "sn_power_iters", "sn_refresh", "sn_roles", "sn_conv", "sn_conv_warmup", "seed"}
     options = {k: v for k, v in options.items() if k not in own}
     if name in MODULAR_NAMES:
         from .modular import parse_options

@@ -23,6 +23,10 @@ from torch.optim import optimizer as _torch_optimizer
 
 
 class Projection(Protocol):
+    """What :class:`Projected` runs after each step. A projection may also define
+    ``before_step(inner)``, called just before ``inner.step()`` (the certified-bound spectral
+    projection records the coming update's size there)."""
+
     def project(self) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -165,6 +169,10 @@ class Projected(OptimizerWrapper):
         return self._active_base + (0 if self._active is None else int(self._active.item()))
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
+        for proj in self.projections:
+            pre = getattr(proj, "before_step", None)
+            if pre is not None:
+                pre(self.inner)
         loss = self.inner.step(closure)
         self.project()
         self._count_active()

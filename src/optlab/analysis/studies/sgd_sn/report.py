@@ -720,8 +720,8 @@ def _deepest_lines(d: pd.DataFrame) -> list[str]:
 
 # ---------------------------------------------------------------- ablation
 
-ABLATION_VIEW = ["variant", "arch", "depth", "optimizer", "reparam", "sn_mode", "sn_sigma", "sn_power_iters", "sn_conv",
-                 "batch_norm", "residual", "lr", "n_seeds", "n_diverged", "test_acc (mean ± std)",
+ABLATION_VIEW = ["variant", "arch", "depth", "optimizer", "reparam", "sn_mode", "sn_sigma", "sn_power_iters", "sn_refresh",
+                 "sn_conv", "batch_norm", "residual", "lr", "n_seeds", "n_diverged", "test_acc (mean ± std)",
                  "test_acc median [IQR]", "val_acc_mean", "wall_time_s_mean", "sigma_max_max_mean",
                  "sn_active_frac_mean", "sn_violations_total", "frozen"]
 
@@ -730,7 +730,7 @@ def _ablation_note() -> str:
     return ("Each variant at a fixed LR over the ablation seeds, in studies.yaml order (`profiles.<scale>.ablate.variants`). Means, medians and IQRs are "
             "over completed seeds; `sn_violations_total` (layers above σ = 1 + 1e-4 at a check, projected runs "
             "only) is summed over all seeds. n/a: the setting does not apply (projection settings only for sgd_sn, "
-            "`sn_power_iters` only for power iteration, conv/batch-norm/residual settings only for the ResNet); "
+            "`sn_power_iters` only for power iteration, `sn_refresh` only for the certified bound, conv/batch-norm/residual settings only for the ResNet); "
             "columns that apply to no variant are in ablation.csv only.")
 
 

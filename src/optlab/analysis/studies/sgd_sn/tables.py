@@ -564,7 +564,7 @@ def _seed_values(chosen: pd.DataFrame, metric: str) -> pd.Series:
 # ---------------------------------------------------------------- ablation, depth tolerance, context
 
 ABLATION_CONFIG = ("arch", "dataset", "depth", "width", "optimizer", "reparam", "sn_mode", "sn_sigma", "sn_power_iters",
-                   "sn_conv", "batch_norm", "residual", "lr")
+                   "sn_refresh", "sn_conv", "batch_norm", "residual", "lr")
 
 
 def ablation_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
@@ -572,7 +572,7 @@ def ablation_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.Dat
 
     Variants come in ``order`` (studies.yaml order), others after it by name. Configuration cells
     that do not apply are NaN (n/a): the projection settings ``sn_*`` exist only for ``sgd_sn``
-    (``sn_power_iters`` only with ``sn_sigma: power``), ``sn_conv``, ``batch_norm`` and
+    (``sn_power_iters`` only with ``sn_sigma: power``, ``sn_refresh`` only with ``bound``), ``sn_conv``, ``batch_norm`` and
     ``residual`` only for the ResNet. Means are over completed seeds, with the median and IQR of
     test accuracy; ``sn_violations_total`` is summed over every seed.
     """
@@ -598,9 +598,12 @@ def ablation_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.Dat
             row[c] = vals[0] if len(vals) == 1 else (" ".join(map(str, vals)) if vals else math.nan)
         arch, opt = str(row["arch"]), str(row["optimizer"])
         if opt != "sgd_sn":
-            row.update(sn_mode=math.nan, sn_sigma=math.nan, sn_power_iters=math.nan)
-        elif row["sn_sigma"] != "power":
-            row["sn_power_iters"] = math.nan
+            row.update(sn_mode=math.nan, sn_sigma=math.nan, sn_power_iters=math.nan, sn_refresh=math.nan)
+        else:
+            if row["sn_sigma"] != "power":
+                row["sn_power_iters"] = math.nan
+            if row["sn_sigma"] != "bound":
+                row["sn_refresh"] = math.nan
         if not arch.startswith("resnet"):
             row.update(batch_norm=math.nan, residual=math.nan, sn_conv=math.nan)
         elif opt != "sgd_sn":
@@ -626,7 +629,7 @@ def ablation_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.Dat
         })
         out.append(row)
     df = pd.DataFrame(out, columns=cols)
-    for c in ("depth", "width", "sn_power_iters", "sn_violations_total"):
+    for c in ("depth", "width", "sn_power_iters", "sn_refresh", "sn_violations_total"):
         df[c] = maybe_int(df[c])
     return df
 
