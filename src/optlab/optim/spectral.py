@@ -226,13 +226,14 @@ class SpectralProjection:
         -lr (G + wd W), so ||D||_F <= lr (||G||_F + wd ||W||_F) from the gradient; for any other
         optimizer the weights are copied here and ||W_new - W_old||_F is taken after the step.
         No host sync."""
-        if self.sigma_source != "bound":
-            return
+        if self.sigma_source != "bound" or self.projections % self.refresh == 0:
+            return  # the coming projection is exact (or not a bound): ||D||_F is not needed
         where = {id(p): g for g in inner.param_groups for p in g["params"]}
         plain = type(inner) is torch.optim.SGD and all(float(g.get("momentum", 0.0)) == 0.0 for g in inner.param_groups)
         for gi, group in enumerate(self.groups):
             if not plain:
-                self._before[gi] = self._batch(group).clone()
+                w = self._batch(group)  # a view of a single parameter, a concatenated copy of several
+                self._before[gi] = w.clone() if len(group) == 1 else w
                 self._delta[gi] = None
                 continue
             norms = []
@@ -255,7 +256,7 @@ class SpectralProjection:
         self._delta[gi] = self._before[gi] = None
         if before is not None:
             d = torch.linalg.vector_norm((w - before).float().reshape(w.shape[0], -1), dim=-1)
-        if b is None or d is None or self.projections % self.refresh == 0:  # first, unstepped, or due
+        if b is None or d is None:  # first, unstepped, or due (before_step recorded nothing)
             return spectral_norm_exact(w) * (1.0 + BOUND_MARGIN)
         return b + d
 
