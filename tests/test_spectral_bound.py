@@ -28,7 +28,7 @@ def _model(depth=6, width=24, seed=0):
 
 
 def _group_sigmas(proj: SpectralProjection) -> list[torch.Tensor]:
-    return [_svd_max(SpectralProjection._batch(g)) for g in proj.groups]
+    return [_svd_max(SpectralProjection._batch(g)[0]) for g in proj.groups]
 
 
 def _steps(model, opt, n, seed=1, after=None):

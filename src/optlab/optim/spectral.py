@@ -169,6 +169,44 @@ def clip_singular_values(w: torch.Tensor, limit: float = 1.0, chunk_bytes: int =
     return torch.cat(sigmas) if sigmas else torch.zeros(0, device=w.device)
 
 
+def _share_buffer(group: list[torch.Tensor]) -> None:
+    """Move a same-shape group of two or more parameters into one contiguous buffer (each
+    parameter's ``.data`` becomes a view of it; same objects, same values), so the projection reads
+    and scales the whole group as one ``(b, m, n)`` batch with no copy: at depth 64 x 256 x 256 the
+    concatenation it saves took longer than the power iteration itself (about 2 ms against 1.5 ms on
+    a 2-core CPU). Parameters that already share a buffer are left as they are."""
+    if len(group) < 2 or _shared_view(group) is not None:
+        return
+    first = group[0]
+    sizes = [p.numel() for p in group]
+    buf = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
+    offset = 0
+    for p, n in zip(group, sizes):
+        view = buf[offset : offset + n].view(p.shape)
+        view.copy_(p.detach())
+        p.data = view
+        offset += n
+
+
+def _shared_view(group: list[torch.Tensor]) -> torch.Tensor | None:
+    """A ``(b, m, n)`` view over the group's parameters when they lie back to back, in order, in one
+    storage (what :func:`_share_buffer` leaves), else None (a single parameter: its own view)."""
+    first = group[0]
+    m, n = first.shape[-2:]
+    if len(group) == 1:
+        return first.detach().reshape(-1, m, n) if first.is_contiguous() else None
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    start = offset
+    for p in group:
+        if (not p.is_contiguous() or p.storage_offset() != offset
+                or p.untyped_storage().data_ptr() != storage):
+            return None
+        offset += p.numel()
+    b = (offset - start) // (m * n)
+    return first.detach().as_strided((b, m, n), (m * n, n, 1), start)
+
+
 class SpectralProjection:
     """Post-step spectral projection of weight matrices (modes ``clip_sv``, ``scale``, ``normalize``)."""
 
@@ -203,6 +241,8 @@ class SpectralProjection:
                 raise ValueError(f"spectral projection needs matrices, got a tensor of shape {tuple(p.shape)}")
             groups[(tuple(p.shape[-2:]), p.device, p.dtype)].append(p)
         self.groups = list(groups.values())
+        for group in self.groups:
+            _share_buffer(group)
         self.u: list[torch.Tensor | None] = [None] * len(self.groups)
         self.last_sigma: list[torch.Tensor | None] = [None] * len(self.groups)
         # sigma="bound": per group the certified bound after the last projection, the step's
@@ -232,8 +272,8 @@ class SpectralProjection:
         plain = type(inner) is torch.optim.SGD and all(float(g.get("momentum", 0.0)) == 0.0 for g in inner.param_groups)
         for gi, group in enumerate(self.groups):
             if not plain:
-                w = self._batch(group)  # a view of a single parameter, a concatenated copy of several
-                self._before[gi] = w.clone() if len(group) == 1 else w
+                w, view = self._batch(group)
+                self._before[gi] = w.clone() if view else w  # a concatenated copy is already a copy
                 self._delta[gi] = None
                 continue
             norms = []
@@ -261,9 +301,15 @@ class SpectralProjection:
         return b + d
 
     @staticmethod
-    def _batch(group: list[torch.Tensor]) -> torch.Tensor:
-        mats = [p.detach().reshape(-1, *p.shape[-2:]) for p in group]
-        return mats[0] if len(mats) == 1 else torch.cat(mats)
+    def _batch(group: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """The group's matrices as one ``(b, m, n)`` batch and whether it is a view of the
+        parameters (a single parameter, or several still in the buffer :func:`_share_buffer` put
+        them in) rather than a concatenated copy (several parameters that were moved since, e.g.
+        by ``module.to`` after the optimizer was built)."""
+        shared = _shared_view(group)
+        if shared is not None:
+            return shared, True
+        return torch.cat([p.detach().reshape(-1, *p.shape[-2:]) for p in group]), False
 
     def _sigma(self, gi: int, w: torch.Tensor) -> torch.Tensor:
         if self.sigma_source == "exact":
@@ -284,21 +330,24 @@ class SpectralProjection:
         """Project every matrix in place; no host sync."""
         for gi, group in enumerate(self.groups):
             if self.mode == "clip_sv":  # one batched SVD per same-shape group
-                w = self._batch(group)
+                w, view = self._batch(group)
                 self.last_sigma[gi] = clip_singular_values(w)
-                if len(group) > 1:  # _batch concatenated copies: write them back
+                if not view:  # _batch concatenated copies: write them back
                     offset = 0
                     for p in group:
                         view = p.detach().view(-1, *p.shape[-2:])
                         view.copy_(w[offset : offset + view.shape[0]])
                         offset += view.shape[0]
                 continue
-            w = self._batch(group)
+            w, view = self._batch(group)
             sigma = self._sigma(gi, w)
             self.last_sigma[gi] = sigma
             scale = 1.0 / (sigma.clamp_min(1e-12) if self.mode == "normalize" else sigma.clamp_min(1.0))
             if self.sigma_source == "bound":
                 self.bound[gi] = sigma * scale  # min(1, b): what the divided matrix's sigma is at most
+            if view:  # one in-place multiply over the whole batch
+                w.mul_(scale.to(w.dtype).view(-1, 1, 1))
+                continue
             offset = 0
             for p in group:
                 view = p.view(-1, *p.shape[-2:])
