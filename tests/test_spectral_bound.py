@@ -100,24 +100,26 @@ def test_a_bound_without_the_update_term_is_caught_by_the_same_check():
         _steps(model, opt, 10, after=lambda i: _check_certified(proj))
 
 
+def _bound_and_exact(seed: int, lr: float, refresh: int, n: int):
+    """Two copies of one model trained n steps by sgd_sn scale, with the bound and with exact sigma."""
+    a, b = _model(seed=seed), _model(seed=seed)
+    oa = optim.build("sgd_sn", a, lr=lr, sn_mode="scale", sn_sigma="bound", sn_refresh=refresh)
+    ob = optim.build("sgd_sn", b, lr=lr, sn_mode="scale", sn_sigma="exact")
+    _steps(a, oa, n)
+    _steps(b, ob, n)
+    return a, oa, b, ob
+
+
 def test_refresh_one_is_the_exact_scale_projection():
     """Exact sigma at every projection: the same weights as sgd_sn scale with exact sigma (up to the margin)."""
-    a, b = _model(seed=5), _model(seed=5)
-    oa = optim.build("sgd_sn", a, lr=0.3, sn_mode="scale", sn_sigma="bound", sn_refresh=1)
-    ob = optim.build("sgd_sn", b, lr=0.3, sn_mode="scale", sn_sigma="exact")
-    _steps(a, oa, 10)
-    _steps(b, ob, 10)
+    a, _, b, _ = _bound_and_exact(seed=5, lr=0.3, refresh=1, n=10)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=20 * BOUND_MARGIN, atol=1e-6)
 
 
 def test_between_refreshes_the_bound_shrinks_little_more_than_exact_scale():
     """The price of the bound: layers a little below where exact-sigma scale leaves them."""
-    a, b = _model(seed=7), _model(seed=7)
-    oa = optim.build("sgd_sn", a, lr=0.1, sn_mode="scale", sn_sigma="bound", sn_refresh=10)
-    ob = optim.build("sgd_sn", b, lr=0.1, sn_mode="scale", sn_sigma="exact")
-    _steps(a, oa, 25)
-    _steps(b, ob, 25)
+    _, oa, _, ob = _bound_and_exact(seed=7, lr=0.1, refresh=10, n=25)
     sa = torch.cat(_group_sigmas(oa.projections[0]))
     sb = torch.cat(_group_sigmas(ob.projections[0]))
     assert sa.max() <= 1 + 1e-5
