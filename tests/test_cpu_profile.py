@@ -119,6 +119,31 @@ def test_the_cpu_pipeline_has_its_own_paths_and_the_studys_methods():
     assert "mlp_depth" in studies["profiles"]["cpu"]["studies"]
 
 
+def test_the_cpu_pipeline_runs_the_toy_lq_studies_at_their_full_published_size():
+    """toy_lq_v1 / v2 are CPU-sized at full size: the cpu pipeline runs their `full` sections (8,000
+    steps, the published setup) on the quick profile's lq data, each slice behind its own validated
+    full-scale config, so a code or study change reruns it and nothing else."""
+    doc = yaml.safe_load(CPU_DVC.read_text())
+    full_sets = next(v["full_sets"] for v in doc["vars"] if isinstance(v, dict) and "full_sets" in v)
+    assert "--set scale=full" in full_sets and "--set data.prepared_dir=data/prepared" in full_sets
+    assert "--set tracking.experiment=optlab-cpu" in full_sets
+    assert "${full_sets}" in doc["stages"]["validate_full"]["cmd"]
+    assert "--config-dir runs/cpu/config_full" in doc["stages"]["validate_full"]["cmd"]
+    studies = yaml.safe_load((ROOT / "studies.yaml").read_text())["studies"]
+    for study in ("toy_lq_v1", "toy_lq_v2"):
+        st = doc["stages"][study]
+        assert st["matrix"]["method"] == f"${{studies.{study}.methods}}"
+        assert "${full_sets}" in st["cmd"] and f"--study {study}" in st["cmd"]
+        assert f"runs/cpu/config_full/{study}/${{item.method}}.json" in st["deps"]
+        assert "data/prepared/lq.pt" in st["deps"]
+        assert st["outs"] == [f"runs/cpu/sweep/{study}/${{item.method}}"]
+        full = studies[study]["full"]
+        assert full["seeds"] == [42, 123, 456] and full["datasets"] == ["lq"]
+        # 2,048 training examples in batches of 64: 32 steps an epoch, 250 epochs = the published 8,000 steps
+        assert full["set"]["batch_size"] == 64 and full["set"]["epochs"] * 2048 // 64 == 8000
+        assert "8,000 steps" in studies[study]["published"]["setup"]
+
+
 def test_make_repro_reads_the_root_pipelines_status_only(monkeypatch):
     seen = []
 
