@@ -3,6 +3,7 @@ params files with `--set` overrides into its own paths, and never runs under `ma
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import yaml
 
 from optlab import config, paramfiles, pipeline, repro
 from optlab.analysis.report import replace_marked
+from optlab.data.lq import make_lq
 from optlab.tasks.classification import ClassificationTask
 from tests.conftest import make_splits
 
@@ -139,8 +141,9 @@ def test_the_cpu_pipeline_runs_the_toy_lq_studies_at_their_full_published_size()
         assert st["outs"] == [f"runs/cpu/sweep/{study}/${{item.method}}"]
         full = studies[study]["full"]
         assert full["seeds"] == [42, 123, 456] and full["datasets"] == ["lq"]
-        # 2,048 training examples in batches of 64: 32 steps an epoch, 250 epochs = the published 8,000 steps
-        assert full["set"]["batch_size"] == 64 and full["set"]["epochs"] * 2048 // 64 == 8000
+        # the lq training split in batches of 64 (2,048 examples: 32 steps an epoch), 250 epochs = the published 8,000 steps
+        n_train = inspect.signature(make_lq).parameters["n_train"].default
+        assert full["set"]["batch_size"] == 64 and full["set"]["epochs"] * n_train // 64 == 8000
         assert "8,000 steps" in studies[study]["published"]["setup"]
 
 
